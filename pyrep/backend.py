@@ -1,0 +1,308 @@
+"""``BlockBackend``: a user's handle on a root node (QEMU's BlockBackend).
+
+Byte-granular sync I/O safe from any thread, async twins on a shared thread
+pool, bounds checks, in-flight tracking, drain, flush and close. A backend
+takes permissions on its root like any other user: by default it reads,
+writes and resizes (unless read-only) and shares only reads and unchanged
+writes with others, as a QEMU guest device or qemu-img does; pass
+``shared="all"`` (or ``share_rw=True``) when other writers are expected, as an
+NBD export of a replicated disk does.
+"""
+import asyncio
+import errno
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from . import graph
+from ._core.iovec import IOVector
+from .constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
+                        REQ_MAY_UNMAP, perm_from)
+from .errors import BlockError, OptionError
+from .node import Child, Node
+from .options import normalize
+
+__all__ = ["BlockBackend", "open_backend", "backend", "backends"]
+
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def _pool():
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="pyrep-io")
+    return _executor
+
+
+class BlockBackend:
+    """A handle on a root node. Use :func:`open_backend` to make one."""
+
+    def __init__(self, node, name=None, read_only=False, perm=None, shared=None):
+        self.name = name
+        self.read_only = read_only or node.read_only
+        if perm is None:
+            perm = PERM_CONSISTENT_READ if self.read_only else PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE
+        if shared is None:
+            shared = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._quiesce = 0
+        self._closed = False
+        self._root = Child(self, node, "root")
+        node.add_parent(self._root, perm_from(perm), perm_from(shared))
+        self._node = node
+
+    # --------------------------------------------------------- identity
+    @property
+    def node(self):
+        return self._root.node if self._root is not None else None
+
+    def describe(self):
+        return f"backend '{self.name}'" if self.name else "an unnamed backend"
+
+    def __repr__(self):
+        return f"<BlockBackend {self.name or '(unnamed)'} node={self.node.name if self.node else None}>"
+
+    @property
+    def length(self):
+        return self._root.node.length
+
+    @property
+    def perm(self):
+        return self._root.perm
+
+    @property
+    def shared(self):
+        return self._root.shared
+
+    def set_perm(self, perm, shared):
+        """Change what this backend takes and shares (names or masks); refused on conflict."""
+        self.node.update_parent_perm(self._root, perm_from(perm), perm_from(shared))
+
+    # ---------------------------------------------------- request gate
+    def _enter(self):
+        lock = self._lock
+        with lock:
+            while self._quiesce:
+                lock.wait()
+            if self._closed:
+                raise BlockError(errno.EBADF, f"{self.describe()} is closed")
+            self._in_flight += 1
+
+    def _leave(self):
+        lock = self._lock
+        with lock:
+            self._in_flight -= 1
+            if self._quiesce and not self._in_flight:
+                lock.notify_all()
+
+    def _check(self, offset, length, write=False):
+        if self._closed:
+            raise BlockError(errno.EBADF, f"{self.describe()} is closed")
+        if offset < 0 or length < 0:
+            raise BlockError(errno.EINVAL, f"{self.describe()}: negative offset or length ({offset}, {length})")
+        size = self._root.node.length
+        if offset + length > size:
+            raise BlockError(errno.EINVAL, f"{self.describe()}: request [{offset}, {offset + length}) is beyond "
+                                           f"the end of the disk ({size} bytes)")
+        if write and self.read_only:
+            raise BlockError(errno.EPERM, f"{self.describe()} is read-only")
+
+    # --------------------------------------------------------- sync I/O
+    def pread(self, offset, length):
+        """``length`` bytes at ``offset``; out of range → BlockError(EINVAL)."""
+        buf = bytearray(length)
+        self.preadv(offset, IOVector(buf))
+        return bytes(buf)
+
+    def preadv(self, offset, iov):
+        """Read ``iov.size`` bytes at ``offset`` into the vector (zero-copy)."""
+        length = iov.size
+        self._check(offset, length)
+        if length == 0:
+            return
+        self._enter()
+        try:
+            self._root.preadv(offset, length, iov)
+        finally:
+            self._leave()
+
+    def pwrite(self, offset, data, flags=0):
+        """Write any bytes-like ``data`` at ``offset``."""
+        self.pwritev(offset, data if isinstance(data, IOVector) else IOVector(data), flags)
+
+    def pwritev(self, offset, iov, flags=0):
+        length = iov.size
+        self._check(offset, length, True)
+        if length == 0:
+            return
+        self._enter()
+        try:
+            self._root.pwritev(offset, length, iov, flags)
+        finally:
+            self._leave()
+
+    def pwrite_zeroes(self, offset, length, flags=0, may_unmap=False):
+        self._check(offset, length, True)
+        if may_unmap:
+            flags |= REQ_MAY_UNMAP
+        self._enter()
+        try:
+            self._root.node.pwrite_zeroes(offset, length, flags)
+        finally:
+            self._leave()
+
+    def pdiscard(self, offset, length):
+        self._check(offset, length, True)
+        self._enter()
+        try:
+            self._root.node.pdiscard(offset, length)
+        finally:
+            self._leave()
+
+    def flush(self):
+        if self._closed:
+            raise BlockError(errno.EBADF, f"{self.describe()} is closed")
+        self._enter()
+        try:
+            self._root.node.flush()
+        finally:
+            self._leave()
+
+    def truncate(self, length):
+        self._check(0, 0, True)
+        self._enter()
+        try:
+            self._root.node.truncate(length)
+        finally:
+            self._leave()
+
+    def block_status(self, offset, length):
+        self._check(offset, length)
+        return self._root.node.block_status(offset, length)
+
+    # -------------------------------------------------------- async I/O
+    async def co_pread(self, offset, length):
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.pread, offset, length)
+
+    async def co_pwrite(self, offset, data, flags=0):
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.pwrite, offset, data, flags)
+
+    async def co_preadv(self, offset, iov):
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.preadv, offset, iov)
+
+    async def co_pwritev(self, offset, iov, flags=0):
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.pwritev, offset, iov, flags)
+
+    async def co_pwrite_zeroes(self, offset, length, flags=0):
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.pwrite_zeroes, offset, length, flags)
+
+    async def co_pdiscard(self, offset, length):
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.pdiscard, offset, length)
+
+    async def co_flush(self):
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.flush)
+
+    def submit(self, fn, *args):
+        """Run ``fn(*args)`` (e.g. ``blk.pread``) on the shared I/O pool; returns a Future."""
+        return _pool().submit(fn, *args)
+
+    # ------------------------------------------------------------ drain
+    def drained_begin(self):
+        """New requests wait; returns when the in-flight ones have finished."""
+        with self._lock:
+            self._quiesce += 1
+            while self._in_flight:
+                self._lock.wait()
+
+    def drained_end(self):
+        with self._lock:
+            self._quiesce -= 1
+            if not self._quiesce:
+                self._lock.notify_all()
+
+    def drain(self):
+        """Wait until every in-flight request has finished."""
+        self.drained_begin()
+        self.drained_end()
+
+    @property
+    def in_flight(self):
+        return self._in_flight
+
+    # ------------------------------------------------------------ close
+    def close(self):
+        """Drain, flush (if writable) and release the root; implicit nodes close with it."""
+        if self._closed:
+            return
+        self.drain()
+        node = self._root.node
+        try:
+            if not self.read_only and not node.closed:
+                node.flush()
+        finally:
+            self._closed = True
+            if self.name and graph._backends.get(self.name) is self:
+                del graph._backends[self.name]
+            node.remove_parent(self._root)
+            self._root = None
+            if not node.parents and not node.monitor_owned and not node.closed:
+                node.close()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_backend(options, name=None, read_only=False, perm=None, shared=None, share_rw=False):
+    """A BlockBackend on a new root node built from ``options`` (any spelling), or on an
+    existing node when ``options`` is a Node or the name of one.
+
+    ``perm``/``shared`` override the default permissions (names such as
+    ``"consistent-read,write"`` or ``"all"``, or masks); ``share_rw`` adds
+    write and resize to what is shared."""
+    if name is not None:
+        graph._check_name(name, "backend name")
+    if isinstance(options, Node):
+        node, created = options, False
+    elif isinstance(options, str) and "=" not in options and not options.startswith("json:"):
+        node, created = graph.lookup(options), False
+    else:
+        opts = normalize(options)
+        if read_only:
+            opts.setdefault("read-only", True)
+        node, created = graph.open_node(opts), True
+    if shared is None and share_rw:
+        shared = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED | PERM_WRITE | PERM_RESIZE
+    try:
+        blk = BlockBackend(node, name=name, read_only=read_only, perm=perm, shared=shared)
+    except BaseException:
+        if created:
+            node.close()
+        raise
+    if name is not None:
+        graph._backends[name] = blk
+    return blk
+
+
+def backend(name):
+    """The BlockBackend named ``name``."""
+    blk = graph._backends.get(name)
+    if blk is None:
+        raise OptionError(f"no backend named '{name}'" +
+                          (f" (known: {', '.join(sorted(graph._backends))})" if graph._backends else ""))
+    return blk
+
+
+def backends():
+    return dict(graph._backends)
+
+

@@ -1,0 +1,280 @@
+"""The graph of this process: named nodes and backends, opening, lookup, reopen, drain.
+
+Node names and backend names share one namespace, so a string where a
+child's options belong can name either.
+"""
+import itertools
+import os
+import re
+import threading
+from contextlib import contextmanager
+
+from ._core.registry import get_driver
+from .errors import BlockError, OptionError, PermissionConflict
+from .node import Node
+from .options import normalize, validate
+
+__all__ = ["blockdev_add", "blockdev_del", "open_node", "lookup", "lookup_node_or_backend", "nodes",
+           "reopen", "reopen_multiple", "drained", "close_all", "is_root"]
+
+_lock = threading.RLock()
+_nodes = {}          # node-name -> Node
+_backends = {}       # backend name -> BlockBackend
+_auto = itertools.count()
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+
+
+def _check_name(name, what):
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise OptionError(f"invalid {what} {name!r}: it must start with a letter and hold only letters, "
+                          f"digits, '-', '_' and '.' (at most 128 characters)")
+    if name in _nodes:
+        raise OptionError(f"duplicate {what} '{name}': a node of that name exists")
+    if name in _backends:
+        raise OptionError(f"duplicate {what} '{name}': a backend of that name exists")
+
+
+def open_node(options, prefix="", inherit=None):
+    """Open a node (and, recursively, its children) from options in any spelling.
+
+    ``inherit`` holds options a parent passes down (read-only, discard, cache)
+    that the child's own options override. On failure nothing stays open."""
+    opts = normalize(options)
+    where = prefix[:-1] if prefix else "options"
+    if "driver" not in opts:
+        raise OptionError(f"{where}: 'driver' is required (known drivers: {', '.join(_known_drivers())})")
+    name = opts["driver"]
+    if not isinstance(name, str):
+        raise OptionError(f"{where}: option '{prefix}driver' must be a string, got {name!r}")
+    drv = get_driver(name)
+    if inherit:
+        for k, v in inherit.items():
+            opts.setdefault(k, v)
+    opts = validate(drv.options, opts, name, prefix)
+    with _lock:
+        node_name = opts.get("node-name")
+        if node_name is None:
+            node_name, auto = f"#block{next(_auto)}", True
+        else:
+            _check_name(node_name, "node-name")
+            auto = False
+        node = Node(node_name, drv, opts, auto_named=auto, prefix=prefix)
+        _nodes[node_name] = node
+    try:
+        node.driver = drv(node)
+        node.driver.open(opts)
+        if node.filename is None and node.file is not None:
+            node.filename = node.file.filename
+        node.set_align(max(node.align, node.driver.request_alignment))
+    except BaseException:
+        node.close()
+        raise
+    return node
+
+
+def _known_drivers():
+    from ._core.registry import drivers
+    return drivers()
+
+
+def _forget_node(node):
+    with _lock:
+        if _nodes.get(node.name) is node:
+            del _nodes[node.name]
+
+
+def blockdev_add(options):
+    """Add a node owned by the user (it lives until :func:`blockdev_del`); returns the Node."""
+    node = open_node(options)
+    node.monitor_owned = True
+    return node
+
+
+def blockdev_del(node_name):
+    """Delete a node added by :func:`blockdev_add`; refused while anything uses it."""
+    node = _nodes.get(node_name)
+    if node is None:
+        raise OptionError(f"cannot delete '{node_name}': no node of that name")
+    if not node.monitor_owned:
+        raise OptionError(f"cannot delete '{node_name}': it was not added by blockdev_add (it is an implicit child)")
+    if node.parents:
+        users = ", ".join(c.user for c in node.parents)
+        raise PermissionConflict(f"node '{node_name}' is in use by {users}")
+    node.check_op("drive-del")
+    node.monitor_owned = False
+    node.close()
+
+
+def lookup(name):
+    """The Node named ``name`` (a node-name, or a backend's name → its root node)."""
+    node = _nodes.get(name)
+    if node is not None:
+        return node
+    blk = _backends.get(name)
+    if blk is not None and blk.node is not None:
+        return blk.node
+    known = sorted(set(_nodes) | set(_backends))
+    raise OptionError(f"no node or backend named '{name}'" + (f" (known: {', '.join(known[:20])})" if known else ""))
+
+
+def lookup_node_or_backend(name, where):
+    try:
+        return lookup(name)
+    except OptionError:
+        raise OptionError(f"{where}: no node or backend named '{name}'") from None
+
+
+def nodes():
+    """Every open node, by name."""
+    return dict(_nodes)
+
+
+def is_root(node):
+    """True if ``node`` has no parent node (only backends, jobs or nothing above it)."""
+    return not any(isinstance(c.parent, Node) for c in node.parents)
+
+
+def open_backing_file(node, filename, fmt, relative_to):
+    """Open a backing file named in an image header (read-only, as QEMU does)."""
+    path = filename
+    if relative_to and not os.path.isabs(filename) and ":" not in filename.split("/")[0]:
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), filename)
+    seen = {os.path.realpath(relative_to)} if relative_to else set()
+    parent = node
+    while parent is not None:
+        if parent.filename:
+            seen.add(os.path.realpath(parent.filename))
+        parent = next((c.parent for c in parent.parents if isinstance(c.parent, Node)), None)
+    if os.path.realpath(path) in seen:
+        raise OptionError(f"backing chain of '{relative_to or node.name}' loops: '{filename}' is already in the chain")
+    if _depth(node) > 64:
+        raise OptionError(f"backing chain of '{relative_to or node.name}' is deeper than 64 images")
+    if not os.path.exists(path):
+        raise BlockError(2, f"could not open backing file '{filename}' of '{relative_to}': no such file", path)
+    if fmt is None:
+        fmt = probe_format(path)
+    return open_node({"driver": fmt, "file": {"driver": "file", "filename": path}},
+                     prefix=f"{node._path}backing.",
+                     inherit={"read-only": True, "discard": node.opts.get("discard", "ignore")})
+
+
+def _depth(node):
+    depth = 0
+    while node is not None:
+        node = next((c.parent for c in node.parents if isinstance(c.parent, Node)), None)
+        depth += 1
+    return depth
+
+
+def probe_format(path):
+    """``"qcow2"`` if the file starts with the qcow2 magic, else ``"raw"``."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise BlockError(e.errno, f"could not probe '{path}': {e.strerror}", path) from None
+    return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
+# ------------------------------------------------------------ drain & reopen
+
+def _users_above(nodes_):
+    """Backends and jobs (non-node parents) above any of ``nodes_``."""
+    found, stack, seen = [], list(nodes_), set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        for c in n.parents:
+            if isinstance(c.parent, Node):
+                stack.append(c.parent)
+            elif c.parent not in found:
+                found.append(c.parent)
+    return found
+
+
+@contextmanager
+def drained(*nodes_):
+    """Quiesce every backend and job above ``nodes_``: new requests wait, in-flight ones finish."""
+    users = [u for u in _users_above(nodes_) if hasattr(u, "drained_begin")]
+    done = []
+    try:
+        for u in users:
+            u.drained_begin()
+            done.append(u)
+        yield
+    finally:
+        for u in reversed(done):
+            u.drained_end()
+
+
+def reopen(node, read_only):
+    """Switch one node between read-only and read-write (see :func:`reopen_multiple`)."""
+    reopen_multiple([(node, read_only)])
+
+
+def reopen_multiple(changes):
+    """Atomically switch a set of nodes between read-only and read-write, after draining.
+
+    ``changes`` is a list of ``(node, read_only)``. A node's protocol child
+    (``file`` of a format) follows it. Either every node switches or none
+    does (a driver or permission refusal rolls everything back)."""
+    plan = []
+    for node, ro in changes:
+        if isinstance(node, str):
+            node = lookup(node)
+        while node is not None:
+            if all(n is not node for n, _ in plan):
+                plan.append((node, bool(ro)))
+            node = node.file if (node.drv.is_format or node.drv.is_filter) and not ro else None
+    nodes_ = [n for n, _ in plan]
+    with drained(*nodes_):
+        old = {id(n): n.read_only for n in nodes_}
+        prepared = []
+        try:
+            for n, ro in plan:
+                if n.closed:
+                    raise OptionError(f"cannot reopen node '{n.name}': it is closed")
+                if not ro and n.read_only:
+                    n.check_op("change")
+                n.driver.reopen_prepare(ro)
+                prepared.append(n)
+            for n, ro in plan:
+                n.set_read_only_flag(ro)
+            for n in nodes_:
+                n.refresh_perms()
+        except BaseException:
+            for n in nodes_:
+                n.set_read_only_flag(old[id(n)])
+            for n in prepared:
+                n.driver.reopen_abort()
+            for n in nodes_:
+                try:
+                    n.refresh_perms()
+                except Exception:
+                    pass
+            raise
+        for n in prepared:
+            n.driver.reopen_commit()
+            n.opts["read-only"] = n.read_only
+
+
+def close_all():
+    """Close every backend, job and node of this process."""
+    try:
+        from .jobs import job as _jobmod
+        _jobmod.cancel_all()
+    except ImportError:
+        pass
+    for blk in list(_backends.values()):
+        blk.close()
+    for _ in range(4):
+        for node in list(_nodes.values()):
+            if not node.parents:
+                node.monitor_owned = False
+                node.close()
+    for node in list(_nodes.values()):
+        node.monitor_owned = False
+        node.close()
+    _nodes.clear()
