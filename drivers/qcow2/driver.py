@@ -1,0 +1,1098 @@
+"""The qcow2 format driver.
+
+Metadata (L1, L2 tables, refcount table and blocks) is cached in memory and guarded by one lock
+(``self._lock``) that is released around data I/O. L2 tables and refcount blocks are written back
+lazily, in crash-safe order, on flush / eviction:
+
+  1. data clusters are written before the L2 entry that points to them is changed (in memory);
+  2. refcount blocks (which only ever hold increments or already-safe decrements) are written,
+     then the file is flushed, then L2 tables, then L1 entries, then the file is flushed again;
+  3. clusters that lose their last reference are only decremented after step 2 made the L2/L1
+     change durable ("pending frees"), so a crash can leak clusters but never corrupt.
+
+Concurrent allocating writes to the same guest cluster are serialised with an in-flight set and a
+condition variable on the metadata lock.
+"""
+import errno
+import os
+import threading
+import zlib
+from array import array
+
+from pyrep._core.iovec import IOVector
+from pyrep.constants import (BS_ALLOCATED, BS_DATA, BS_OFFSET_VALID, BS_ZERO, REQ_FUA, REQ_MAY_UNMAP)
+from pyrep.driver import BlockDriver
+from pyrep.errors import BlockError, OptionError
+from pyrep.options import Opt
+
+from . import format as F
+from .format import (COMPRESSED, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, OFLAG_COMPRESSED, OFLAG_COPIED,
+                     OFLAG_ZERO, REFT_OFFSET_MASK, UNALLOC, ZERO_ALLOC, ZERO_PLAIN)
+
+__all__ = ["Qcow2Driver"]
+
+_DEFAULT_L2_CACHE = 32 * 1024 * 1024
+_DEFAULT_RB_CACHE = 8 * 1024 * 1024
+_FAST_MASK = OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO
+
+
+class Qcow2Driver(BlockDriver):
+    format_name = "qcow2"
+    is_format = True
+    supports_backing = True
+    request_alignment = 1
+    options = (
+        Opt("file", "child", required=True, help="the protocol node holding the image"),
+        Opt("backing", "child", help="backing node: options, a node name, or null for none "
+                                     "(absent: from the image header)"),
+        Opt("l2-cache-size", "size", help="maximum bytes of L2 tables kept in memory (default 32M)"),
+        Opt("refcount-cache-size", "size", help="maximum bytes of refcount blocks kept in memory (default 8M)"),
+        Opt("lazy-refcounts", "bool", help="accepted; pyrep never defers refcount updates"),
+    )
+    create_options = (
+        Opt("cluster_size", "size", default=65536, help="cluster size, 512 B to 2 MiB"),
+        Opt("compat", "enum", default="1.1", choices=("1.1", "0.10", "v3", "v2"), help="image version"),
+        Opt("refcount_bits", "number", default=16, help="refcount width (power of two, 1..64)"),
+        Opt("backing_file", "string", help="backing file name stored in the header"),
+        Opt("backing_fmt", "string", help="backing file format stored in the header"),
+        Opt("preallocation", "enum", default="off", choices=("off",), help="only 'off'"),
+        Opt("lazy_refcounts", "bool", default=False, help="set the lazy refcounts compatible bit"),
+    )
+
+    # ================================================================ open / close
+    def open(self, opts):
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self.backing = None
+        self.file = self.node.open_child(opts, "file", role="file")
+        fnode = self.file.node
+        self.filename = fn = getattr(fnode, "filename", None) or getattr(self.node, "filename", None) or fnode.name
+        if getattr(self.node, "filename", None) is None:
+            self.node.filename = fn
+        self.read_only = bool(self.node.read_only)
+        file_len = self.file.getlength()
+        self._file_size = file_len
+
+        def rd(off, n):
+            n = max(0, min(n, file_len - off))
+            return self.file.pread(off, n) if n else b""
+
+        h = self.header = F.parse_header(rd, file_len, fn)
+        self.version = h.version
+        cb = self.cluster_bits = h.cluster_bits
+        cs = self.cluster_size = 1 << cb
+        self._cmask = cs - 1
+        self._l2_bits = cb - 3
+        self._l2_entries = cs >> 3
+        self._l2_mask = self._l2_entries - 1
+        self.size = h.size
+        self.refcount_order = h.refcount_order
+        self._rb_bits = cb + 3 - h.refcount_order
+        self._rb_mask = (1 << self._rb_bits) - 1
+        self._rc_max = (1 << (1 << h.refcount_order)) - 1
+        self._zero_flag = OFLAG_ZERO if h.version >= 3 else 0
+        self._csize_shift = 62 - (cb - 8)
+        self._csize_mask = (1 << (cb - 8)) - 1
+        self._coffset_mask = (1 << self._csize_shift) - 1
+
+        if h.incompatible & F.INCOMPAT_CORRUPT and not self.read_only:
+            raise BlockError(errno.EACCES, f"qcow2: image {fn} is marked corrupt; cannot be opened read/write "
+                                           f"(open it read-only, or repair it with check -r all)")
+        if h.nb_snapshots and not self.read_only:
+            raise BlockError(errno.ENOTSUP, f"qcow2: image {fn} has {h.nb_snapshots} internal snapshot(s); "
+                                            f"writing such images is not supported (open it read-only)")
+        if h.autoclear & ~F.AUTOCLEAR_BITMAPS and not self.read_only:
+            pass  # cleared below, unknown autoclear bits must be cleared before writing
+
+        # L1 table
+        if h.l1_size:
+            self._l1 = F.be64_to_array(self.file.pread(h.l1_table_offset, h.l1_size * 8))
+        else:
+            self._l1 = array("Q")
+        self._l1_offset = h.l1_table_offset
+        # refcount table
+        rt_bytes = h.refcount_table_clusters * cs
+        self._reftable = F.be64_to_array(self.file.pread(h.refcount_table_offset, rt_bytes))
+        self._reftable_offset = h.refcount_table_offset
+        self._reftable_clusters = h.refcount_table_clusters
+
+        # caches
+        l2c = opts.get("l2-cache-size") or _DEFAULT_L2_CACHE
+        self._l2_cache_max = max(4, int(l2c) // cs)
+        rbc = opts.get("refcount-cache-size") or _DEFAULT_RB_CACHE
+        self._rb_cache_max = max(4, int(rbc) // cs)
+        self._l2_cache = {}
+        self._l2_dirty = set()
+        self._rb_cache = {}
+        self._rb_dirty = set()
+        self._l1_dirty = set()
+        self._pending_free = []
+        self._inflight = set()
+        self._free_hint = 1
+        self._zero_from = -(-file_len // cs)       # clusters at or past this index were never written
+        self._comp_cache = (None, None)
+        self._corrupt_msg = None
+        self._can_truncate = True
+
+        # backing
+        bname = h.backing_file
+        if bname and "backing" not in opts:
+            if not bname.startswith("json:"):
+                base = os.path.dirname(os.path.abspath(fn)) if fn else ""
+                full = bname if os.path.isabs(bname) else os.path.join(base, bname)
+                try:
+                    same = fn and os.path.exists(full) and os.path.samefile(full, fn)
+                except OSError:
+                    same = False
+                if same:
+                    raise OptionError(f"qcow2: image {fn} names itself as its backing file ({bname!r}): "
+                                      f"backing chain loop")
+        self.backing = self.node.open_backing(opts, filename=bname, fmt=h.backing_format, relative_to=fn)
+
+        if not self.read_only:
+            self._open_rw_fixups()
+
+    def _open_rw_fixups(self):
+        h = self.header
+        if h.version >= 3 and h.autoclear:
+            # we do not maintain bitmaps nor other auto-clear features: clear the bits before writing
+            self._write_header_u64(88, 0)
+            h.autoclear = 0
+            self.file.flush()
+        if h.incompatible & F.INCOMPAT_DIRTY:
+            res = self.check(repair="all")
+            if res["corruptions"] - res["corruptions-fixed"] > 0:
+                raise BlockError(errno.EIO, f"qcow2: image {self.filename} was dirty and its refcounts could "
+                                            f"not be repaired: {'; '.join(res['messages'][:5])}")
+            h.incompatible &= ~F.INCOMPAT_DIRTY
+            self._write_header_u64(72, h.incompatible)
+            self.file.flush()
+
+    def close(self):
+        if getattr(self, "_closed", True):
+            return
+        try:
+            if not self.read_only and self.file is not None:
+                with self._lock:
+                    self._flush_meta_locked()
+                    self._flush_meta_locked()  # applies frees left by the first pass
+                self.file.flush()
+        finally:
+            self._closed = True
+            self._l2_cache = {}
+            self._rb_cache = {}
+
+    def getlength(self):
+        return self.size
+
+    # ================================================================ helpers
+    def _eio(self, what):
+        return BlockError(errno.EIO, f"qcow2: {what} (image {self.filename})")
+
+    def _corrupt(self, what):
+        """Runtime detection of a corrupted structure: fail the request, stop writing."""
+        msg = f"qcow2: image {self.filename} is corrupt: {what}; further writes are refused"
+        if self._corrupt_msg is None:
+            self._corrupt_msg = msg
+            if not self.read_only and self.version >= 3:
+                try:
+                    self.header.incompatible |= F.INCOMPAT_CORRUPT
+                    self._write_header_u64(72, self.header.incompatible)
+                    self.file.flush()
+                except Exception:
+                    pass
+        return BlockError(errno.EIO, msg)
+
+    def _write_header_u64(self, off, value):
+        self.file.pwrite(off, value.to_bytes(8, "big"))
+
+    def _note_written(self, end):
+        if end > self._file_size:
+            self._file_size = end
+
+    # ------------------------------------------------------------ L2 tables
+    def _l2_load(self, off):
+        """The L2 table at ``off`` (cache, else disk). Lock held."""
+        t = self._l2_cache.get(off)
+        if t is not None:
+            return t
+        cs = self.cluster_size
+        if off & self._cmask or off < cs:
+            raise self._corrupt(f"L2 table offset {off:#x} is invalid (misaligned or in the header)")
+        if off + cs > self._file_size:
+            raise self._corrupt(f"L2 table at {off:#x} lies past the end of the file")
+        t = F.be64_to_array(self.file.pread(off, cs))
+        if len(self._l2_cache) >= self._l2_cache_max:
+            self._l2_evict()
+        self._l2_cache[off] = t
+        return t
+
+    def _l2_evict(self):
+        for off in list(self._l2_cache)[:max(1, self._l2_cache_max // 8)]:
+            if off in self._l2_dirty:
+                self._write_refblocks()
+                self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
+                self._note_written(off + self.cluster_size)
+                self._l2_dirty.discard(off)
+            del self._l2_cache[off]
+
+    def _l2_table(self, l1i, alloc):
+        """(table, offset) for L1 index ``l1i``; allocate a zero table if ``alloc``. Lock held."""
+        if l1i >= len(self._l1):
+            raise self._eio(f"guest offset beyond the L1 table (index {l1i})")
+        e = self._l1[l1i]
+        off = e & L1E_OFFSET_MASK
+        if off:
+            return self._l2_load(off), off
+        if not alloc:
+            return None, 0
+        off = self._alloc_clusters(1)
+        t = array("Q", bytes(self.cluster_size))
+        if len(self._l2_cache) >= self._l2_cache_max:
+            self._l2_evict()
+        self._l2_cache[off] = t
+        self._l2_dirty.add(off)
+        self._l1[l1i] = off | OFLAG_COPIED
+        self._l1_dirty.add(l1i)
+        return t, off
+
+    def _kind(self, e):
+        if e & OFLAG_COMPRESSED:
+            return COMPRESSED
+        if e & self._zero_flag:
+            return ZERO_ALLOC if e & L2E_OFFSET_MASK else ZERO_PLAIN
+        if e & L2E_OFFSET_MASK:
+            return NORMAL
+        return UNALLOC
+
+    # ------------------------------------------------------------ refcounts
+    def _refblock(self, off):
+        b = self._rb_cache.get(off)
+        if b is not None:
+            return b
+        cs = self.cluster_size
+        if off & self._cmask or off < cs or off + cs > self._file_size:
+            raise self._corrupt(f"refcount block offset {off:#x} is invalid")
+        b = F.RefBlock(self.refcount_order, self.file.pread(off, cs))
+        if len(self._rb_cache) >= self._rb_cache_max:
+            for o in list(self._rb_cache)[:max(1, self._rb_cache_max // 8)]:
+                if o in self._rb_dirty:
+                    self.file.pwrite(o, self._rb_cache[o].tobytes())
+                    self._rb_dirty.discard(o)
+                del self._rb_cache[o]
+        self._rb_cache[off] = b
+        return b
+
+    def _get_refcount(self, c):
+        r = c >> self._rb_bits
+        if r >= len(self._reftable):
+            return 0
+        off = self._reftable[r] & REFT_OFFSET_MASK
+        if not off:
+            return 0
+        return self._refblock(off).get(c & self._rb_mask)
+
+    def _set_refcount(self, c, v):
+        """Set the refcount of an already covered cluster (its refcount block exists)."""
+        r = c >> self._rb_bits
+        off = self._reftable[r] & REFT_OFFSET_MASK
+        b = self._refblock(off)
+        b.set(c & self._rb_mask, v)
+        self._rb_dirty.add(off)
+
+    def _write_refblocks(self):
+        if self._rb_dirty:
+            for off in sorted(self._rb_dirty):
+                self.file.pwrite(off, self._rb_cache[off].tobytes())
+                self._note_written(off + self.cluster_size)
+            self._rb_dirty.clear()
+            return True
+        return False
+
+    def _alloc_clusters(self, k):
+        """Allocate ``k`` contiguous free clusters, set their refcount to 1; return the host offset."""
+        if self._corrupt_msg:
+            raise BlockError(errno.EIO, self._corrupt_msg)
+        c = self._free_hint
+        rb_bits = self._rb_bits
+        while True:
+            start = c
+            ok = True
+            j = 0
+            while j < k:
+                cc = start + j
+                r = cc >> rb_bits
+                if r >= len(self._reftable):
+                    self._grow_reftable(cc)
+                    ok = False
+                    break
+                if not self._reftable[r] & REFT_OFFSET_MASK:
+                    self._new_refblock(r, cc)
+                    ok = False
+                    break
+                if self._get_refcount(cc):
+                    c = cc + 1
+                    ok = False
+                    break
+                j += 1
+            if ok:
+                break
+            if c <= start:
+                c = start  # a structure was placed; rescan from the same start
+        for j in range(k):
+            self._set_refcount(start + j, 1)
+        if start == self._free_hint:
+            self._free_hint = start + k
+        return start << self.cluster_bits
+
+    def _new_refblock(self, r, c):
+        """Create the refcount block for range ``r`` at cluster ``c`` (free, inside that range)."""
+        cs = self.cluster_size
+        off = c << self.cluster_bits
+        blk = F.RefBlock(self.refcount_order, bytes(cs))
+        blk.set(c & self._rb_mask, 1)
+        self.file.pwrite(off, blk.tobytes())
+        self._note_written(off + cs)
+        self._zero_from = max(self._zero_from, c + 1)
+        self.file.flush()
+        self._reftable[r] = off
+        self.file.pwrite(self._reftable_offset + r * 8, off.to_bytes(8, "big"))
+        self._rb_cache[off] = blk
+
+    def _grow_reftable(self, c):
+        """The refcount table must cover cluster ``c`` (and everything from ``c`` on is free)."""
+        cs = self.cluster_size
+        rb_bits = self._rb_bits
+        old_n = len(self._reftable)
+        need = (c >> rb_bits) + 1
+        new_n = max(need, old_n * 2)
+        nb = 1
+        while True:
+            rtc = -(-new_n * 8 // cs)
+            end = c + nb + rtc
+            first, last = c >> rb_bits, (end - 1) >> rb_bits
+            if last + 1 > new_n:
+                new_n = last + 1
+                continue
+            if last - first + 1 == nb:
+                break
+            nb = last - first + 1
+        if rtc * cs > F.MAX_REFTABLE_BYTES:
+            raise BlockError(errno.EFBIG, f"qcow2: refcount table would exceed {F.MAX_REFTABLE_BYTES} bytes "
+                                          f"(image {self.filename})")
+        self._write_refblocks()
+        new_rt = array("Q", self._reftable) + array("Q", [0]) * (rtc * (cs // 8) - old_n)
+        used = range(c, end)
+        for i, r in enumerate(range(first, last + 1)):
+            boff = (c + i) << self.cluster_bits
+            blk = F.RefBlock(self.refcount_order, bytes(cs))
+            for cc in used:
+                if cc >> rb_bits == r:
+                    blk.set(cc & self._rb_mask, 1)
+            self.file.pwrite(boff, blk.tobytes())
+            self._rb_cache[boff] = blk
+            new_rt[r] = boff
+        rt_off = (c + nb) << self.cluster_bits
+        self.file.pwrite(rt_off, F.array_to_be64(new_rt))
+        self._note_written(end << self.cluster_bits)
+        self._zero_from = max(self._zero_from, end)
+        self.file.flush()
+        self.file.pwrite(48, rt_off.to_bytes(8, "big") + rtc.to_bytes(4, "big"))
+        self.file.flush()
+        old_off, old_c = self._reftable_offset, self._reftable_clusters
+        self._reftable = new_rt
+        self._reftable_offset, self._reftable_clusters = rt_off, rtc
+        self.header.refcount_table_offset, self.header.refcount_table_clusters = rt_off, rtc
+        for i in range(old_c):
+            cc = (old_off >> self.cluster_bits) + i
+            self._set_refcount(cc, self._get_refcount(cc) - 1)
+            self._free_hint = min(self._free_hint, cc)
+
+    def _free_later(self, e):
+        """Queue the host clusters of L2 entry ``e`` for a refcount decrement after the next flush."""
+        if e & OFLAG_COMPRESSED:
+            off = (e & self._coffset_mask) & ~511
+            nsec = ((e >> self._csize_shift) & self._csize_mask) + 1
+            self._pending_free.append((off, nsec * 512))
+        else:
+            off = e & L2E_OFFSET_MASK
+            if off:
+                self._pending_free.append((off, self.cluster_size))
+
+    def _apply_frees(self):
+        frees, self._pending_free = self._pending_free, []
+        cb = self.cluster_bits
+        discard = []
+        for off, n in frees:
+            for c in range(off >> cb, ((off + n - 1) >> cb) + 1):
+                rc = self._get_refcount(c)
+                if rc <= 0:
+                    continue  # already free: leave it (check will say)
+                self._set_refcount(c, rc - 1)
+                if rc == 1:
+                    if c < self._free_hint:
+                        self._free_hint = c
+                    discard.append(c)
+        return discard
+
+    # ------------------------------------------------------------ flush
+    def _flush_meta_locked(self):
+        wrote = self._write_refblocks()
+        if self._l2_dirty or self._l1_dirty:
+            if wrote:
+                self.file.flush()
+            cs = self.cluster_size
+            for off in sorted(self._l2_dirty):
+                self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
+                self._note_written(off + cs)
+            self._l2_dirty.clear()
+            if self._l1_dirty:
+                chunks = sorted({i >> 6 for i in self._l1_dirty})
+                l1 = self._l1
+                for ch in chunks:
+                    lo, hi = ch << 6, min(len(l1), (ch + 1) << 6)
+                    self.file.pwrite(self._l1_offset + lo * 8, F.array_to_be64(l1[lo:hi]))
+                self._l1_dirty.clear()
+            self.file.flush()
+        elif wrote and self._pending_free:
+            self.file.flush()
+        if self._pending_free:
+            for c in self._apply_frees():
+                try:
+                    if c >= 1:
+                        self.file.pdiscard(c << self.cluster_bits, self.cluster_size)
+                except Exception:
+                    pass
+
+    def flush(self):
+        if self.read_only or self._closed:
+            return self.file.flush()
+        with self._lock:
+            self._flush_meta_locked()
+        self.file.flush()
+
+    # ================================================================ reads
+    def preadv(self, offset, length, iov):
+        done = 0
+        cb = self.cluster_bits
+        cmask = self._cmask
+        l2b = self._l2_bits
+        l2m = self._l2_mask
+        lock = self._lock
+        while done < length:
+            pos = offset + done
+            rem = length - done
+            cidx = pos >> cb
+            in_off = pos & cmask
+            n = self.cluster_size - in_off
+            if n > rem:
+                n = rem
+            with lock:
+                e = self._l1[cidx >> l2b]
+                toff = e & L1E_OFFSET_MASK
+                if toff:
+                    t = self._l2_cache.get(toff)
+                    if t is None:
+                        t = self._l2_load(toff)
+                    l2i = cidx & l2m
+                    e = t[l2i]
+                    if (e & _FAST_MASK) == OFLAG_COPIED or (e and not e & (OFLAG_COMPRESSED | self._zero_flag)):
+                        kind = NORMAL
+                        host = e & L2E_OFFSET_MASK
+                        # extend over physically contiguous clusters in the same table
+                        nxt = host + self.cluster_size
+                        while n < rem and l2i + 1 <= l2m:
+                            e2 = t[l2i + 1]
+                            if (e2 & L2E_OFFSET_MASK) != nxt or e2 & (OFLAG_COMPRESSED | self._zero_flag):
+                                break
+                            l2i += 1
+                            nxt += self.cluster_size
+                            n += min(rem - n, self.cluster_size)
+                    else:
+                        kind = self._kind(e)
+                        if kind != COMPRESSED:
+                            n = self._extend_same(t, cidx & l2m, kind, n, rem)
+                else:
+                    kind = UNALLOC
+                    n = min(rem, ((((cidx >> l2b) + 1) << (l2b + cb)) - pos))
+            if kind == NORMAL:
+                if host & cmask or host < self.cluster_size:
+                    raise self._corrupt(f"data cluster offset {host:#x} for guest offset {pos} is invalid")
+                self.file.preadv(host + in_off, n, iov.slice(done, n) if n != length else iov)
+            elif kind == UNALLOC:
+                self._read_backing(pos, n, iov, done)
+            elif kind == COMPRESSED:
+                data = self._decompress(e, pos)
+                iov.copy_from(done, memoryview(data)[in_off:in_off + n])
+            else:
+                iov.memset(done, 0, n)
+            done += n
+
+    def _extend_same(self, t, l2i, kind, n, rem):
+        """Grow ``n`` over following entries of the same (non-data) kind in table ``t``."""
+        cs = self.cluster_size
+        kf = self._kind
+        l2m = self._l2_mask
+        while n < rem and l2i < l2m:
+            l2i += 1
+            if kf(t[l2i]) != kind:
+                break
+            n += min(rem - n, cs)
+        return n
+
+    def _read_backing(self, pos, n, iov, done):
+        b = self.backing
+        m = 0
+        if b is not None:
+            blen = b.node.length
+            if pos < blen:
+                m = min(n, blen - pos)
+                b.preadv(pos, m, iov.slice(done, m))
+        if m < n:
+            iov.memset(done + m, 0, n - m)
+
+    def _decompress(self, e, pos):
+        key, data = self._comp_cache
+        if key == e:
+            return data
+        off = e & self._coffset_mask
+        nsec = ((e >> self._csize_shift) & self._csize_mask) + 1
+        clen = nsec * 512 - (off & 511)
+        clen = max(0, min(clen, self._file_size - off))
+        raw = self.file.pread(off, clen) if clen else b""
+        try:
+            d = zlib.decompressobj(-12)
+            out = d.decompress(raw, self.cluster_size)
+        except zlib.error as ex:
+            raise self._eio(f"cannot decompress the cluster at guest offset {pos} (host {off:#x}): {ex}") from None
+        if len(out) != self.cluster_size:
+            raise self._eio(f"compressed cluster at guest offset {pos} (host {off:#x}) is truncated")
+        self._comp_cache = (e, out)
+        return out
+
+    def _old_bytes(self, cidx, e, start, n):
+        """Current content of guest cluster ``cidx`` bytes [start, start+n) given its entry ``e``;
+        None if it reads as zeroes."""
+        kind = self._kind(e)
+        pos = (cidx << self.cluster_bits) + start
+        if kind == NORMAL:
+            return self.file.pread((e & L2E_OFFSET_MASK) + start, n)
+        if kind == COMPRESSED:
+            return self._decompress(e, pos)[start:start + n]
+        if kind in (ZERO_PLAIN, ZERO_ALLOC):
+            return None
+        b = self.backing
+        if b is None or pos >= b.node.length:
+            return None
+        buf = bytearray(n)
+        self._read_backing(pos, n, IOVector(buf), 0)
+        return buf
+
+    # ================================================================ writes
+    def _check_writable(self):
+        if self._corrupt_msg:
+            raise BlockError(errno.EIO, self._corrupt_msg)
+
+    def pwritev(self, offset, length, iov, flags=0):
+        if self._corrupt_msg:
+            raise BlockError(errno.EIO, self._corrupt_msg)
+        done = 0
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        cmask = self._cmask
+        l2b = self._l2_bits
+        l2m = self._l2_mask
+        lock = self._lock
+        while done < length:
+            pos = offset + done
+            rem = length - done
+            cidx = pos >> cb
+            in_off = pos & cmask
+            n = cs - in_off
+            if n > rem:
+                n = rem
+            with lock:
+                while cidx in self._inflight:
+                    self._cond.wait()
+                e = self._l1[cidx >> l2b]
+                toff = e & L1E_OFFSET_MASK
+                t = None
+                if toff:
+                    t = self._l2_cache.get(toff)
+                    if t is None:
+                        t = self._l2_load(toff)
+                    l2i = cidx & l2m
+                    e = t[l2i]
+                else:
+                    e = 0
+                if (e & _FAST_MASK) == OFLAG_COPIED:
+                    host = e & L2E_OFFSET_MASK
+                    nxt = host + cs
+                    while n < rem and l2i < l2m:
+                        e2 = t[l2i + 1]
+                        if (e2 & _FAST_MASK) != OFLAG_COPIED or (e2 & L2E_OFFSET_MASK) != nxt \
+                                or (cidx + (n + in_off) // cs) in self._inflight:
+                            break
+                        l2i += 1
+                        nxt += cs
+                        n += min(rem - n, cs)
+                    plan = None
+                else:
+                    plan = self._plan_alloc(cidx, in_off, rem, t)
+                    n = plan[2]
+            if plan is None:
+                if host & cmask or host < cs or self._meta_overlap(host, n + in_off):
+                    raise self._corrupt(f"data cluster offset {host:#x} for guest offset {pos} is invalid")
+                self.file.pwritev(host + in_off, n, iov.slice(done, n) if n != length else iov)
+            else:
+                self._alloc_write(plan, in_off, iov, done)
+            done += n
+        if flags & REQ_FUA:
+            self.flush()
+
+    def _meta_overlap(self, host, n):
+        l1o = self._l1_offset
+        if host < l1o + len(self._l1) * 8 and l1o < host + n:
+            return True
+        rto = self._reftable_offset
+        return host < rto + (self._reftable_clusters << self.cluster_bits) and rto < host + n
+
+    def _plan_alloc(self, cidx, in_off, rem, t):
+        """Lock held. Reserve guest clusters [cidx, cidx+k) and k new host clusters."""
+        cs = self.cluster_size
+        l2m = self._l2_mask
+        l1i = cidx >> self._l2_bits
+        n = min(rem, cs - in_off)
+        k = 1
+        if t is not None:
+            l2i = cidx & l2m
+            while n < rem and l2i + k <= l2m and (cidx + k) not in self._inflight:
+                e2 = t[l2i + k]
+                if (e2 & _FAST_MASK) == OFLAG_COPIED:
+                    break
+                n += min(rem - n, cs)
+                k += 1
+        else:
+            while n < rem and ((cidx + k) & l2m) and (cidx + k) not in self._inflight:
+                n += min(rem - n, cs)
+                k += 1
+        t, toff = self._l2_table(l1i, alloc=True)
+        l2i = cidx & l2m
+        olds = [t[l2i + j] for j in range(k)]
+        zero_from = self._zero_from
+        host = self._alloc_clusters(k)
+        hc = host >> self.cluster_bits
+        known_zero = hc >= zero_from
+        if hc + k > self._zero_from:
+            self._zero_from = hc + k
+        for j in range(k):
+            self._inflight.add(cidx + j)
+        return (cidx, k, n, host, olds, known_zero)
+
+    def _alloc_write(self, plan, in_off, iov, done):
+        cidx, k, n, host, olds, known_zero = plan
+        cs = self.cluster_size
+        try:
+            head = tail = None
+            tail_len = k * cs - in_off - n
+            if in_off:
+                head = self._old_bytes(cidx, olds[0], 0, in_off)
+            if tail_len:
+                tail = self._old_bytes(cidx + k - 1, olds[-1], cs - tail_len, tail_len)
+            v = IOVector()
+            start = host + in_off
+            total = n
+            if in_off:
+                if head is None and known_zero:
+                    pass
+                else:
+                    v.add(head if head is not None else bytes(in_off))
+                    start = host
+                    total += in_off
+            v.concat(iov, done, n)
+            if tail_len:
+                if tail is None and known_zero:
+                    self._ensure_file_size(host + k * cs)
+                else:
+                    v.add(tail if tail is not None else bytes(tail_len))
+                    total += tail_len
+            if self._meta_overlap(host, k * cs) or host < cs:
+                raise self._corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
+            self.file.pwritev(start, total, v)
+            with self._lock:
+                self._note_written(start + total)
+                t, _ = self._l2_table(cidx >> self._l2_bits, alloc=False)
+                l2i = cidx & self._l2_mask
+                for j in range(k):
+                    t[l2i + j] = (host + j * cs) | OFLAG_COPIED
+                    if olds[j]:
+                        self._free_later(olds[j])
+                self._l2_dirty.add(self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK)
+        finally:
+            with self._lock:
+                for j in range(k):
+                    self._inflight.discard(cidx + j)
+                self._cond.notify_all()
+
+    def _ensure_file_size(self, end):
+        """The file must reach ``end`` (so data clusters never hang past EOF); grow in chunks."""
+        if end <= self._file_size:
+            return
+        with self._lock:
+            if end <= self._file_size:
+                return
+            cs = self.cluster_size
+            grow = max(end, self._file_size + min(max(self._file_size // 8, 1 << 20), 64 << 20))
+            grow = (grow + cs - 1) & ~(cs - 1)
+            if self._can_truncate:
+                try:
+                    self.file.truncate(grow)
+                    self._file_size = grow
+                    return
+                except BlockError:
+                    self._can_truncate = False
+            pos = self._file_size
+            self.file.pwrite_zeroes(pos, end - pos)
+            self._file_size = end
+
+    # ------------------------------------------------------------ zeroes / discard
+    def _reads_zero_unalloc(self, pos, n):
+        b = self.backing
+        return b is None or pos >= b.node.length
+
+    def pwrite_zeroes(self, offset, length, flags=0):
+        self._check_writable()
+        self._zero_or_discard(offset, length, flags, discard=False)
+        if flags & REQ_FUA:
+            self.flush()
+
+    def pdiscard(self, offset, length):
+        self._check_writable()
+        self._zero_or_discard(offset, length, REQ_MAY_UNMAP, discard=True)
+
+    def _zero_or_discard(self, offset, length, flags, discard):
+        cs = self.cluster_size
+        end = offset + length
+        a = (offset + cs - 1) & ~(cs - 1)
+        b = end & ~(self._cmask)
+        if end == self.size:
+            b = (end + cs - 1) & ~(cs - 1)   # the tail cluster past the end counts as whole
+        if a >= b:
+            if not discard:
+                self._zero_partial(offset, length)
+            return
+        if not discard:
+            if offset < a:
+                self._zero_partial(offset, a - offset)
+            if min(b, end) < end:
+                self._zero_partial(b, end - b)
+        fallback = []
+        cb = self.cluster_bits
+        c = a >> cb
+        cend = b >> cb
+        while c < cend:
+            with self._lock:
+                while c in self._inflight:
+                    self._cond.wait()
+                l1i = c >> self._l2_bits
+                t, _ = self._l2_table(l1i, alloc=False)
+                stop = min(cend, (l1i + 1) << self._l2_bits)
+                if t is None and self._reads_zero_unalloc(c << cb, (stop - c) << cb):
+                    c = stop
+                    continue
+                if t is None and self.version == 2:
+                    fallback.append((c << cb, (stop - c) << cb))
+                    c = stop
+                    continue
+                if t is None:
+                    t, _ = self._l2_table(l1i, alloc=True)
+                toff = self._l1[l1i] & L1E_OFFSET_MASK
+                changed = False
+                while c < stop:
+                    if c in self._inflight:
+                        break
+                    l2i = c & self._l2_mask
+                    e = t[l2i]
+                    kind = self._kind(e)
+                    pos = c << cb
+                    if self.version >= 3:
+                        if discard:
+                            new = 0 if self._reads_zero_unalloc(pos, cs) else OFLAG_ZERO
+                        elif flags & REQ_MAY_UNMAP or kind in (COMPRESSED, UNALLOC, ZERO_PLAIN):
+                            new = OFLAG_ZERO
+                        else:   # keep the allocation: NORMAL / ZERO_ALLOC
+                            new = (e & L2E_OFFSET_MASK) | OFLAG_ZERO | (e & OFLAG_COPIED)
+                            if not e & OFLAG_COPIED:   # shared cluster: cannot keep it
+                                new = OFLAG_ZERO
+                        if kind == UNALLOC and new == 0:
+                            c += 1
+                            continue
+                    else:
+                        unalloc_zero = self._reads_zero_unalloc(pos, cs)
+                        if discard or (flags & REQ_MAY_UNMAP and unalloc_zero):
+                            new = 0
+                        elif kind == UNALLOC and unalloc_zero:
+                            c += 1
+                            continue
+                        elif kind == NORMAL and e & OFLAG_COPIED:
+                            fallback.append(("host", e & L2E_OFFSET_MASK))
+                            c += 1
+                            continue
+                        else:
+                            fallback.append((pos, cs))
+                            c += 1
+                            continue
+                    if new != e:
+                        t[l2i] = new
+                        changed = True
+                        if e and (e & L2E_OFFSET_MASK) != (new & L2E_OFFSET_MASK) or kind == COMPRESSED:
+                            self._free_later(e)
+                    c += 1
+                if changed:
+                    self._l2_dirty.add(toff)
+        for item in fallback:
+            if item[0] == "host":
+                self.file.pwrite_zeroes(item[1], cs)
+            else:
+                pos, n = item
+                n = min(n, self.size - pos)
+                if n > 0:
+                    self._zero_partial(pos, n)
+        if discard:
+            # pdiscard asks for space back: make the frees happen
+            with self._lock:
+                if self._pending_free:
+                    self._flush_meta_locked()
+
+    def _zero_partial(self, pos, n):
+        """Write explicit zeroes over [pos, pos+n) unless it already reads as zeroes."""
+        if n <= 0:
+            return
+        cb = self.cluster_bits
+        if (pos >> cb) == ((pos + n - 1) >> cb):
+            with self._lock:
+                l1i = (pos >> cb) >> self._l2_bits
+                t, _ = self._l2_table(l1i, alloc=False)
+                e = t[(pos >> cb) & self._l2_mask] if t is not None else 0
+                kind = self._kind(e)
+            if kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOC and self._reads_zero_unalloc(pos, n)):
+                return
+        z = bytes(min(n, 1 << 20))
+        done = 0
+        while done < n:
+            m = min(len(z), n - done)
+            self.pwritev(pos + done, m, IOVector(memoryview(z)[:m]), 0)
+            done += m
+
+    # ================================================================ status
+    def block_status(self, offset, length):
+        cb = self.cluster_bits
+        cidx = offset >> cb
+        in_off = offset & self._cmask
+        n = min(length, self.cluster_size - in_off)
+        with self._lock:
+            l1i = cidx >> self._l2_bits
+            t, _ = self._l2_table(l1i, alloc=False)
+            if t is None:
+                n = min(length, (((l1i + 1) << (self._l2_bits + cb)) - offset))
+                return (0, n, None, None)
+            l2i = cidx & self._l2_mask
+            e = t[l2i]
+            kind = self._kind(e)
+            if kind == NORMAL:
+                host = e & L2E_OFFSET_MASK
+                nxt = host + self.cluster_size
+                while n < length and l2i < self._l2_mask:
+                    e2 = t[l2i + 1]
+                    if self._kind(e2) != NORMAL or (e2 & L2E_OFFSET_MASK) != nxt:
+                        break
+                    l2i += 1
+                    nxt += self.cluster_size
+                    n += min(length - n, self.cluster_size)
+                return (BS_DATA | BS_ALLOCATED | BS_OFFSET_VALID, n, host + in_off, self.file.node)
+            n = self._extend_same(t, l2i, kind, n, length)
+        if kind == UNALLOC:
+            return (0, n, None, None)
+        if kind == COMPRESSED:
+            return (BS_DATA | BS_ALLOCATED, n, None, None)
+        return (BS_ZERO | BS_ALLOCATED, n, None, None)
+
+    # ================================================================ resize
+    def truncate(self, length):
+        if length < self.size:
+            raise BlockError(errno.ENOTSUP, f"qcow2: shrinking is not supported ({self.size} -> {length} bytes, "
+                                            f"image {self.filename})")
+        if length % 512:
+            raise BlockError(errno.EINVAL, f"qcow2: new size {length} is not a multiple of 512")
+        if length == self.size:
+            return
+        self._check_writable()
+        cs = self.cluster_size
+        need = -(-length // (cs * self._l2_entries))
+        if need * 8 > F.MAX_L1_BYTES or length > F.MAX_VIRTUAL_SIZE:
+            raise BlockError(errno.EFBIG, f"qcow2: size {length} is too large for cluster size {cs}")
+        with self._lock:
+            self._flush_meta_locked()
+            if need > len(self._l1):
+                new_l1 = array("Q", self._l1) + array("Q", [0]) * (need - len(self._l1))
+                nclus = -(-need * 8 // cs)
+                off = self._alloc_clusters(nclus)
+                self._write_refblocks()
+                self.file.pwrite(off, F.array_to_be64(new_l1) + bytes(nclus * cs - need * 8))
+                self._note_written(off + nclus * cs)
+                self.file.flush()
+                self.file.pwrite(36, need.to_bytes(4, "big") + off.to_bytes(8, "big"))
+                self.file.flush()
+                old_off, old_n = self._l1_offset, len(self._l1)
+                self._l1, self._l1_offset = new_l1, off
+                self.header.l1_size, self.header.l1_table_offset = need, off
+                if old_n:
+                    self._pending_free.append((old_off, old_n * 8))
+            self.file.pwrite(24, length.to_bytes(8, "big"))
+            self.file.flush()
+            self.size = self.header.size = length
+            self._flush_meta_locked()
+
+    # ================================================================ make_empty
+    def make_empty(self):
+        self._check_writable()
+        h = self.header
+        if h.nb_snapshots or h.has_bitmaps_ext or h.has_crypto_ext:
+            # slow path: drop every cluster mapping one by one
+            self._zero_or_discard(0, self.size, REQ_MAY_UNMAP, discard=True)
+            for i in range(len(self._l1)):
+                pass
+            return self.flush()
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        with self._lock:
+            while self._inflight:
+                self._cond.wait()
+            l1_size = len(self._l1)
+            end_c = max(-(-self._file_size // cs), self._zero_from)
+            # phase 1: a fresh layout past everything in use; switch the header to it
+            lay1 = F.plan_layout(end_c, cb, self.refcount_order, l1_size)
+            self._write_layout(lay1, l1_size)
+            # phase 2: the compact layout right after the header (now free), then truncate
+            lay2 = F.plan_layout(1, cb, self.refcount_order, l1_size)
+            final = lay1
+            if lay2["end_cluster"] <= end_c:
+                self._write_layout(lay2, l1_size)
+                final = lay2
+            new_end = final["l1_off"] + l1_size * 8 if l1_size else final["l1_off"]
+            new_end = max(new_end, final["end_cluster"] << cb) if final is lay1 else new_end
+            try:
+                self.file.truncate(max(new_end, cs))
+                self._file_size = max(new_end, cs)
+            except BlockError:
+                pass
+            self._file_size = self.file.getlength()
+            self._l1 = array("Q", [0]) * l1_size
+            self._l1_offset = final["l1_off"]
+            self._reftable = F.be64_to_array(self.file.pread(final["rt_off"], final["rt_clusters"] * cs))
+            self._reftable_offset, self._reftable_clusters = final["rt_off"], final["rt_clusters"]
+            h.l1_table_offset = final["l1_off"]
+            h.refcount_table_offset, h.refcount_table_clusters = final["rt_off"], final["rt_clusters"]
+            self._l2_cache.clear()
+            self._l2_dirty.clear()
+            self._l1_dirty.clear()
+            self._rb_cache.clear()
+            self._rb_dirty.clear()
+            self._pending_free = []
+            self._comp_cache = (None, None)
+            self._free_hint = 1
+            self._zero_from = -(-self._file_size // cs)
+
+    def _write_layout(self, lay, l1_size):
+        cs = self.cluster_size
+        for off, data in F.layout_blobs(lay, self.cluster_bits, self.refcount_order):
+            self.file.pwrite(off, data)
+        if l1_size:
+            self.file.pwrite_zeroes(lay["l1_off"], -(-l1_size * 8 // cs) * cs)
+        self.file.flush()
+        # one write switches l1_size, l1_table_offset, refcount_table_offset and refcount_table_clusters
+        import struct
+        self.file.pwrite(36, struct.pack(">IQQI", l1_size, lay["l1_off"] if l1_size else 0, lay["rt_off"],
+                                         lay["rt_clusters"]))
+        self.file.flush()
+
+    # ================================================================ info / reopen
+    def get_info(self):
+        h = self.header
+        lazy = bool(h.compatible & F.COMPAT_LAZY_REFCOUNTS)
+        spec = {"compat": "1.1" if h.version >= 3 else "0.10", "refcount-bits": 1 << h.refcount_order}
+        if h.version >= 3:
+            spec.update({"compression-type": "zlib", "lazy-refcounts": lazy,
+                         "corrupt": bool(h.incompatible & F.INCOMPAT_CORRUPT), "extended-l2": False})
+        return {
+            "cluster-size": self.cluster_size,
+            "compat": spec["compat"],
+            "refcount-bits": 1 << h.refcount_order,
+            "corrupt": bool(h.incompatible & F.INCOMPAT_CORRUPT),
+            "dirty": bool(h.incompatible & F.INCOMPAT_DIRTY),
+            "lazy-refcounts": lazy,
+            "backing-filename": h.backing_file,
+            "backing-filename-format": h.backing_format,
+            "format-specific": {"type": "qcow2", "data": spec},
+        }
+
+    def reopen_prepare(self, read_only):
+        self._reopen_to = read_only
+        if not read_only and self.read_only:
+            if self.header.incompatible & F.INCOMPAT_CORRUPT:
+                raise BlockError(errno.EACCES, f"qcow2: image {self.filename} is marked corrupt; "
+                                               f"cannot be reopened read/write")
+            if self.header.nb_snapshots:
+                raise BlockError(errno.ENOTSUP, f"qcow2: image {self.filename} has internal snapshots; "
+                                                f"writing it is not supported")
+        elif read_only and not self.read_only:
+            with self._lock:
+                self._flush_meta_locked()
+                self._flush_meta_locked()
+            self.file.flush()
+
+    def reopen_commit(self):
+        to = getattr(self, "_reopen_to", None)
+        if to is None:
+            return
+        was = self.read_only
+        self.read_only = to
+        if was and not to:
+            self._file_size = self.file.getlength()
+            self._zero_from = -(-self._file_size // self.cluster_size)
+            self._open_rw_fixups()
+        self._reopen_to = None
+
+    def reopen_abort(self):
+        self._reopen_to = None
+
+    # ================================================================ check
+    def check(self, repair=None):
+        from .check import run_check
+        if repair not in (None, "leaks", "all"):
+            raise OptionError(f"qcow2: repair must be None, 'leaks' or 'all', not {repair!r}")
+        if repair and self.read_only:
+            raise BlockError(errno.EPERM, f"qcow2: cannot repair {self.filename}: it is open read-only")
+        with self._lock:
+            if not self.read_only:
+                self._flush_meta_locked()
+                self._flush_meta_locked()
+            res = run_check(self, repair)
+            if repair and (res["leaks-fixed"] or res["corruptions-fixed"]):
+                # reload metadata from disk
+                cs = self.cluster_size
+                self._rb_cache.clear()
+                self._rb_dirty.clear()
+                self._l2_cache.clear()
+                self._l2_dirty.clear()
+                self._l1 = F.be64_to_array(self.file.pread(self._l1_offset, len(self._l1) * 8))
+                self._reftable = F.be64_to_array(self.file.pread(self._reftable_offset,
+                                                                 self._reftable_clusters * cs))
+                self._free_hint = 1
+                self._file_size = self.file.getlength()
+        return res
+
+    @classmethod
+    def create(cls, filename, size, opts):
+        F.create_file(filename, size, opts or {})
