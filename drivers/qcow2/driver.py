@@ -36,6 +36,35 @@ _DEFAULT_RB_CACHE = 8 * 1024 * 1024
 _FAST_MASK = OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO
 
 
+def _check_chain_loop(image, backing_path, limit=1024):
+    """Follow qcow2 backing names from the headers (plain reads) and refuse a chain that loops."""
+    seen = [os.path.realpath(image)]
+    cur = backing_path
+    for _ in range(limit):
+        real = os.path.realpath(cur)
+        if real in seen:
+            chain = " -> ".join(seen + [real])
+            raise OptionError(f"qcow2: backing chain loop: {chain} (image {image})")
+        seen.append(real)
+        try:
+            with open(cur, "rb") as f:
+                head = f.read(72)
+                if len(head) < 72 or head[:4] != F.MAGIC:
+                    return
+                bf_off = int.from_bytes(head[8:16], "big")
+                bf_size = int.from_bytes(head[16:20], "big")
+                if not bf_off or bf_size > F.MAX_BACKING_NAME:
+                    return
+                f.seek(bf_off)
+                name = f.read(bf_size).decode("utf-8", "replace")
+        except OSError:
+            return
+        if name.startswith("json:"):
+            return
+        cur = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(cur)), name)
+    raise OptionError(f"qcow2: backing chain of {image} is deeper than {limit} images")
+
+
 class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     is_format = True
@@ -63,7 +92,7 @@ class Qcow2Driver(BlockDriver):
     def open(self, opts):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._closed = False
+        self._closed = True          # until open succeeds: close() must not flush anything
         self.backing = None
         self.file = self.node.open_child(opts, "file", role="file")
         fnode = self.file.node
@@ -148,10 +177,12 @@ class Qcow2Driver(BlockDriver):
                 if same:
                     raise OptionError(f"qcow2: image {fn} names itself as its backing file ({bname!r}): "
                                       f"backing chain loop")
+                _check_chain_loop(fn, full)
         self.backing = self.node.open_backing(opts, filename=bname, fmt=h.backing_format, relative_to=fn)
 
         if not self.read_only:
             self._open_rw_fixups()
+        self._closed = False
 
     def _open_rw_fixups(self):
         h = self.header
