@@ -1,0 +1,75 @@
+"""Config files (TOML and JSON) describing nodes and named backends."""
+import json
+
+import pytest
+
+import pyrep
+
+TOML = """
+[[blockdev]]
+node-name = "base0"
+driver = "raw"
+file = { driver = "file", filename = "disk.raw" }
+
+[[blockdev]]
+node-name = "over0"
+driver = "memory"
+backing = "base0"
+
+[[backend]]
+name = "disk0"
+node = "over0"
+"""
+
+
+@pytest.fixture
+def disk(tmp_path):
+    with open(tmp_path / "disk.raw", "wb") as f:
+        f.write(b"base" + bytes(65532))
+    return tmp_path / "disk.raw"
+
+
+def test_toml_graph(tmp_path, disk):
+    (tmp_path / "graph.toml").write_text(TOML)
+    g = pyrep.load_config(str(tmp_path / "graph.toml"))
+    blk = pyrep.backend("disk0")
+    assert set(g.nodes) == {"base0", "over0"} and g.backends["disk0"] is blk
+    assert blk.pread(0, 4) == b"base"          # relative filename resolved against the config's directory
+    blk.pwrite(0, b"over")
+    assert pyrep.lookup("base0").pread(0, 4) == b"base"  # the overlay took the write
+    g.close()
+    assert pyrep.nodes() == {} and pyrep.backends() == {}
+
+
+def test_json_graph_same_shape(tmp_path, disk):
+    cfg = {"blockdev": [{"node-name": "base0", "driver": "raw", "file": {"driver": "file", "filename": str(disk)}}],
+           "backend": [{"name": "disk0", "node": "base0", "read-only": True}]}
+    (tmp_path / "g.json").write_text(json.dumps(cfg))
+    with pyrep.load_config(tmp_path / "g.json"):
+        blk = pyrep.backend("disk0")
+        assert blk.read_only and blk.pread(0, 4) == b"base"
+
+
+@pytest.mark.parametrize("text, msg", [
+    ('[[blockdev]]\nnode-name = "a"\ndriver = "raw"\n', r"g.toml: blockdev\[0\]: raw: option 'file' is required"),
+    ('[[blockdev]]\ndriver = "memory"\nsize = "1M"\n[[blockdev]]\ndriver = "memory"\nsize = "lots"\n',
+     r"g.toml: blockdev\[1\]: memory: option 'size': expected a size"),
+    ('[[blockdev]]\ndriver = "raw"\nfile = { driver = "file", filename = "x.raw", lock = "on" }\n',
+     r"blockdev\[0\]: file: unknown option 'file.lock'"),
+    ('[[backend]]\nname = "b"\n', r"backend\[0\]: 'node' is required"),
+    ('[[backend]]\nname = "b"\nnode = "nowhere"\n', r"backend\[0\]: no node or backend named 'nowhere'"),
+    ('[[backend]]\nname = "b"\nnode = "n"\ncolour = "red"\n', r"backend\[0\]: unknown key 'colour'"),
+    ('[[blockdevs]]\n', r"unknown top-level key 'blockdevs'"),
+    ('[[blockdev\n', r"g.toml: not valid TOML"),
+])
+def test_errors_name_file_and_key(tmp_path, text, msg):
+    (tmp_path / "g.toml").write_text(text)
+    before = set(pyrep.nodes())
+    with pytest.raises(pyrep.Error, match=msg):
+        pyrep.load_config(tmp_path / "g.toml")
+    assert set(pyrep.nodes()) == before  # nothing left half-built
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(pyrep.OptionError, match="cannot read config file"):
+        pyrep.load_config(tmp_path / "nope.toml")

@@ -1,0 +1,170 @@
+"""The driver conformance suite: every driver joins it in one line.
+
+    class TestRawConformance(Conformance):
+        make = staticmethod(lambda tmp_path, size: {"driver": "raw", "file": {...}})
+
+``make(tmp_path, size)`` returns the options of a fresh, zero-filled disk of
+``size`` bytes. Class flags describe what the driver is: ``stores_data``
+(False for null), ``persistent`` (data survives close and reopen with the
+same options), ``zero_init`` (a fresh disk reads as zeroes).
+"""
+import asyncio
+import errno
+import os
+import random
+import threading
+
+import pytest
+
+import pyrep
+from pyrep.constants import BS_ZERO
+
+MiB = 1 << 20
+
+
+class Conformance:
+    make = None
+    size = 8 * MiB
+    stores_data = True
+    persistent = True
+    zero_init = True
+
+    @pytest.fixture
+    def blk(self, tmp_path):
+        self._opts = self.make(tmp_path, self.size)
+        b = pyrep.open_backend(self._opts)
+        yield b
+        b.close()
+
+    def _reopen(self, blk):
+        blk.close()
+        return pyrep.open_backend(self._opts)
+
+    def test_length(self, blk):
+        assert blk.length == self.size
+
+    def test_fresh_disk_reads_zeroes(self, blk):
+        if not self.zero_init:
+            pytest.skip("driver does not zero-initialise")
+        assert blk.pread(0, 65536) == bytes(65536)
+        assert blk.pread(self.size - 4096, 4096) == bytes(4096)
+
+    def test_write_read_unaligned_and_cross_cluster(self, blk):
+        if not self.stores_data:
+            pytest.skip("driver stores nothing")
+        rng = random.Random(1)
+        model = bytearray(self.size)
+        for off, ln in [(0, 512), (1, 1), (511, 3), (4095, 2), (65535, 70000), (self.size - 7, 7),
+                        (3 * MiB - 100, 200000), (12345, 4096)]:
+            data = rng.randbytes(ln)
+            blk.pwrite(off, data)
+            model[off:off + ln] = data
+        for off, ln in [(0, 4096), (65000, 200000), (3 * MiB - 200, 300000), (self.size - 4096, 4096)]:
+            assert blk.pread(off, ln) == bytes(model[off:off + ln]), (off, ln)
+
+    def test_write_zeroes(self, blk):
+        if not self.stores_data:
+            pytest.skip("driver stores nothing")
+        blk.pwrite(0, b"\xaa" * (256 * 1024))
+        blk.pwrite_zeroes(1000, 100000)
+        blk.pwrite_zeroes(131072, 65536, may_unmap=True)
+        data = blk.pread(0, 256 * 1024)
+        assert data[:1000] == b"\xaa" * 1000
+        assert data[1000:101000] == bytes(100000)
+        assert data[101000:131072] == b"\xaa" * (131072 - 101000)
+        assert data[131072:196608] == bytes(65536)
+        assert data[196608:] == b"\xaa" * (256 * 1024 - 196608)
+
+    def test_discard_keeps_length_and_other_data(self, blk):
+        blk.pwrite(0, b"\x11" * 4096)
+        blk.pdiscard(65536, 131072)
+        assert blk.length == self.size
+        if self.stores_data:
+            assert blk.pread(0, 4096) == b"\x11" * 4096
+
+    def test_out_of_range_is_einval(self, blk):
+        for call in (lambda: blk.pread(self.size - 1, 2), lambda: blk.pwrite(self.size, b"x"),
+                     lambda: blk.pread(-1, 1), lambda: blk.pwrite_zeroes(self.size - 1, 2)):
+            with pytest.raises(pyrep.BlockError) as e:
+                call()
+            assert e.value.errno == errno.EINVAL
+
+    def test_iovector_scatter_gather(self, blk):
+        if not self.stores_data:
+            pytest.skip("driver stores nothing")
+        parts = [os.urandom(n) for n in (100, 4000, 1, 61435)]
+        iov = pyrep.IOVector()
+        for p in parts:
+            iov.add(p)
+        blk.pwritev(8192, iov)
+        bufs = [bytearray(n) for n in (5000, 5000, 55536)]
+        out = pyrep.IOVector()
+        for b in bufs:
+            out.add(b)
+        blk.preadv(8192, out)
+        assert b"".join(bufs) == b"".join(parts)
+
+    def test_block_status_covers_disk_and_zero_ranges_read_zero(self, blk):
+        if self.stores_data:
+            blk.pwrite(MiB, os.urandom(65536))
+        pos = 0
+        while pos < self.size:
+            st = blk.block_status(pos, self.size - pos)
+            assert st.length > 0
+            if st.flags & BS_ZERO and self.stores_data:
+                n = min(st.length, 65536)
+                assert blk.pread(pos, n) == bytes(n)
+            pos += st.length
+        assert pos == self.size
+
+    def test_concurrent_writers_lose_nothing(self, blk):
+        if not self.stores_data:
+            pytest.skip("driver stores nothing")
+        # 8 threads write interleaved 512-byte pieces of the same clusters
+        n_threads, piece = 8, 512
+        span = n_threads * piece * 64
+
+        def worker(t):
+            for i in range(64):
+                off = (i * n_threads + t) * piece
+                blk.pwrite(off, bytes([t + 1]) * piece)
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        data = blk.pread(0, span)
+        for i in range(64 * n_threads):
+            assert data[i * piece:(i + 1) * piece] == bytes([i % n_threads + 1]) * piece, i
+
+    def test_async_twins(self, blk):
+        async def go():
+            await blk.co_pwrite(4096, b"async!")
+            return await blk.co_pread(4096, 6)
+        data = asyncio.run(go())
+        if self.stores_data:
+            assert data == b"async!"
+
+    def test_flush(self, blk):
+        blk.pwrite(0, b"x")
+        blk.flush()
+
+    def test_persistence_across_reopen(self, blk):
+        if not (self.stores_data and self.persistent):
+            pytest.skip("not persistent")
+        payload = os.urandom(100000)
+        blk.pwrite(777, payload)
+        blk.flush()
+        blk2 = self._reopen(blk)
+        try:
+            assert blk2.pread(777, len(payload)) == payload
+        finally:
+            blk2.close()
+
+    def test_read_only_refuses_writes(self, tmp_path):
+        opts = self.make(tmp_path, self.size)
+        with pyrep.open_backend(opts, read_only=True) as b:
+            with pytest.raises(pyrep.BlockError) as e:
+                b.pwrite(0, b"x")
+            assert e.value.errno == errno.EPERM
+            b.pread(0, 512)

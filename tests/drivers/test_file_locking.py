@@ -1,0 +1,72 @@
+"""Image locking interop with QEMU: qemu-img refuses what pyrep holds, and pyrep refuses what qemu holds."""
+import subprocess
+import time
+
+import pytest
+
+import pyrep
+
+
+@pytest.fixture
+def image(tmp_path, qemu_img):
+    path = tmp_path / "disk.raw"
+    qemu_img("create", "-f", "raw", path, "1M")
+    return path
+
+
+def opts(path, **file_extra):
+    return {"driver": "raw", "file": {"driver": "file", "filename": str(path), **file_extra}}
+
+
+def test_qemu_img_cannot_write_while_pyrep_writes(image, qemu_img):
+    with pyrep.open_backend(opts(image)) as blk:
+        blk.pwrite(0, b"pyrep")
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)], capture_output=True, text=True)
+        assert r.returncode != 0 or "Failed to get" in r.stderr + r.stdout
+        assert "Failed to get" in r.stderr + r.stdout
+        assert qemu_img("info", "-U", image).returncode == 0
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x70 0 1", str(image)], capture_output=True, text=True)
+    assert r.returncode == 0 and "verification failed" not in r.stdout  # 'p' == 0x70, written by pyrep
+
+
+def test_read_only_pyrep_lets_qemu_read_but_not_write(image):
+    with pyrep.open_backend(opts(image), read_only=True) as blk:
+        blk.pread(0, 512)
+        r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 512", str(image)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)], capture_output=True, text=True)
+        assert "Failed to get" in r.stderr + r.stdout  # pyrep did not share writes
+
+
+def test_pyrep_refuses_an_image_qemu_holds(image):
+    holder = subprocess.Popen(["qemu-io", "-f", "raw", str(image)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # qemu-io opens the image read-write and takes its locks before reading commands
+        with pytest.raises(pyrep.PermissionConflict, match=r'Failed to get .*"write" lock'):
+            pyrep.open_backend(opts(image))
+        # read-only with shared writes (qemu-img -U style) is allowed
+        with pyrep.open_backend(opts(image), read_only=True, shared="all") as blk:
+            assert blk.pread(0, 4) == bytes(4)
+    finally:
+        holder.communicate("quit\n", timeout=10)
+
+
+def test_locking_off(image):
+    holder = subprocess.Popen(["qemu-io", "-f", "raw", str(image)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        with pyrep.open_backend(opts(image, locking="off")) as blk:
+            blk.pwrite(0, b"x")
+    finally:
+        holder.communicate("quit\n", timeout=10)
+
+
+def test_two_pyrep_writers_in_one_process_conflict(image):
+    b1 = pyrep.open_backend(opts(image))
+    with pytest.raises(pyrep.PermissionConflict, match="Failed to get"):
+        pyrep.open_backend(opts(image))
+    b1.close()
+    pyrep.open_backend(opts(image)).close()  # the locks went away with the first one
