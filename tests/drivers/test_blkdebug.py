@@ -1,0 +1,81 @@
+"""Fault injection: rules from options and at run time."""
+import errno
+
+import pytest
+
+import pyrep
+
+
+@pytest.fixture
+def blk():
+    b = pyrep.open_backend({"driver": "blkdebug", "node-name": "dbg", "file": {"driver": "memory", "size": "1M"}})
+    yield b
+    b.close()
+
+
+def test_rules_from_options_match_op_range_and_after():
+    rules = [{"op": "write", "errno": "ENOSPC", "offset": 65536, "length": 65536, "after": 2},
+             {"op": "read", "errno": 5, "offset": "512K", "once": True}]
+    with pyrep.open_backend({"driver": "blkdebug", "inject-error": rules,
+                             "file": {"driver": "memory", "size": "1M"}}) as b:
+        b.pwrite(0, b"x" * 65536)                  # outside the range
+        b.pwrite(65536, b"a")                      # after=2: the first two matching writes pass
+        b.pwrite(131071, b"b")
+        with pytest.raises(pyrep.BlockError) as e:
+            b.pwrite(131000, b"c" * 100)           # touches the range: fails from now on
+        assert e.value.errno == errno.ENOSPC and "injected error on write at 131000" in str(e.value)
+        with pytest.raises(pyrep.BlockError):
+            b.pwrite(70000, b"d")
+        b.pread(0, 512 * 1024)                     # ends exactly where the read rule starts
+        with pytest.raises(pyrep.BlockError) as e:
+            b.pread(600000, 1)
+        assert e.value.errno == errno.EIO
+        assert b.pread(600000, 1) == b"\0"         # once: it fired and is gone
+
+
+def test_drive_string_rules():
+    b = pyrep.open_backend("driver=blkdebug,inject-error.0.op=flush,inject-error.0.errno=EIO,file.driver=null")
+    with pytest.raises(pyrep.BlockError):
+        b.flush()
+    with pytest.raises(pyrep.BlockError):  # close reports the failed flush, and still closes
+        b.close()
+    assert b.closed and pyrep.nodes() == {}
+
+
+def test_runtime_injection_and_clear(blk):
+    rule = pyrep.inject_error("dbg", op="any", errno="EPERM", offset=4096, length=4096)
+    for call in (lambda: blk.pwrite(4096, b"x"), lambda: blk.pread(8000, 200), lambda: blk.pwrite_zeroes(0, 8192)):
+        with pytest.raises(pyrep.BlockError) as e:
+            call()
+        assert e.value.errno == errno.EPERM
+    blk.pdiscard(4096, 1)  # discard=ignore (the default) drops discards before they reach the filter
+    assert rule.fired == 3
+    blk.pwrite(0, b"fine")
+    pyrep.clear_errors("dbg")
+    blk.pwrite(4096, b"x")
+
+
+def test_discard_reaches_the_filter_with_discard_unmap():
+    b = pyrep.open_backend({"driver": "blkdebug", "node-name": "d2", "discard": "unmap",
+                            "file": {"driver": "memory", "size": "1M"}})
+    pyrep.inject_error("d2", op="discard", errno="EIO")
+    with pytest.raises(pyrep.BlockError):
+        b.pdiscard(0, 65536)
+    b.close()
+
+
+@pytest.mark.parametrize("rule, msg", [
+    ({"op": "sing"}, r"inject-error.0.op: expected one of read, write"),
+    ({"op": "read", "errno": "EWHAT"}, r"inject-error.0.errno: unknown errno 'EWHAT'"),
+    ({"op": "read", "offset": "far"}, r"inject-error.0.offset: expected a size"),
+    ({"op": "read", "colour": 1}, r"unknown option 'inject-error.0.colour'"),
+])
+def test_bad_rules(rule, msg):
+    with pytest.raises(pyrep.OptionError, match=msg):
+        pyrep.blockdev_add({"driver": "blkdebug", "inject-error": [rule], "file": {"driver": "null"}})
+
+
+def test_inject_on_a_non_blkdebug_node():
+    pyrep.blockdev_add({"driver": "null", "node-name": "n"})
+    with pytest.raises(pyrep.OptionError, match="is a 'null' node, not blkdebug"):
+        pyrep.inject_error("n")
