@@ -1,0 +1,352 @@
+"""``backup``: copy-before-write (``sync="none"``) and point-in-time copies (``sync="full"|"top"``).
+
+The job installs a write notifier on the source node. Before a write, a
+write-zeroes or a discard reaches the source's driver, the notifier copies
+the *old* content of every cluster the request touches into the target,
+at most once per cluster: a copy bitmap (:class:`pyrep.Bitmap`, one bit per
+cluster) remembers what was copied. ``do_checkpoint()`` resets it (sync=none:
+a new checkpoint interval starts; the replication filter calls it at each
+checkpoint after emptying the hidden disk).
+
+Concurrency rules:
+
+- A cluster being copied is *claimed*; a second write to it waits in its own
+  notifier until the copy is done, then passes without copying again.
+- The copy's write to the target is a serialising request and the job turns
+  on request tracking on the target: a reader of the target's chain (e.g. an
+  overlay whose backing is the target, whose reads of clusters the target
+  does not hold fall through to the source) either finishes before the copy
+  lands (and before the guest write, which waits for the copy, changes the
+  source) or starts after it and finds the old data in the target. Readers
+  never see a half-copied cluster.
+- ``sync="full"``/``"top"`` copy in the background with the same claims, so a
+  cluster is copied once, either by the background loop or by a write.
+
+Errors of a copy made for a guest write (``on_error``, after QEMU's
+``on-cbw-error``/``on-target-error``):
+
+- ``"report"`` (default): the job ends (``status == "concluded"``, ``job.error``
+  set), its notifier goes away, the guest write proceeds (the snapshot is
+  broken, the guest is not);
+- ``"ignore"``: the cluster is marked copied (its old data is lost from the
+  target), the guest write proceeds, ``job.errors_ignored`` counts it;
+- ``"stop"``: the guest write fails with the error, the job pauses with
+  ``job.io_error`` set; the cluster stays uncopied, so the next write to it
+  (or the background loop after ``resume()``) tries again.
+
+Errors of the background copy (full/top): "report" ends the job, "ignore"
+retries the range later, "stop" pauses until resume().
+
+sync=none runs until cancelled; full/top conclude when everything is copied.
+Cancel is the normal end of a sync=none job: ``cancelled`` is True and
+``error`` None.
+"""
+import threading
+
+from .._core.bitmap import Bitmap
+from .._core.iovec import IOVector
+from ..constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED)
+from ..errors import BlockError, OptionError
+from ..node import is_allocated, skip_filters
+from .job import Job, read_direct, resolve_node, write_serialising
+
+__all__ = ["BackupJob", "backup"]
+
+SYNC_MODES = ("none", "full", "top")
+_MAX_RUN = 1 << 20          # background copies batch clusters up to 1 MiB
+
+
+class BackupJob(Job):
+    type = "backup"
+
+    def __init__(self, source, target, sync="none", job_id=None, on_error="report", cluster_size=None,
+                 on_complete=None):
+        if sync not in SYNC_MODES:
+            raise OptionError(f"backup: sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+        source = resolve_node(source, "backup source")
+        target = resolve_node(target, "backup target")
+        if source is target:
+            raise OptionError(f"backup: source and target are the same node '{source.name}'")
+        if target.read_only:
+            raise OptionError(f"backup: target node '{target.name}' is read-only (reopen it read-write first)")
+        length = source.length
+        if target.length < length:
+            raise OptionError(f"backup: target node '{target.name}' ({target.length} bytes) is smaller than "
+                              f"source node '{source.name}' ({length} bytes)")
+        if cluster_size is None:
+            cluster_size = max(65536, getattr(skip_filters(target).driver, "cluster_size", 0) or 0)
+        if cluster_size < 512 or cluster_size & (cluster_size - 1):
+            raise OptionError(f"backup: cluster_size must be a power of two >= 512, got {cluster_size}")
+        source.check_op("backup-source")
+        target.check_op("backup-target")
+        super().__init__(job_id, on_error, on_complete)
+        self.sync = sync
+        self.source, self.target = source, target
+        self.cluster_size = cluster_size
+        self.length = length
+        self._lock = threading.Condition()
+        self._copied = Bitmap(length, cluster_size)
+        self._inflight = set()
+        self._cow_active = 0
+        self._stopped = False          # the notifier no longer copies (job ending)
+        self._fatal = None             # a copy-before-write error that ended the job ("report")
+        self.bytes_copied = 0          # over the job's life
+        self.clusters_copied = 0       # over the job's life
+        self.checkpoints = 0
+        self._tracking = False
+        self._notifier_on = False
+        try:
+            self._take(source, "backup-source", PERM_CONSISTENT_READ, PERM_ALL)
+            self._take(target, "backup-target", PERM_WRITE, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE))
+            self._block(source, "backup-source")
+            self._block(target, "backup-target")
+            if sync == "top":
+                self._skip_unallocated()
+            target.enable_tracking()
+            self._tracking = True
+            from ..graph import drained
+            with drained(source):       # no write may be past the notifier hook without a copy
+                source.add_write_notifier(self._before_write)
+                self._notifier_on = True
+        except BaseException:
+            self._teardown()
+            self.abandon()
+            raise
+
+    # ---------------------------------------------------------------- info
+    @property
+    def progress(self):
+        with self._lock:
+            return self._copied.count(), self.length
+
+    @property
+    def copied_bitmap(self):
+        """A copy of the copy bitmap (set bit: cluster copied, or skipped, in this interval)."""
+        with self._lock:
+            return self._copied.copy()
+
+    def do_checkpoint(self, drain=True):
+        """Start a new checkpoint interval (sync=none): forget which clusters were copied.
+
+        With ``drain`` (default) the users above the source are quiesced meanwhile, so no write
+        is in flight past its copy; pass False if the caller already drained the source."""
+        if self.sync != "none":
+            raise OptionError(f"{self.describe()}: do_checkpoint needs sync=none (this job is sync={self.sync})")
+        if self.status == "concluded":
+            raise OptionError(f"{self.describe()} has concluded" +
+                              (f" with an error: {self.error}" if self.error else ""))
+        if drain:
+            from ..graph import drained
+            with drained(self.source):
+                self._reset_copied()
+        else:
+            self._reset_copied()
+
+    def _reset_copied(self):
+        with self._lock:
+            while self._inflight:
+                self._lock.wait()
+            self._copied.reset_all()
+            self.checkpoints += 1
+
+    # ---------------------------------------------------------------- setup
+    def _skip_unallocated(self):
+        """sync=top: only clusters allocated in the source's top layer are copied."""
+        bm = self._copied
+        bm.set_all()
+        pos = 0
+        while pos < self.length:
+            alloc, n = is_allocated(self.source, pos, self.length - pos)
+            if n <= 0:
+                break
+            if alloc:
+                bm.reset(pos, n)
+            pos += n
+
+    def _teardown(self):
+        with self._lock:
+            self._stopped = True
+            if self._notifier_on:
+                self.source.remove_write_notifier(self._before_write)
+                self._notifier_on = False
+            while self._cow_active:
+                self._lock.wait()
+        if self._tracking:
+            self.target.disable_tracking()
+            self._tracking = False
+
+    def cleanup(self):
+        self._teardown()
+        super().cleanup()
+
+    # ---------------------------------------------------------------- copying
+    def _copy_run(self, first, count):
+        """Copy clusters ``[first, first+count)`` (claimed by the caller) source → target; on success
+        mark them copied and release the claims. Raises on error (claims still held)."""
+        cs = self.cluster_size
+        off = first * cs
+        n = min(count * cs, self.length - off)
+        buf = bytearray(n)
+        iov = IOVector(buf)
+        read_direct(self.source, off, n, iov)
+        write_serialising(self.target, off, n, iov)
+        with self._lock:
+            self._copied.set(off, n)
+            for idx in range(first, first + count):
+                self._inflight.discard(idx)
+            self.bytes_copied += n
+            self.clusters_copied += count
+            self._lock.notify_all()
+
+    def _release(self, idxs, mark):
+        with self._lock:
+            cs = self.cluster_size
+            for idx in idxs:
+                self._inflight.discard(idx)
+                if mark:
+                    self._copied.set(idx * cs, cs)
+            self._lock.notify_all()
+
+    def _before_write(self, node, offset, length, flags):
+        """The write notifier: copy the old content of the touched clusters first."""
+        if flags & REQ_WRITE_UNCHANGED or self._stopped:
+            return
+        end = min(offset + length, self.length)
+        if offset >= end:
+            return
+        cs = self.cluster_size
+        first, last = offset // cs, (end - 1) // cs
+        with self._lock:
+            if self._stopped:
+                return
+            self._cow_active += 1
+        try:
+            while True:
+                mine, others = [], []
+                with self._lock:
+                    if self._stopped:
+                        return
+                    for idx in range(first, last + 1):
+                        if self._copied.get(idx * cs):
+                            continue
+                        if idx in self._inflight:
+                            others.append(idx)
+                        else:
+                            self._inflight.add(idx)
+                            mine.append(idx)
+                if mine:
+                    self._cow(mine)
+                if not others:
+                    return
+                with self._lock:
+                    while any(i in self._inflight for i in others):
+                        self._lock.wait()
+                # loop: a cluster another write failed to copy (on_error=stop) is ours to try now
+        finally:
+            with self._lock:
+                self._cow_active -= 1
+                self._lock.notify_all()
+
+    def _cow(self, idxs):
+        runs, start = [], 0
+        for i in range(1, len(idxs) + 1):
+            if i == len(idxs) or idxs[i] != idxs[i - 1] + 1:
+                runs.append((idxs[start], i - start))
+                start = i
+        for k, (first, count) in enumerate(runs):
+            try:
+                self._copy_run(first, count)
+            except BlockError as e:
+                pending = [idx for f, c in runs[k:] for idx in range(f, f + c)]
+                self._cow_failed(e, pending)
+                return
+            except BaseException:
+                pending = [idx for f, c in runs[k:] for idx in range(f, f + c)]
+                self._release(pending, mark=False)
+                raise
+
+    def _cow_failed(self, e, pending):
+        policy = self.on_error
+        if policy == "ignore":
+            self._release(pending, mark=True)
+            with self._cond:
+                self.errors_ignored += 1
+                self.last_error = e
+            return
+        self._release(pending, mark=False)
+        if policy == "stop":
+            with self._cond:
+                self.io_error = e
+            self.pause()
+            raise e
+        # report: the job ends with the error; the guest write proceeds
+        with self._lock:
+            self._stopped = True
+            if self._fatal is None:
+                self._fatal = e
+        with self._cond:
+            if self.error is None:
+                self.error = e
+        self._kick()
+
+    # ---------------------------------------------------------------- the job thread
+    def run(self):
+        if self.sync == "none":
+            while True:
+                if self._fatal is not None:
+                    return
+                self.sleep(0.5)
+        self._background()
+
+    def _background(self):
+        cs = self.cluster_size
+        max_run = max(1, _MAX_RUN // cs)
+        pos = 0
+        while True:
+            self.pause_point()
+            if self._fatal is not None:
+                return
+            with self._lock:
+                nxt = self._copied.next_clear(pos)
+                if nxt < 0 and pos > 0:
+                    pos = 0
+                    nxt = self._copied.next_clear(0)
+                if nxt < 0:
+                    # everything copied; wait for copies in flight (they may fail and leave holes)
+                    if not self._inflight:
+                        return
+                    self._lock.wait(0.05)
+                    continue
+                first = nxt // cs
+                if first in self._inflight:
+                    pos = (first + 1) * cs
+                    if pos >= self.length:
+                        pos = 0
+                        self._lock.wait(0.01)
+                    continue
+                count = 0
+                nclusters = (self.length + cs - 1) // cs
+                while (count < max_run and first + count < nclusters and first + count not in self._inflight
+                       and not self._copied.get((first + count) * cs)):
+                    self._inflight.add(first + count)
+                    count += 1
+            try:
+                self._copy_run(first, count)
+            except BlockError as e:
+                self._release(range(first, first + count), mark=False)
+                self._handle_error(e)
+                pos = first * cs
+                continue
+            except BaseException:
+                self._release(range(first, first + count), mark=False)
+                raise
+            pos = (first + count) * cs
+            if pos >= self.length:
+                pos = 0
+
+
+def backup(source, target, sync="none", job_id=None, on_error="report", cluster_size=None, on_complete=None):
+    """Start a backup job from ``source`` to ``target`` (Nodes or names); see the module docstring."""
+    job = BackupJob(source, target, sync=sync, job_id=job_id, on_error=on_error, cluster_size=cluster_size,
+                    on_complete=on_complete)
+    return job.start()

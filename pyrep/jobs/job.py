@@ -1,0 +1,441 @@
+"""The job base class and the registry of running jobs (QEMU's Job/BlockJob).
+
+A job runs in its own background thread and advances in chunks. Between
+chunks it passes a *pause point*: there it stops while the user paused it
+(:meth:`Job.pause`) or someone drained a node it uses
+(:meth:`Job.drained_begin`, called by :func:`pyrep.drained` because the job
+is a parent of its nodes through :class:`~pyrep.node.Child` edges), and there
+a cancel takes effect.
+
+Life cycle (``job.status``)::
+
+    created -> running [-> ready] -> concluded        (success or error)
+                  |  ^
+           pause()|  |resume()   (also: on_error="stop" pauses on an I/O error)
+                  v  |
+                 paused
+    cancel(): running/paused/ready -> aborting -> concluded
+
+A concluded job has ``error`` (None on success and on cancel, else the
+exception) and ``cancelled``. Completion callbacks ``fn(job)`` run once, in
+the job's thread, after the status became ``concluded``; a callback added
+later runs at once in the caller's thread. Concluded jobs leave the
+registry (QEMU's auto-dismiss), so a job id can be reused.
+
+Error policies (``on_error``), applied to errors of the job's own I/O:
+
+- ``"report"``: the job ends; ``job.error`` is the error;
+- ``"ignore"``: the error is counted (``job.errors_ignored``, ``job.last_error``) and the job goes on
+  (commit/mirror retry the range later; backup's copy-before-write skips the cluster);
+- ``"stop"``: the job pauses with ``job.io_error`` set; :meth:`Job.resume` retries.
+"""
+import errno
+import itertools
+import threading
+import time
+import warnings
+
+from ..constants import REQ_SERIALISING
+from ..errors import BlockError, OptionError
+from ..node import Child, Node, _reaches
+
+__all__ = ["Job", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES"]
+
+ERROR_POLICIES = ("report", "ignore", "stop")
+STATUSES = ("created", "running", "paused", "ready", "concluded", "aborting")
+
+_lock = threading.RLock()
+_jobs = {}                 # id -> Job, while not concluded
+_ids = itertools.count()
+
+
+class _Cancelled(Exception):
+    """Raised at a pause point when the job was cancelled."""
+
+
+class Job:
+    """Base of every job. Subclasses implement :meth:`run` (in the job thread) and :meth:`cleanup`."""
+
+    type = "job"
+
+    def __init__(self, job_id=None, on_error="report", on_complete=None):
+        if on_error not in ERROR_POLICIES:
+            raise OptionError(f"{self.type}: on_error must be one of {', '.join(ERROR_POLICIES)}, got {on_error!r}")
+        self.on_error = on_error
+        self._cond = threading.Condition(threading.RLock())
+        self.status = "created"
+        self.error = None          # the error that ended the job (None: success or cancel)
+        self.io_error = None       # the error that paused the job (on_error="stop"), cleared by resume()
+        self.last_error = None     # the last ignored error (on_error="ignore")
+        self.errors_ignored = 0
+        self.cancelled = False
+        self._cancel = False
+        self._user_paused = False
+        self._status_before_pause = None
+        self._drain = 0
+        self._busy = False          # the job thread is between two pause points
+        self._done = threading.Event()
+        self._callbacks = []
+        self._children = []         # Child edges the job holds
+        self._blocked = []          # (node, op, reason)
+        self._current = 0
+        self._total = 0
+        self._thread = None
+        if on_complete is not None:
+            self._callbacks.append(on_complete)
+        with _lock:
+            if job_id is None:
+                job_id = f"{self.type}{next(_ids)}"
+                while job_id in _jobs:
+                    job_id = f"{self.type}{next(_ids)}"
+            elif not isinstance(job_id, str) or not job_id:
+                raise OptionError(f"{self.type}: job_id must be a non-empty string, got {job_id!r}")
+            elif job_id in _jobs:
+                raise OptionError(f"{self.type}: a job with id '{job_id}' already exists "
+                                  f"(status {_jobs[job_id].status})")
+            self.id = job_id
+            _jobs[job_id] = self       # reserve the id; start() or abandon() follows
+
+    # ------------------------------------------------------------ identity
+    def describe(self):
+        return f"{self.type} job '{self.id}'"
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.id} {self.status}>"
+
+    @property
+    def progress(self):
+        """``(current, total)`` in bytes."""
+        with self._cond:
+            return self._current, self._total
+
+    @property
+    def done(self):
+        return self._done.is_set()
+
+    # ------------------------------------------------------------ graph helpers
+    def _take(self, node, role, perm, shared):
+        """Hold an edge to ``node`` (a parent edge like a backend's); raises PermissionConflict."""
+        child = Child(self, node, role, perm, shared)
+        node.add_parent(child, perm, shared)
+        self._children.append(child)
+        return child
+
+    def _block(self, node, op):
+        reason = f"{self.type} job '{self.id}'"
+        node.block_op(op, reason)
+        self._blocked.append((node, op, reason))
+
+    def _release_graph(self):
+        """Drop every edge and blocker the job holds (the nodes stay open)."""
+        for node, op, reason in self._blocked:
+            node.unblock_op(op, reason)
+        self._blocked = []
+        for child in self._children:
+            if child.node is not None:
+                child.node.remove_parent(child)
+        self._children = []
+
+    # ------------------------------------------------------------ life cycle
+    def start(self):
+        with self._cond:
+            if self.status != "created":
+                raise OptionError(f"{self.describe()} was already started")
+            self.status = "running"
+        self._thread = threading.Thread(target=self._main, name=f"pyrep-job-{self.id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def abandon(self):
+        """Forget a job whose setup failed before start()."""
+        self._release_graph()
+        with _lock:
+            if _jobs.get(self.id) is self:
+                del _jobs[self.id]
+
+    def run(self):
+        """The job's work, in the job thread; call :meth:`pause_point` between chunks."""
+
+    def cleanup(self):
+        """Undo what the job installed (notifiers, edges); runs in the job thread after run()."""
+        self._release_graph()
+
+    def _main(self):
+        try:
+            self.run()
+        except _Cancelled:
+            pass
+        except BaseException as e:       # noqa: B902 - the job records every failure
+            if self.error is None:
+                self.error = e
+        finally:
+            try:
+                self.cleanup()
+            except BaseException as e:   # noqa: B902
+                if self.error is None:
+                    self.error = e
+            self._conclude()
+
+    def _conclude(self):
+        with self._cond:
+            if self._cancel and self.error is None:
+                self.cancelled = True
+            self.status = "concluded"
+            self._busy = False
+            self._cond.notify_all()
+            callbacks, self._callbacks = self._callbacks, None
+        with _lock:
+            if _jobs.get(self.id) is self:
+                del _jobs[self.id]
+        self._done.set()
+        for fn in callbacks:
+            self._call(fn)
+
+    def _call(self, fn):
+        try:
+            fn(self)
+        except Exception as e:  # a callback must not kill the job machinery
+            warnings.warn(f"{self.describe()}: completion callback {fn!r} raised {e!r}", RuntimeWarning)
+
+    def add_callback(self, fn):
+        """Call ``fn(job)`` when the job concludes (at once if it already has)."""
+        with self._cond:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    # ------------------------------------------------------------ control
+    def pause_point(self):
+        """Called by the job thread between chunks: stop while paused or drained; raise on cancel."""
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+            while (self._user_paused or self._drain) and not self._cancel:
+                self._cond.wait()
+            if self._cancel:
+                raise _Cancelled()
+            self._busy = True
+
+    def sleep(self, seconds):
+        """Wait up to ``seconds`` at a pause point (woken early by cancel, resume or :meth:`_kick`)."""
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+            if not self._cancel:
+                self._cond.wait(seconds)
+        self.pause_point()
+
+    def _kick(self):
+        with self._cond:
+            self._cond.notify_all()
+
+    def pause(self):
+        """Ask the job to stop at its next pause point (status ``paused``)."""
+        with self._cond:
+            if self.status in ("concluded", "aborting"):
+                return
+            if not self._user_paused:
+                self._user_paused = True
+                if self.status in ("running", "ready", "created"):
+                    self._status_before_pause = self.status if self.status != "created" else "running"
+                    self.status = "paused"
+            self._cond.notify_all()
+
+    def resume(self):
+        """Undo :meth:`pause` (and clear ``io_error``, so a stopped job retries)."""
+        with self._cond:
+            self.io_error = None
+            if self._user_paused:
+                self._user_paused = False
+                if self.status == "paused":
+                    self.status = self._status_before_pause or "running"
+            self._cond.notify_all()
+
+    @property
+    def paused(self):
+        """True if the job thread is stopped at a pause point because of pause() or a drain."""
+        with self._cond:
+            return (self._user_paused or self._drain > 0) and not self._busy and not self._done.is_set()
+
+    def cancel(self, sync=False):
+        """Stop the job; ``sync=True`` waits until it concluded. A cancelled job has
+        ``cancelled == True`` and ``error is None`` (for mirror after ``ready`` the graph is unchanged)."""
+        with self._cond:
+            if self.status == "concluded":
+                return
+            if self.status == "created":
+                self._cancel = True
+                self.cancelled = True
+                self.status = "concluded"
+            else:
+                self._cancel = True
+                self.status = "aborting"
+                self._cond.notify_all()
+        self._on_cancel()
+        if sync and threading.current_thread() is not self._thread:
+            self.wait()
+
+    def _on_cancel(self):
+        """Hook: wake whatever the job thread waits on."""
+
+    def wait(self, timeout=None):
+        """Wait until the job concluded; True if it did, False on timeout. Never raises the
+        job's error: check ``job.error`` (and ``job.cancelled``)."""
+        if self._thread is None and self.status == "created":
+            return False
+        return self._done.wait(timeout)
+
+    # ------------------------------------------------------------ drain
+    def drained_begin(self):
+        """Stop at the next pause point; returns once the job thread is there (or not running)."""
+        with self._cond:
+            self._drain += 1
+            if threading.current_thread() is self._thread:
+                return
+            while self._busy and not self._done.is_set():
+                self._cond.wait()
+
+    def drained_end(self):
+        with self._cond:
+            self._drain -= 1
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ errors
+    def _handle_error(self, e):
+        """Apply the policy to an error of the job's own I/O (job thread). Returns normally for
+        "ignore" and "stop" (after a resume) so the caller retries or skips; raises for "report"."""
+        if self.on_error == "report" or not isinstance(e, BlockError):
+            raise e
+        if self.on_error == "ignore":
+            with self._cond:
+                self.errors_ignored += 1
+                self.last_error = e
+            self.sleep(0.01)        # do not spin on a persistent error
+            return
+        with self._cond:            # stop
+            self.io_error = e
+        self.pause()
+        self.pause_point()
+
+
+# ---------------------------------------------------------------- registry
+
+def list_jobs():
+    """Every job not yet concluded."""
+    with _lock:
+        return [j for j in _jobs.values() if j.status != "concluded"]
+
+
+def get(job_id):
+    """The running job ``job_id``; OptionError if there is none."""
+    with _lock:
+        job = _jobs.get(job_id)
+    if job is None:
+        raise OptionError(f"no job with id '{job_id}'" +
+                          (f" (running: {', '.join(sorted(_jobs))})" if _jobs else ""))
+    return job
+
+
+def wait_all(timeout=None):
+    """Wait until every job concluded; True if all did within ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for job in list_jobs():
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not job.wait(left):
+            return False
+    return True
+
+
+def cancel_all():
+    """Cancel every job and wait for them (used by :func:`pyrep.close_all`)."""
+    jobs = list_jobs()
+    for job in jobs:
+        job.cancel()
+    for job in jobs:
+        job.wait(30)
+
+
+# ---------------------------------------------------------------- I/O helpers
+
+def resolve_node(value, what):
+    """A Node from a Node or a node/backend name."""
+    from ..graph import lookup
+    if isinstance(value, Node):
+        if value.closed:
+            raise OptionError(f"{what}: node '{value.name}' is closed")
+        return value
+    if isinstance(value, str):
+        try:
+            return lookup(value)
+        except OptionError as e:
+            raise OptionError(f"{what}: {e}") from None
+    raise OptionError(f"{what}: expected a Node or a node name, got {value!r}")
+
+
+def _aligned(node, offset, length):
+    a = node.align
+    return not offset & (a - 1) and (not length & (a - 1) or offset + length == node.length)
+
+
+def read_direct(node, offset, length, iov):
+    """Read without registering a tracked request (used inside a write notifier, where a tracked
+    read could wait for the very write that runs the notifier)."""
+    if _aligned(node, offset, length):
+        node._check_access(False)
+        return node.driver.preadv(offset, length, iov)
+    return node.preadv(offset, length, iov)
+
+
+def write_serialising(node, offset, length, iov, flags=0):
+    """Write as a serialising request: wait for overlapping tracked requests (readers of the
+    node included) and hold new ones off until the write is done.
+
+    The node layer does not honour ``REQ_SERIALISING`` in pwritev (yet), so this does what it
+    would: tracked(serialising=True) around the notifiers and the driver call."""
+    if not _aligned(node, offset, length):
+        return node.pwritev(offset, length, iov, flags)
+    node._check_access(True)
+    with node.tracked(offset, length, serialising=True):
+        node._notify_write(offset, length, flags & ~REQ_SERIALISING)
+        return node.driver.pwritev(offset, length, iov, flags & ~REQ_SERIALISING)
+
+
+def move_parents(old, new, keep=()):
+    """Make every parent edge of ``old`` (except those in ``keep`` and those from nodes at or below
+    ``new``, which would make a loop) point at ``new``. All or nothing: on a permission conflict
+    every edge moved back and the error is raised. Returns the moved edges."""
+    moved = []
+    try:
+        for c in list(old.parents):
+            if c in keep:
+                continue
+            if isinstance(c.parent, Node) and _reaches(new, c.parent):
+                continue
+            new.add_parent(c, c.perm, c.shared)
+            old.parents.remove(c)
+            c._bind(new)
+            moved.append(c)
+            if isinstance(c.parent, Node):
+                c.parent._refresh_paths()
+    except BaseException:
+        for c in reversed(moved):
+            if c in new.parents:
+                new.parents.remove(c)
+            c._bind(old)
+            old.parents.append(c)
+        for n in (new, old):
+            try:
+                n.refresh_perms()
+            except Exception:
+                pass
+        raise
+    try:
+        old.refresh_perms()
+    except Exception:
+        pass
+    return moved
+
+
+def check_errno(e):
+    return getattr(e, "errno", None) or errno.EIO

@@ -1,0 +1,327 @@
+"""Backup jobs: copy-before-write (sync=none), full/top copies, policies, job control."""
+import os
+import random
+import threading
+import time
+
+import pytest
+
+import pyrep
+import pyrep.jobs
+from pyrep.driver import BlockDriver
+from pyrep.errors import BlockError, OptionError
+from pyrep.options import Opt
+
+CS = 65536
+SIZE = 4 << 20
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    pyrep.close_all()
+
+
+class SlowFilter(BlockDriver):
+    """A filter that sleeps before each write (makes background jobs slow enough to observe)."""
+    format_name = "slowtest-backup"
+    is_filter = True
+    options = (Opt("file", "child", required=True), Opt("delay", "number", default=0.002))
+
+    def open(self, opts):
+        self.file = self.node.open_child(opts, "file", role="file")
+        self.delay = opts["delay"]
+
+    def pwritev(self, offset, length, iov, flags=0):
+        time.sleep(self.delay)
+        return self.file.pwritev(offset, length, iov, flags)
+
+
+pyrep.register_driver(SlowFilter, clobber=True)
+
+
+def pattern(tag, n=CS):
+    return bytes([tag % 251 + 1]) * n
+
+
+def raw_file(tmp_path, name, size=SIZE, fill=None):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        if fill is None:
+            f.truncate(size)
+        else:
+            for i in range(size // CS):
+                f.write(fill(i))
+    return {"driver": "raw", "file": {"driver": "file", "filename": str(path)}}
+
+
+def counting_target(name="tgt", size=SIZE):
+    """A memory target under a blkdebug whose never-firing rule counts the writes it sees."""
+    node = pyrep.blockdev_add({"driver": "blkdebug", "node-name": name,
+                               "file": {"driver": "memory", "size": size, "node-name": name + "-mem"}})
+    rule = pyrep.inject_error(name, op="write", after=10 ** 12)
+    return node, rule
+
+
+def test_cow_copies_old_data_once_per_cluster(tmp_path):
+    opts = raw_file(tmp_path, "src.raw", fill=lambda i: pattern(i))
+    opts["node-name"] = "src"
+    blk = pyrep.open_backend(opts, share_rw=True)
+    tgt, rule = counting_target()
+    job = pyrep.jobs.backup("src", "tgt", sync="none")
+    assert job.type == "backup" and job.status == "running" and pyrep.jobs.get(job.id) is job
+    touched = set()
+    rng = random.Random(1)
+    for _ in range(200):
+        c = rng.randrange(SIZE // CS)
+        off = c * CS + rng.randrange(CS - 100)
+        blk.pwrite(off, b"N" * 100)
+        touched.add(c)
+    blk.pwrite_zeroes(10 * CS, 2 * CS)
+    touched |= {10, 11}
+    assert rule.seen == len(touched) == job.clusters_copied
+    for c in range(SIZE // CS):
+        got = tgt.pread(c * CS, CS)
+        assert got == (pattern(c) if c in touched else bytes(CS)), c
+    assert job.progress == (len(touched) * CS, SIZE)
+    # a new checkpoint interval: the next write copies again (what the source held then)
+    cur = blk.pread(3 * CS, CS)
+    job.do_checkpoint()
+    assert job.progress == (0, SIZE)
+    blk.pwrite(3 * CS, b"X" * CS)
+    blk.pwrite(3 * CS, b"Y" * CS)
+    assert rule.seen == len(touched) + 1
+    assert tgt.pread(3 * CS, CS) == cur
+    job.cancel(sync=True)
+    assert job.status == "concluded" and job.cancelled and job.error is None
+    assert job not in pyrep.jobs.list()
+    # the job let go of its nodes
+    assert all(c.parent is not job for c in blk.node.parents + tgt.parents)
+    blk.pwrite(4 * CS, b"Z")
+    assert rule.seen == len(touched) + 1
+
+
+def test_cow_write_unchanged_and_discard(tmp_path):
+    blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
+    blk.pwrite(0, pattern(7, SIZE))
+    tgt, rule = counting_target()
+    job = pyrep.jobs.backup("src", tgt, sync="none")
+    blk.pwrite(0, pattern(7, CS), flags=pyrep.constants.REQ_WRITE_UNCHANGED)
+    assert rule.seen == 0
+    blk.pwrite(CS * 5 + 1, b"q")
+    assert rule.seen == 1 and tgt.pread(5 * CS, CS) == pattern(7)
+    job.cancel(sync=True)
+
+
+def test_concurrent_writers_and_overlay_readers(tmp_path):
+    """Replication's secondary: readers through active -> hidden (target) -> secondary disk
+    (source) see the checkpoint content of every cluster while writes hit the source."""
+    nclusters = 32
+    size = nclusters * CS
+    opts = raw_file(tmp_path, "sec.raw", size=size, fill=lambda i: pattern(i))
+    opts["node-name"] = "secondary"
+    sec = pyrep.open_backend(opts, share_rw=True)
+    pyrep.blockdev_add({"driver": "memory", "node-name": "hidden", "backing": "secondary"})
+    active = pyrep.open_backend({"driver": "memory", "node-name": "active", "backing": "hidden"}, share_rw=True)
+    job = pyrep.jobs.backup("secondary", "hidden", sync="none")
+    stop = threading.Event()
+    errors = []
+    writes = [0]
+
+    def writer(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            c = rng.randrange(nclusters)
+            if rng.random() < 0.5:
+                sec.pwrite(c * CS, pattern(100 + seed, CS))
+            else:
+                sec.pwrite(c * CS + rng.randrange(CS // 2), pattern(150 + seed, rng.randrange(1, CS // 2)))
+            writes[0] += 1
+
+    def reader(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            c = rng.randrange(nclusters)
+            n = rng.randrange(1, 4)
+            n = min(n, nclusters - c)
+            data = active.pread(c * CS, n * CS)
+            for k in range(n):
+                if data[k * CS:(k + 1) * CS] != pattern(c + k):
+                    errors.append((c + k, set(data[k * CS:(k + 1) * CS])))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    threads += [threading.Thread(target=reader, args=(10 + i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert writes[0] > 50
+    assert job.clusters_copied <= nclusters
+    for c in range(nclusters):
+        assert active.pread(c * CS, CS) == pattern(c)
+    job.cancel(sync=True)
+
+
+def _snapshot_source(tmp_path, name):
+    opts = raw_file(tmp_path, name, fill=lambda i: pattern(i * 7))
+    opts["node-name"] = "src"
+    return pyrep.open_backend(opts, share_rw=True)
+
+
+def test_full_backup_is_point_in_time_with_concurrent_writes(tmp_path):
+    blk = _snapshot_source(tmp_path, "full.raw")
+    before = blk.pread(0, SIZE)
+    topts = raw_file(tmp_path, "full-tgt.raw")
+    topts["node-name"] = "tgt-raw"
+    pyrep.blockdev_add({"driver": "slowtest-backup", "node-name": "tgt", "delay": 0.001, "file": topts})
+    done = []
+    job = pyrep.jobs.backup("src", "tgt", sync="full", cluster_size=CS, on_complete=done.append)
+    rng = random.Random(3)
+    while job.status != "concluded":
+        blk.pwrite(rng.randrange(SIZE - 5000), os.urandom(5000))
+    assert job.wait(10) and job.error is None and not job.cancelled
+    assert done == [job]
+    assert job.progress == (SIZE, SIZE)
+    assert pyrep.lookup("tgt").pread(0, SIZE) == before
+    late = []
+    job.add_callback(late.append)
+    assert late == [job]
+
+
+def test_top_backup_copies_only_the_top_layer(tmp_path):
+    base = raw_file(tmp_path, "base.raw", fill=lambda i: pattern(i))
+    base["node-name"] = "base"
+    pyrep.blockdev_add(base)
+    top = pyrep.open_backend({"driver": "memory", "node-name": "top", "backing": "base"}, share_rw=True)
+    written = {1, 5, 6, 40}
+    for c in written:
+        top.pwrite(c * CS, pattern(200 + c))
+    tgt = pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "tgt"})
+    job = pyrep.jobs.backup("top", "tgt", sync="top")
+    assert job.wait(10) and job.error is None
+    for c in range(SIZE // CS):
+        assert tgt.pread(c * CS, CS) == (pattern(200 + c) if c in written else bytes(CS)), c
+    assert job.clusters_copied == len(written)
+
+
+def test_cow_error_report_ends_job_guest_write_proceeds():
+    blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
+    blk.pwrite(0, pattern(1, SIZE))
+    counting_target()
+    seen = []
+    job = pyrep.jobs.backup("src", "tgt", on_complete=seen.append)
+    pyrep.inject_error("tgt", op="write", errno="ENOSPC")
+    blk.pwrite(0, b"new")
+    assert blk.pread(0, 3) == b"new"
+    assert job.wait(5)
+    assert job.status == "concluded" and isinstance(job.error, BlockError) and not job.cancelled
+    assert seen == [job]
+    assert not blk.node._write_notifiers
+
+
+def test_cow_error_ignore_skips_cluster():
+    blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
+    blk.pwrite(0, pattern(1, SIZE))
+    tgt, _ = counting_target()
+    job = pyrep.jobs.backup("src", "tgt", on_error="ignore")
+    pyrep.inject_error("tgt", op="write", once=True)
+    blk.pwrite(0, b"new")
+    blk.pwrite(1, b"again")
+    blk.pwrite(CS, b"ok")
+    assert job.status == "running" and job.errors_ignored == 1 and job.error is None
+    assert tgt.pread(CS, CS) == pattern(1) and tgt.pread(0, CS) == bytes(CS)
+    job.cancel(sync=True)
+
+
+def test_cow_error_stop_fails_write_and_pauses():
+    blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
+    blk.pwrite(0, pattern(1, SIZE))
+    tgt, _ = counting_target()
+    job = pyrep.jobs.backup("src", "tgt", on_error="stop")
+    pyrep.inject_error("tgt", op="write")
+    with pytest.raises(BlockError):
+        blk.pwrite(0, b"new")
+    assert blk.pread(0, 1) == pattern(1, 1)
+    assert job.status == "paused" and isinstance(job.io_error, BlockError)
+    pyrep.clear_errors("tgt")
+    job.resume()
+    assert job.status == "running" and job.io_error is None
+    blk.pwrite(0, b"new")
+    assert tgt.pread(0, CS) == pattern(1)
+    job.cancel(sync=True)
+
+
+def test_background_error_report_and_stop(tmp_path):
+    blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
+    blk.pwrite(0, pattern(9, SIZE))
+    tgt, _ = counting_target()
+    pyrep.inject_error("tgt", op="write", offset=2 * CS, length=1)
+    job = pyrep.jobs.backup("src", "tgt", sync="full")
+    assert job.wait(10) and isinstance(job.error, BlockError)
+    job = pyrep.jobs.backup("src", "tgt", sync="full", on_error="stop")
+    deadline = time.monotonic() + 5
+    while job.io_error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job.status == "paused" and job.io_error is not None
+    pyrep.clear_errors("tgt")
+    job.resume()
+    assert job.wait(10) and job.error is None
+    assert tgt.pread(0, SIZE) == pattern(9, SIZE)
+
+
+def test_pause_resume_cancel_progress(tmp_path):
+    blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
+    blk.pwrite(0, pattern(3, SIZE))
+    pyrep.blockdev_add({"driver": "slowtest-backup", "node-name": "tgt", "delay": 0.01,
+                        "file": {"driver": "memory", "size": SIZE}})
+    job = pyrep.jobs.backup("src", "tgt", sync="full", cluster_size=CS)
+    job.pause()
+    assert job.status == "paused"
+    deadline = time.monotonic() + 5
+    while not job.paused and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p1 = job.progress
+    time.sleep(0.1)
+    assert job.progress == p1 and p1[0] < SIZE
+    job.resume()
+    assert job.status == "running"
+    deadline = time.monotonic() + 5
+    while job.progress[0] == p1[0] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert job.progress[0] > p1[0]
+    # drain stops it at a pause point too
+    with pyrep.drained(blk.node):
+        assert job.paused
+        p2 = job.progress
+        time.sleep(0.05)
+        assert job.progress == p2
+    job.cancel(sync=True)
+    assert job.status == "concluded" and job.cancelled and job.error is None
+    assert job.progress[0] < SIZE
+
+
+def test_registry_ids_and_validation(tmp_path):
+    pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "src"})
+    pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "tgt"})
+    pyrep.blockdev_add({"driver": "memory", "size": SIZE // 2, "node-name": "small"})
+    job = pyrep.jobs.backup("src", "tgt", job_id="bk")
+    assert pyrep.jobs.get("bk") is job and job.id == "bk"
+    pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "other"})
+    pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "other-tgt"})
+    with pytest.raises(OptionError, match="already exists"):
+        pyrep.jobs.backup("other", "other-tgt", job_id="bk")
+    with pytest.raises(pyrep.PermissionConflict):
+        pyrep.jobs.backup("src", "tgt")          # backup-source is blocked by the first job
+    with pytest.raises(OptionError):
+        pyrep.jobs.backup("tgt", "small")
+    with pytest.raises(OptionError):
+        pyrep.jobs.backup("tgt", "src", sync="bogus")
+    with pytest.raises(OptionError):
+        pyrep.jobs.get("nope")
+    assert pyrep.jobs.list() == [job]
+    pyrep.close_all()
+    assert job.status == "concluded" and job.cancelled
+    assert pyrep.jobs.list() == []
