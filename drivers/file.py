@@ -13,8 +13,9 @@ import stat
 import struct
 
 from pyrep._core import fileio
+from pyrep._core.fastpath import FileIO
 from pyrep.constants import (BS_ALLOCATED, BS_DATA, BS_OFFSET_VALID, BS_ZERO, PERM_CONSISTENT_READ, PERM_NAMES,
-                             PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_FUA, REQ_MAY_UNMAP)
+                             PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP)
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError, PermissionConflict
 from pyrep.options import Opt
@@ -75,13 +76,22 @@ class FileDriver(BlockDriver):
             os.close(self.fd)
             raise BlockError(errno.EISDIR, f"file: '{path}' is a directory", path)
         self._blockdev = stat.S_ISBLK(st.st_mode)
-        self._size = os.lseek(self.fd, 0, os.SEEK_END) if self._blockdev else st.st_size
+        size = os.lseek(self.fd, 0, os.SEEK_END) if self._blockdev else st.st_size
         self.locking = opts["locking"] != "off"
         self._locked_perm, self._locked_shared = 0, (1 << 5) - 1
         self._new_fd = None
-        # hot paths bound once
-        self._pread = fileio.preadv
-        self._pwrite = fileio.pwritev
+        # the request path is Cython: reads and writes go straight to FileIO
+        self._io = FileIO(self.fd, self.path, size)
+        self.preadv = self._io.preadv
+        self.pwritev = self._io.pwritev
+
+    @property
+    def _size(self):
+        return self._io.size
+
+    @_size.setter
+    def _size(self, value):
+        self._io.size = value
 
     def _open_fd(self, read_only):
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -94,33 +104,12 @@ class FileDriver(BlockDriver):
     def close(self):
         if self.fd >= 0:
             os.close(self.fd)  # drops the OFD locks with it
-            self.fd = -1
+            self.fd = self._io.fd = -1
 
     def getlength(self):
         return self._size
 
     # ------------------------------------------------------------------ I/O
-    def preadv(self, offset, length, iov):
-        try:
-            n = self._pread(self.fd, iov, offset)
-        except OSError as e:
-            raise BlockError(e.errno, f"file: read of {length} bytes at {offset} failed: {e.strerror}",
-                             self.path) from None
-        if n < length:
-            iov.memset(n, 0, length - n)  # past EOF reads as zeroes
-
-    def pwritev(self, offset, length, iov, flags=0):
-        try:
-            self._pwrite(self.fd, iov, offset)
-        except OSError as e:
-            raise BlockError(e.errno, f"file: write of {length} bytes at {offset} failed: {e.strerror}",
-                             self.path) from None
-        end = offset + length
-        if end > self._size:
-            self._size = end
-        if flags & REQ_FUA:
-            self.flush()
-
     def pwrite_zeroes(self, offset, length, flags=0):
         end = offset + length
         if offset >= self._size:
@@ -194,6 +183,7 @@ class FileDriver(BlockDriver):
 
     def reopen_commit(self):
         old, self.fd, self._new_fd = self.fd, self._new_fd, None
+        self._io.fd = self.fd
         os.close(old)
 
     def reopen_abort(self):

@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from . import graph
+from ._core.fastpath import BackendCore
 from ._core.iovec import IOVector
 from .constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
                         REQ_MAY_UNMAP, perm_from)
@@ -36,23 +37,20 @@ def _pool():
     return _executor
 
 
-class BlockBackend:
+class BlockBackend(BackendCore):
     """A handle on a root node. Use :func:`open_backend` to make one."""
 
     def __init__(self, node, name=None, read_only=False, perm=None, shared=None):
         self.name = name
-        self.read_only = read_only or node.read_only
+        read_only = read_only or node.read_only
         if perm is None:
-            perm = PERM_CONSISTENT_READ if self.read_only else PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE
+            perm = PERM_CONSISTENT_READ if read_only else PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE
         if shared is None:
             shared = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
-        self._lock = threading.Condition()
-        self._in_flight = 0
-        self._quiesce = 0
-        self._closed = False
-        self._root = Child(self, node, "root")
-        node.add_parent(self._root, perm_from(perm), perm_from(shared))
-        self._node = node
+        root = Child(self, node, "root")
+        self._init_core(None, threading.Condition(), read_only)
+        node.add_parent(root, perm_from(perm), perm_from(shared))
+        self._root = root
 
     # --------------------------------------------------------- identity
     @property
@@ -81,106 +79,31 @@ class BlockBackend:
         """Change what this backend takes and shares (names or masks); refused on conflict."""
         self.node.update_parent_perm(self._root, perm_from(perm), perm_from(shared))
 
-    # ---------------------------------------------------- request gate
-    def _enter(self):
-        lock = self._lock
-        with lock:
-            while self._quiesce:
-                lock.wait()
-            if self._closed:
-                raise BlockError(errno.EBADF, f"{self.describe()} is closed")
-            self._in_flight += 1
-
-    def _leave(self):
-        lock = self._lock
-        with lock:
-            self._in_flight -= 1
-            if self._quiesce and not self._in_flight:
-                lock.notify_all()
-
-    def _check(self, offset, length, write=False):
-        if self._closed:
-            raise BlockError(errno.EBADF, f"{self.describe()} is closed")
-        if offset < 0 or length < 0:
-            raise BlockError(errno.EINVAL, f"{self.describe()}: negative offset or length ({offset}, {length})")
-        size = self._root.node.length
-        if offset + length > size:
-            raise BlockError(errno.EINVAL, f"{self.describe()}: request [{offset}, {offset + length}) is beyond "
-                                           f"the end of the disk ({size} bytes)")
-        if write and self.read_only:
-            raise BlockError(errno.EPERM, f"{self.describe()} is read-only")
-
-    # --------------------------------------------------------- sync I/O
-    def pread(self, offset, length):
-        """``length`` bytes at ``offset``; out of range → BlockError(EINVAL)."""
-        buf = bytearray(length)
-        self.preadv(offset, IOVector(buf))
-        return bytes(buf)
-
-    def preadv(self, offset, iov):
-        """Read ``iov.size`` bytes at ``offset`` into the vector (zero-copy)."""
-        length = iov.size
-        self._check(offset, length)
-        if length == 0:
-            return
-        self._enter()
-        try:
-            self._root.preadv(offset, length, iov)
-        finally:
-            self._leave()
-
-    def pwrite(self, offset, data, flags=0):
-        """Write any bytes-like ``data`` at ``offset``."""
-        self.pwritev(offset, data if isinstance(data, IOVector) else IOVector(data), flags)
-
-    def pwritev(self, offset, iov, flags=0):
-        length = iov.size
-        self._check(offset, length, True)
-        if length == 0:
-            return
-        self._enter()
-        try:
-            self._root.pwritev(offset, length, iov, flags)
-        finally:
-            self._leave()
+    # ------------------------------------------------------------ I/O
+    # pread, preadv, pwrite and pwritev are BackendCore's (Cython): bounds
+    # check against a cached length, in-flight count, one call into the root.
 
     def pwrite_zeroes(self, offset, length, flags=0, may_unmap=False):
-        self._check(offset, length, True)
+        """Make the range read as zeroes (``may_unmap``: it may be deallocated)."""
         if may_unmap:
             flags |= REQ_MAY_UNMAP
-        self._enter()
-        try:
-            self._root.node.pwrite_zeroes(offset, length, flags)
-        finally:
-            self._leave()
+        self._call(offset, length, True, self._root.node.pwrite_zeroes, offset, length, flags)
 
     def pdiscard(self, offset, length):
-        self._check(offset, length, True)
-        self._enter()
-        try:
-            self._root.node.pdiscard(offset, length)
-        finally:
-            self._leave()
+        """Discard the range (a hint; honoured when the root was opened with discard=unmap)."""
+        self._call(offset, length, True, self._root.node.pdiscard, offset, length)
 
     def flush(self):
-        if self._closed:
-            raise BlockError(errno.EBADF, f"{self.describe()} is closed")
-        self._enter()
-        try:
-            self._root.node.flush()
-        finally:
-            self._leave()
+        """Make every completed write stable."""
+        self._call(0, 0, False, self._root.node.flush)
 
     def truncate(self, length):
-        self._check(0, 0, True)
-        self._enter()
-        try:
-            self._root.node.truncate(length)
-        finally:
-            self._leave()
+        """Resize the disk (grow or shrink, as the driver allows)."""
+        self._call(0, 0, True, self._root.node.truncate, length)
 
     def block_status(self, offset, length):
-        self._check(offset, length)
+        """:class:`~pyrep.node.BlockStatus` of the range's first extent."""
+        self._check_request(offset, length)
         return self._root.node.block_status(offset, length)
 
     # -------------------------------------------------------- async I/O
@@ -215,7 +138,7 @@ class BlockBackend:
         with self._lock:
             self._quiesce += 1
             while self._in_flight:
-                self._lock.wait()
+                self._lock.wait(0.5)
 
     def drained_end(self):
         with self._lock:

@@ -66,6 +66,7 @@ def open_node(options, prefix="", inherit=None):
         if node.filename is None and node.file is not None:
             node.filename = node.file.filename
         node.set_align(max(node.align, node.driver.request_alignment))
+        node.bind_driver()
     except BaseException:
         node.close()
         raise

@@ -17,6 +17,7 @@ import threading
 from collections import namedtuple
 from contextlib import contextmanager
 
+from ._core.fastpath import NodeIO, bump_length_epoch
 from ._core.iovec import IOVector
 from .constants import (BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_RECURSE, BS_ZERO, PERM_ALL,
                         PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP, perm_names)
@@ -44,6 +45,8 @@ class Child:
         self._bind(node)
 
     def _bind(self, node):
+        if self.node is not None:
+            bump_length_epoch()  # a backend's root may now be a node of another length
         self.node = node
         # the two hottest calls skip one Python frame
         self.preadv = node.preadv
@@ -84,7 +87,7 @@ class Child:
         return f"<Child {self.role} -> {self.node.name if self.node else None}>"
 
 
-class Node:
+class Node(NodeIO):
     """A node of the block graph; see the module docstring for its I/O layer."""
 
     def __init__(self, name, drv, opts, auto_named=False, prefix=""):
@@ -110,8 +113,7 @@ class Node:
         self._tracked = []
         self._track_users = 0
         self._track_cond = threading.Condition()
-        self._rslow = False
-        self._wslow = True
+        self._ops_bound = False
         self._refresh_paths()
 
     # ------------------------------------------------------------- naming
@@ -292,7 +294,8 @@ class Node:
     # --------------------------------------------------------- I/O layer
     def _refresh_paths(self):
         """Recompute the fast-path flags after a state change."""
-        slow = self.closed or self.inactive or self.align > 1 or self._track_users > 0
+        slow = (self.closed or self.inactive or self.align > 1 or self._track_users > 0
+                or not self._ops_bound)
         self._rslow = slow
         self._wslow = (slow or self.read_only or bool(self._write_notifiers) or self.detect_zeroes != "off")
 
@@ -304,10 +307,8 @@ class Node:
         if write and self.read_only:
             raise BlockError(errno.EPERM, f"node '{self.name}' is read-only")
 
-    def preadv(self, offset, length, iov, flags=0):
-        """Read ``length`` bytes at ``offset`` into ``iov``."""
-        if not self._rslow and length > 0 and offset >= 0:
-            return self.driver.preadv(offset, length, iov)
+    # preadv/pwritev are NodeIO's (Cython) fast paths; they call these when a flag says so
+    def _preadv_slow(self, offset, length, iov):
         if length <= 0 or offset < 0:
             if length == 0 and offset >= 0:
                 return
@@ -318,12 +319,6 @@ class Node:
             return self._preadv_padded(offset, length, iov)
         with self.tracked(offset, length):
             return self.driver.preadv(offset, length, iov)
-
-    def pwritev(self, offset, length, iov, flags=0):
-        """Write ``iov`` (``length`` bytes) at ``offset``."""
-        if not self._wslow and length > 0 and offset >= 0:
-            return self.driver.pwritev(offset, length, iov, flags)
-        return self._pwritev_slow(offset, length, iov, flags)
 
     def _pwritev_slow(self, offset, length, iov, flags):
         if length <= 0 or offset < 0:
@@ -428,8 +423,10 @@ class Node:
     def truncate(self, length):
         self._check_access(True)
         self.check_op("resize")
-        result = self.driver.truncate(length)
-        return result
+        try:
+            return self.driver.truncate(length)
+        finally:
+            bump_length_epoch()
 
     def make_empty(self):
         """Drop this layer's data (overlays: active/hidden disks at a checkpoint)."""
@@ -536,6 +533,12 @@ class Node:
             for child in list(self.children.values()):
                 self.detach_child(child)
             graph._forget_node(self)
+
+    def bind_driver(self):
+        """Called once the driver is open: requests may now take the fast path."""
+        self._bind_driver_ops(self.driver)
+        self._ops_bound = True
+        self._refresh_paths()
 
     def set_read_only_flag(self, read_only):
         self.read_only = read_only

@@ -1,0 +1,280 @@
+# cython: language_level=3
+"""The request path in C: the backend's gate, the node layer's fast path, file I/O.
+
+Python classes build on these bases (``BlockBackend(BackendCore)``,
+``Node(NodeIO)``) and keep every slow or rare case in readable Python: the
+fast path here is only what a common request needs — a bounds check against
+a cached length, an in-flight count, and one call per layer.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.buffer cimport PyBUF_WRITABLE
+from libc.string cimport memset
+
+cdef extern from "unistd.h" nogil:
+    int fdatasync(int fd)
+
+cdef enum:
+    REQ_FUA = 0x1  # pyrep.constants.REQ_FUA
+from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM
+
+from pyrep._core.iovec cimport IOVector
+from pyrep._core.fileio cimport _xfer_one, _xfer_vec
+
+import errno as _errno
+
+from pyrep.errors import BlockError
+
+# Bumped by every resize anywhere in the graph (and by graph changes that can
+# change a length), so backends know when their cached length is stale.
+cdef long long _length_epoch = 0
+
+
+def bump_length_epoch():
+    """Tell every backend that some node's length may have changed."""
+    global _length_epoch
+    _length_epoch += 1
+
+
+cdef class _WritableBytes:
+    """Exports a fresh, unshared bytes object's storage as a writable buffer,
+    so ``pread`` can read straight into the bytes it returns (no copy)."""
+    cdef object obj
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        view.buf = PyBytes_AS_STRING(self.obj)
+        view.len = len(self.obj)
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = NULL
+        view.ndim = 1
+        view.shape = NULL
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+        view.obj = self
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+cdef class NodeIO:
+    """Base of ``pyrep.node.Node``: the read/write fast path.
+
+    ``_rslow``/``_wslow`` are set by the Python side whenever a request may
+    need more than a straight call into the driver (closed, inactive,
+    read-only, alignment, write notifiers, tracking); the slow paths are
+    Python methods ``_preadv_slow``/``_pwritev_slow``."""
+    cdef public bint _rslow
+    cdef public bint _wslow
+    cdef object _drv_preadv
+    cdef object _drv_pwritev
+
+    def _bind_driver_ops(self, driver):
+        """Cache the driver's read/write callables (after open, which may replace them)."""
+        self._drv_preadv = driver.preadv
+        self._drv_pwritev = driver.pwritev
+
+    cpdef preadv(self, long long offset, long long length, iov, int flags=0):
+        """Read ``length`` bytes at ``offset`` into ``iov``."""
+        if not self._rslow and length > 0 and offset >= 0:
+            return self._drv_preadv(offset, length, iov)
+        return self._preadv_slow(offset, length, iov)
+
+    cpdef pwritev(self, long long offset, long long length, iov, int flags=0):
+        """Write ``iov`` (``length`` bytes) at ``offset``."""
+        if not self._wslow and length > 0 and offset >= 0:
+            return self._drv_pwritev(offset, length, iov, flags)
+        return self._pwritev_slow(offset, length, iov, flags)
+
+
+cdef class BackendCore:
+    """Base of ``pyrep.backend.BlockBackend``: bounds checks and the request gate.
+
+    The in-flight count is a C field changed with the GIL held, so it needs
+    no lock; only draining (``_quiesce``) takes the condition variable."""
+    cdef public object _root            # Child to the root node
+    cdef public object _lock            # threading.Condition, for drain
+    cdef public long _in_flight
+    cdef public int _quiesce
+    cdef public bint _closed
+    cdef public bint read_only
+    cdef long long _length
+    cdef long long _epoch
+
+    def _init_core(self, root, lock, bint read_only):
+        self._root = root
+        self._lock = lock
+        self.read_only = read_only
+        self._epoch = -1
+
+    cdef inline int _check(self, long long offset, long long length, bint write) except -1:
+        if self._closed:
+            raise BlockError(EBADF, f"{self.describe()} is closed")
+        if offset < 0 or length < 0:
+            raise BlockError(EINVAL, f"{self.describe()}: negative offset or length ({offset}, {length})")
+        if self._epoch != _length_epoch or offset + length > self._length:
+            self._length = self._root.node.length
+            self._epoch = _length_epoch
+            if offset + length > self._length:
+                raise BlockError(EINVAL, f"{self.describe()}: request [{offset}, {offset + length}) is beyond "
+                                         f"the end of the disk ({self._length} bytes)")
+        if write and self.read_only:
+            raise BlockError(EPERM, f"{self.describe()} is read-only")
+        return 0
+
+    cdef inline int _enter(self) except -1:
+        if self._quiesce or self._closed:
+            self._wait_unquiesced()
+        self._in_flight += 1
+        return 0
+
+    cdef inline void _leave(self):
+        self._in_flight -= 1
+        if self._quiesce and self._in_flight == 0:
+            self._wake_drainer()
+
+    def _wait_unquiesced(self):
+        lock = self._lock
+        with lock:
+            while self._quiesce:
+                lock.wait(0.5)
+        if self._closed:
+            raise BlockError(EBADF, f"{self.describe()} is closed")
+
+    def _wake_drainer(self):
+        with self._lock:
+            self._lock.notify_all()
+
+    def _check_request(self, long long offset, long long length, bint write=False):
+        self._check(offset, length, write)
+
+    cpdef bytes pread(self, long long offset, long long length):
+        """``length`` bytes at ``offset``; out of range → BlockError(EINVAL)."""
+        self._check(offset, length, False)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, length)
+        if length == 0:
+            return out
+        cdef _WritableBytes holder = _WritableBytes.__new__(_WritableBytes)
+        holder.obj = out
+        cdef IOVector iov = IOVector(holder)
+        self._enter()
+        try:
+            self._root.preadv(offset, length, iov)
+        finally:
+            self._leave()
+        return out
+
+    cpdef preadv(self, long long offset, IOVector iov):
+        """Read ``iov.size`` bytes at ``offset`` into the vector (zero-copy)."""
+        cdef long long length = iov.nbytes
+        self._check(offset, length, False)
+        if length == 0:
+            return
+        self._enter()
+        try:
+            self._root.preadv(offset, length, iov)
+        finally:
+            self._leave()
+
+    cpdef pwritev(self, long long offset, IOVector iov, int flags=0):
+        """Write the vector at ``offset``."""
+        cdef long long length = iov.nbytes
+        self._check(offset, length, True)
+        if length == 0:
+            return
+        self._enter()
+        try:
+            self._root.pwritev(offset, length, iov, flags)
+        finally:
+            self._leave()
+
+    cpdef pwrite(self, long long offset, data, int flags=0):
+        """Write any bytes-like ``data`` at ``offset``."""
+        cdef IOVector iov = data if isinstance(data, IOVector) else IOVector(data)
+        self.pwritev(offset, iov, flags)
+
+    def _call(self, long long offset, long long length, bint write, fn, *args):
+        """Run ``fn(*args)`` as a request on ``[offset, offset+length)`` (checks, gate)."""
+        self._check(offset, length, write)
+        self._enter()
+        try:
+            return fn(*args)
+        finally:
+            self._leave()
+
+
+cdef class FileIO:
+    """The file driver's read and write: one syscall from the request's vector, GIL released.
+
+    Reads past EOF fill the rest with zeroes; errors raise BlockError with the errno."""
+    cdef public int fd
+    cdef public str path
+    cdef public long long size
+
+    def __init__(self, int fd, str path, long long size):
+        self.fd = fd
+        self.path = path
+        self.size = size
+
+    cpdef preadv(self, long long offset, long long length, IOVector iov):
+        cdef Py_ssize_t done = 0, r
+        cdef int err = 0
+        if not iov.all_writable:
+            raise BlockError(EINVAL, "file: read into a read-only buffer")
+        iov.c_pin()
+        try:
+            done = _xfer(self.fd, iov, offset, False, &err)
+        finally:
+            iov.c_unpin()
+        if err:
+            raise BlockError(err, f"file: read of {length} bytes at {offset} failed: {_strerror(err)}", self.path)
+        if done < length:
+            _zero_tail(iov, done)
+        return None
+
+    cpdef pwritev(self, long long offset, long long length, IOVector iov, int flags=0):
+        cdef Py_ssize_t done
+        cdef int err = 0
+        iov.c_pin()
+        try:
+            done = _xfer(self.fd, iov, offset, True, &err)
+        finally:
+            iov.c_unpin()
+        if err:
+            raise BlockError(err, f"file: write of {length} bytes at {offset} failed: {_strerror(err)}", self.path)
+        if offset + length > self.size:
+            self.size = offset + length
+        if flags & REQ_FUA:
+            with nogil:
+                err = fdatasync(self.fd) and c_errno
+            if err:
+                raise BlockError(err, f"file: flush after FUA write failed: {_strerror(err)}", self.path)
+        return None
+
+
+cdef str _strerror(int err):
+    import os
+    return os.strerror(err)
+
+
+cdef void _zero_tail(IOVector iov, Py_ssize_t done):
+    cdef Py_ssize_t i = 0
+    cdef size_t skip = done, elen
+    for i in range(iov.n):
+        elen = iov.iov[i].iov_len
+        if skip >= elen:
+            skip -= elen
+            continue
+        memset(<char *>iov.iov[i].iov_base + skip, 0, elen - skip)
+        skip = 0
+
+
+cdef Py_ssize_t _xfer(int fd, IOVector iov, long long offset, bint write, int *err):
+    """Move the whole vector with the GIL released; bytes done (short reads at EOF), ``err`` set on failure."""
+    cdef Py_ssize_t r
+    with nogil:
+        if iov.n == 1:
+            r = _xfer_one(fd, <char *>iov.iov[0].iov_base, iov.iov[0].iov_len, offset, write, err)
+        else:
+            r = _xfer_vec(fd, iov.iov, iov.n, offset, write, err)
+    return r
