@@ -49,3 +49,30 @@ class TestBlkdebugAlignedConformance(Conformance):
 class TestNullConformance(Conformance):
     stores_data = False
     make = staticmethod(lambda tmp, size: {"driver": "null", "size": size})
+
+
+def _qcow2(tmp_path, disk_size, **create):
+    import pyrep
+    path = tmp_path / "disk.qcow2"
+    if not path.exists():
+        pyrep.create_image(str(path), "qcow2", disk_size, **create)
+    return {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}}
+
+
+class TestQcow2Conformance(Conformance):
+    make = staticmethod(_qcow2)
+
+
+class TestQcow2SmallClusterV2Conformance(Conformance):
+    make = staticmethod(lambda tmp, size: _qcow2(tmp, size, cluster_size=512, compat="0.10"))
+
+
+def _qcow2_over_memory(tmp_path, disk_size):
+    opts = _qcow2(tmp_path, disk_size)
+    opts["backing"] = {"driver": "memory", "size": disk_size}  # the backing given as options overrides the header
+    return opts
+
+
+class TestQcow2OverlayConformance(Conformance):
+    persistent = False  # its backing lives in RAM
+    make = staticmethod(_qcow2_over_memory)
