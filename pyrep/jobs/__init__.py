@@ -10,8 +10,10 @@ life cycle, error policies and drain, and each module for its semantics.
 """
 from . import job
 from .backup import BackupJob, backup
+from .commit import CommitJob, commit
 from .job import Job, cancel_all, get, list_jobs, wait_all
+from .mirror import MirrorJob, mirror
 
-__all__ = ["Job", "BackupJob", "backup", "list", "get", "wait_all", "cancel_all", "job"]
+__all__ = ["Job", "BackupJob", "backup", "CommitJob", "commit", "MirrorJob", "mirror", "list", "get", "wait_all", "cancel_all", "job"]
 
 list = list_jobs  # noqa: A001 - pyrep.jobs.list() is the documented name
