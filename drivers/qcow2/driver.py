@@ -829,7 +829,8 @@ class Qcow2Driver(BlockDriver):
                 l1i = c >> self._l2_bits
                 t, _ = self._l2_table(l1i, alloc=False)
                 stop = min(cend, (l1i + 1) << self._l2_bits)
-                if t is None and self._reads_zero_unalloc(c << cb, (stop - c) << cb):
+                if t is None and ((discard and self.version == 2)
+                                  or self._reads_zero_unalloc(c << cb, (stop - c) << cb)):
                     c = stop
                     continue
                 if t is None and self.version == 2:

@@ -365,14 +365,16 @@ def build_header_cluster0(version, cluster_bits, size, l1_size, l1_off, rt_off, 
     exts = b""
     if backing_fmt:
         exts += _ext(EXT_BACKING_FORMAT, backing_fmt.encode())
+    hlen = V2_HEADER_LEN if version == 2 else V3_HEADER_LEN_WRITTEN
+    bname = backing_file.encode() if backing_file else b""
     if version == 3:
         table = b""
         for (kind, bit), name in sorted(FEATURE_NAMES.items()):
             table += bytes([kind, bit]) + name.encode().ljust(46, b"\0")
-        exts += _ext(EXT_FEATURE_TABLE, table)
-    hlen = V2_HEADER_LEN if version == 2 else V3_HEADER_LEN_WRITTEN
+        ft = _ext(EXT_FEATURE_TABLE, table)
+        if hlen + len(exts) + len(ft) + 8 + len(bname) <= cs:   # optional: only when it fits (512 B clusters)
+            exts += ft
     exts += b"\0" * 8
-    bname = backing_file.encode() if backing_file else b""
     if len(bname) > MAX_BACKING_NAME:
         raise OptionError(f"qcow2: backing file name too long ({len(bname)} bytes, max {MAX_BACKING_NAME})")
     bf_off = hlen + len(exts) if bname else 0
