@@ -37,6 +37,7 @@ from .job import Job, _Cancelled, move_parents, resolve_node
 __all__ = ["MirrorJob", "mirror"]
 
 CHUNK = 1 << 20
+CONVERGED = 1 << 20       # dirty bytes left that count as "in sync" (copied under drain at completion)
 GRANULARITY = 65536
 
 
@@ -176,24 +177,36 @@ class MirrorJob(Job):
 
     def run(self):
         self._init_dirty()
+        with self._dlock:
+            initial = self._dirty.count()
         ready = False
         while True:
             self.pause_point()
             if self._complete_requested:
                 break
-            try:
-                progressed = self._copy_one()
-            except BlockError as e:
-                self._handle_error(e)
+            with self._dlock:
+                left = self._dirty.count()
+            # before "ready": copy until clean, or nearly clean once the first pass is done
+            if left > CONVERGED or (left and not ready and self._copied < initial):
+                try:
+                    self._copy_one()
+                except BlockError as e:
+                    self._handle_error(e)
                 continue
-            if progressed:
-                continue
+            # (nearly) in sync: what is left is copied under drain at completion, so writers
+            # that keep dirtying ranges cannot keep the job from converging
             if not ready:
                 ready = True
                 self._became_ready()
             if self.auto_complete:
                 break
-            self.sleep(0.05)
+            if left:
+                try:
+                    self._copy_one()
+                except BlockError as e:
+                    self._handle_error(e)
+            else:
+                self.sleep(0.05)
         self._converge()
 
     def _converge(self):

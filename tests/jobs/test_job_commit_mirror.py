@@ -1,0 +1,264 @@
+"""Commit (active and non-active) and mirror jobs."""
+import random
+import threading
+import time
+
+import pytest
+
+import pyrep
+import pyrep.jobs
+from pyrep.driver import BlockDriver
+from pyrep.errors import BlockError, OptionError
+from pyrep.options import Opt
+
+CS = 65536
+SIZE = 4 << 20
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    pyrep.close_all()
+
+
+class SlowFilter(BlockDriver):
+    """A filter that sleeps before each write, so jobs run long enough to overlap with writers."""
+    format_name = "slowtest-commit"
+    is_filter = True
+    options = (Opt("file", "child", required=True), Opt("delay", "number", default=0.002))
+
+    def open(self, opts):
+        self.file = self.node.open_child(opts, "file", role="file")
+        self.delay = opts["delay"]
+
+    def pwritev(self, offset, length, iov, flags=0):
+        time.sleep(self.delay)
+        return self.file.pwritev(offset, length, iov, flags)
+
+
+pyrep.register_driver(SlowFilter, clobber=True)
+
+
+def raw_opts(tmp_path, name, fill=None, size=SIZE):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.write(fill if fill is not None else b"")
+        f.truncate(size)
+    return {"driver": "raw", "file": {"driver": "file", "filename": str(path)}}, path
+
+
+def wait_status(job, status, timeout=10):
+    deadline = time.monotonic() + timeout
+    while job.status != status and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert job.status == status
+
+
+def make_chain(tmp_path, slow=0.0, read_only_base=True):
+    """base (raw file, read-only) <- mid (memory) <- top (memory) with a backend 'disk' on top."""
+    rng = random.Random(5)
+    base_data = bytearray(rng.randbytes(SIZE))
+    opts, path = raw_opts(tmp_path, "base.raw", fill=bytes(base_data))
+    if slow:
+        opts = {"driver": "slowtest-commit", "delay": slow, "file": opts}
+    opts["node-name"] = "base"
+    opts["read-only"] = read_only_base
+    pyrep.blockdev_add(opts)
+    pyrep.blockdev_add({"driver": "memory", "node-name": "mid", "backing": "base"})
+    model = bytearray(base_data)
+    mid = pyrep.lookup("mid")
+    for c in (1, 2, 9, 30):
+        d = rng.randbytes(CS)
+        mid.pwrite(c * CS, d)
+        model[c * CS:(c + 1) * CS] = d
+    blk = pyrep.open_backend({"driver": "memory", "node-name": "top", "backing": "mid"}, name="disk")
+    for c in (2, 3, 31, 63):
+        d = rng.randbytes(1000)
+        blk.pwrite(c * CS + 17, d)
+        model[c * CS + 17:c * CS + 1017] = d
+    return blk, model, path
+
+
+def test_active_commit_with_concurrent_writes(tmp_path):
+    blk, model, path = make_chain(tmp_path, slow=0.003)
+    done = []
+    job = pyrep.jobs.commit("top", job_id="failover", on_complete=done.append)
+    assert job.type == "commit" and pyrep.jobs.get("failover") is job
+    assert not pyrep.lookup("base").read_only
+    rng = random.Random(7)
+    nwrites = 0
+    deadline = time.monotonic() + 20
+    while job.status != "concluded" and time.monotonic() < deadline:
+        off = rng.randrange(SIZE - 3000)
+        d = rng.randbytes(rng.randrange(1, 3000))
+        blk.pwrite(off, d)
+        model[off:off + len(d)] = d
+        nwrites += 1
+        time.sleep(0.001)
+    assert job.wait(10)
+    for _ in range(20):      # writes after the switch land in the base
+        off = rng.randrange(SIZE - 3000)
+        d = rng.randbytes(3000)
+        blk.pwrite(off, d)
+        model[off:off + len(d)] = d
+    assert job.error is None and job.pivoted and done == [job]
+    assert nwrites > 5
+    assert blk.node is pyrep.lookup("base")
+    assert "top" not in pyrep.nodes() and "mid" not in pyrep.nodes()
+    assert not pyrep.lookup("base").read_only
+    assert blk.pread(0, SIZE) == bytes(model)
+    cur, total = job.progress
+    assert cur == total and cur > 0
+    blk.flush()
+    pyrep.close_all()
+    assert path.read_bytes() == bytes(model)
+
+
+def test_commit_into_intermediate_and_non_active(tmp_path):
+    blk, model, _ = make_chain(tmp_path)
+    # commit top into mid only (active commit, base = mid)
+    job = pyrep.jobs.commit("top", base="mid")
+    assert job.wait(10) and job.error is None
+    assert blk.node is pyrep.lookup("mid") and "top" not in pyrep.nodes()
+    assert blk.pread(0, SIZE) == bytes(model)
+    # non-active: a new overlay on mid, then commit mid (now below it) into base
+    blk.close()
+    blk = pyrep.open_backend({"driver": "memory", "node-name": "ov", "backing": "mid"}, name="disk2")
+    blk.pwrite(5, b"overlay")
+    model[5:12] = b"overlay"
+    job = pyrep.jobs.commit("mid", base="base")
+    assert job.wait(10) and job.error is None
+    ov = pyrep.lookup("ov")
+    assert ov.backing is pyrep.lookup("base") and "mid" not in pyrep.nodes()
+    assert blk.pread(0, SIZE) == bytes(model)
+
+
+def test_commit_error_leaves_graph_unchanged(tmp_path):
+    blk, model, _ = make_chain(tmp_path)
+    raw_name = pyrep.lookup("base").name
+    # put a blkdebug between mid and the raw base: rebuild the chain with blkdebug as base
+    pyrep.close_all()
+    rng = random.Random(5)
+    opts, _ = raw_opts(tmp_path, "base2.raw", fill=rng.randbytes(SIZE))
+    pyrep.blockdev_add({"driver": "blkdebug", "node-name": "base", "read-only": True, "file": opts})
+    pyrep.blockdev_add({"driver": "memory", "node-name": "mid", "backing": "base"})
+    blk = pyrep.open_backend({"driver": "memory", "node-name": "top", "backing": "mid"}, name="disk")
+    blk.pwrite(3 * CS, b"t" * CS)
+    pyrep.lookup("mid").pwrite(8 * CS, b"m" * CS)
+    before = blk.pread(0, SIZE)
+    pyrep.inject_error("base", op="write", offset=8 * CS, length=1)
+    seen = []
+    job = pyrep.jobs.commit("top", on_complete=seen.append)
+    assert job.wait(10)
+    assert isinstance(job.error, BlockError) and not job.pivoted and seen == [job]
+    top = pyrep.lookup("top")
+    assert blk.node is top and top.backing is pyrep.lookup("mid") and pyrep.lookup("mid").backing.name == raw_name
+    assert pyrep.lookup("base").read_only
+    assert all(not isinstance(c.parent, pyrep.jobs.Job) for n in pyrep.nodes().values() for c in n.parents)
+    assert not top._write_notifiers
+    assert blk.pread(0, SIZE) == before
+    blk.pwrite(0, b"still writable")
+
+
+def test_commit_validation(tmp_path):
+    blk, _, _ = make_chain(tmp_path)
+    with pytest.raises(OptionError, match="no backing"):
+        pyrep.jobs.commit("base")
+    pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "other"})
+    with pytest.raises(OptionError, match="not below"):
+        pyrep.jobs.commit("top", base="other")
+    bk = pyrep.jobs.backup("other", "mid")
+    with pytest.raises(OptionError, match="cancel that job"):
+        pyrep.jobs.commit("top")
+    bk.cancel(sync=True)
+    assert pyrep.lookup("base").read_only        # a refused commit did not reopen it
+
+
+def test_commit_ignore_retries_and_stop_resumes(tmp_path):
+    rng = random.Random(2)
+    opts, _ = raw_opts(tmp_path, "b.raw", fill=rng.randbytes(SIZE))
+    pyrep.blockdev_add({"driver": "blkdebug", "node-name": "base", "file": opts})
+    blk = pyrep.open_backend({"driver": "memory", "node-name": "top", "backing": "base"})
+    blk.pwrite(CS, b"a" * CS)
+    want = blk.pread(0, SIZE)
+    pyrep.inject_error("base", op="write", once=True)
+    job = pyrep.jobs.commit("top", on_error="ignore")
+    assert job.wait(10) and job.error is None and job.errors_ignored == 1
+    assert blk.pread(0, SIZE) == want and blk.node.name == "base"
+    blk.pwrite(CS * 2, b"b" * 10)
+    blk.close()
+    blk = pyrep.open_backend({"driver": "memory", "node-name": "top2", "backing": "base"})
+    blk.pwrite(CS * 4, b"c" * 100)
+    want = blk.pread(0, SIZE)
+    pyrep.inject_error("base", op="write")
+    job = pyrep.jobs.commit("top2", on_error="stop")
+    wait_status(job, "paused")
+    assert isinstance(job.io_error, BlockError)
+    pyrep.clear_errors("base")
+    job.resume()
+    assert job.wait(10) and job.error is None and job.pivoted
+    assert blk.pread(0, SIZE) == want
+
+
+def test_mirror_ready_complete_with_writes(tmp_path):
+    rng = random.Random(3)
+    src_opts, _ = raw_opts(tmp_path, "src.raw", fill=rng.randbytes(SIZE))
+    src_opts["node-name"] = "src"
+    blk = pyrep.open_backend(src_opts, name="disk")
+    model = bytearray(blk.pread(0, SIZE))
+    tgt_opts, tpath = raw_opts(tmp_path, "tgt.raw")
+    tgt_opts = {"driver": "slowtest-commit", "delay": 0.002, "file": tgt_opts, "node-name": "tgt"}
+    pyrep.blockdev_add(tgt_opts)
+    job = pyrep.jobs.mirror("src", "tgt")
+    assert job.type == "mirror"
+    with pytest.raises(OptionError, match="not ready"):
+        job.complete()
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            off = rng.randrange(SIZE - 4096)
+            d = rng.randbytes(4096)
+            blk.pwrite(off, d)
+            model[off:off + 4096] = d
+            time.sleep(0.002)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_status(job, "ready")
+        time.sleep(0.1)
+        job.complete()
+        assert job.wait(10)
+    finally:
+        stop.set()
+        t.join()
+    assert job.error is None and job.pivoted and not job.cancelled
+    assert blk.node is pyrep.lookup("tgt")
+    assert "src" not in pyrep.nodes()          # not blockdev_add'ed: closed once unused
+    assert blk.pread(0, SIZE) == bytes(model)
+    cur, total = job.progress
+    assert cur == total >= SIZE
+
+
+def test_mirror_cancel_after_ready_and_before(tmp_path):
+    blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, name="disk")
+    blk.pwrite(0, b"s" * SIZE)
+    pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "tgt"})
+    job = pyrep.jobs.mirror("src", "tgt")
+    wait_status(job, "ready")
+    job.pause()
+    assert job.status == "paused"
+    job.resume()
+    assert job.status == "ready"
+    job.cancel(sync=True)
+    assert job.status == "concluded" and job.cancelled and job.error is None and not job.pivoted
+    assert blk.node.name == "src" and not blk.node._write_notifiers and not blk.node._track_users
+    pyrep.blockdev_add({"driver": "slowtest-commit", "node-name": "slow", "delay": 0.02,
+                        "file": {"driver": "memory", "size": SIZE}})
+    job = pyrep.jobs.mirror("src", "slow")
+    time.sleep(0.05)
+    job.cancel(sync=True)
+    assert job.cancelled and job.progress[0] < SIZE and blk.node.name == "src"
+    with pytest.raises(OptionError):
+        pyrep.jobs.mirror("src", "src")
