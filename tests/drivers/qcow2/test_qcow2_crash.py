@@ -5,7 +5,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ pytestmark = needs_qemu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SLOT = 12288
-NSLOTS = 700
+NSLOTS = 1500
 
 
 def _check_no_corruption(img):
@@ -46,13 +45,17 @@ def test_sigkill_writer(tmp_path, cluster_size, compat):
                                  str(round_ * 1000 + cluster_size), str(SLOT), str(NSLOTS),
                                  ",".join(map(str, touched))],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        # kill at a random moment: after a random number of output lines, plus a random delay
         lines = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
-        reader.start()
-        time.sleep(rng.uniform(0.15, 0.6))
+        target = rng.randrange(5, 600)
+        for line in proc.stdout:
+            lines.append(line)
+            if len(lines) >= target:
+                break
+        time.sleep(rng.uniform(0, 0.01))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        reader.join()
+        lines.extend(proc.stdout)
         err = proc.stderr.read()
         proc.stderr.close()
         assert proc.returncode in (-signal.SIGKILL, 0), err
