@@ -1,0 +1,214 @@
+"""The quorum driver: voting reads, fifo reads, rewrite-corrupted, write thresholds, options, run-time children."""
+import threading
+
+import pytest
+
+import pyrep
+from pyrep.drivers.quorum import child_errors, clear_child_errors
+
+M = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def clean_graph():
+    yield
+    pyrep.close_all()
+
+
+def mem(name, size=M):
+    return {"driver": "memory", "size": size, "node-name": name}
+
+
+def dbg(name, size=M):
+    return {"driver": "blkdebug", "node-name": name, "file": mem(name + "-m", size)}
+
+
+def quorum(children, threshold, **kw):
+    opts = {"driver": "quorum", "node-name": "q", "vote-threshold": threshold, "children": children}
+    opts.update(kw)
+    return pyrep.open_backend(opts, name="qblk")
+
+
+def test_write_reaches_every_child_and_reads_vote():
+    q = quorum([mem("a"), mem("b"), mem("c")], 2)
+    q.pwrite(4096, b"x" * 8192)
+    for n in "abc":
+        assert pyrep.lookup(n).pread(4096, 8192) == b"x" * 8192
+    assert q.pread(4096, 8192) == b"x" * 8192
+    assert [c.role for c in pyrep.lookup("q").driver.children] == ["children.0", "children.1", "children.2"]
+    assert q.length == M
+
+
+def test_vote_outvotes_corrupted_child_and_reports_it():
+    q = quorum([mem("a"), mem("b"), mem("c")], 2)
+    q.pwrite(0, b"good" * 1024)
+    pyrep.lookup("a").pwrite(0, b"bad!")
+    assert q.pread(0, 4096) == b"good" * 1024
+    log = child_errors("q")
+    assert [e["node"] for e in log] == ["a"] and log[0]["op"] == "read"
+    assert pyrep.lookup("a").pread(0, 4) == b"bad!"   # no rewrite by default
+
+
+def test_no_quorum_is_eio():
+    q = quorum([mem("a"), mem("b"), mem("c")], 2)
+    pyrep.lookup("a").pwrite(0, b"1")
+    pyrep.lookup("b").pwrite(0, b"2")
+    with pytest.raises(pyrep.BlockError) as ei:
+        q.pread(0, 512)
+    assert ei.value.errno == 5 and "votes" in str(ei.value)
+
+
+def test_read_errors_count_as_missing_votes():
+    q = quorum([dbg("a"), dbg("b"), mem("c")], 2)
+    q.pwrite(0, b"z" * 512)
+    pyrep.inject_error("a", op="read")
+    assert q.pread(0, 512) == b"z" * 512
+    pyrep.inject_error("b", op="read")
+    with pytest.raises(pyrep.BlockError):
+        q.pread(0, 512)
+    assert {e["node"] for e in child_errors("q")} == {"a", "b"}
+
+
+def test_rewrite_corrupted():
+    q = quorum([mem("a"), mem("b"), mem("c")], 2, **{"rewrite-corrupted": True})
+    q.pwrite(0, b"v" * 65536)
+    pyrep.lookup("b").pwrite(100, b"corrupt")
+    assert q.pread(0, 65536) == b"v" * 65536
+    assert pyrep.lookup("b").pread(0, 65536) == b"v" * 65536
+
+
+def test_fifo_reads_first_child_then_falls_back():
+    q = quorum([dbg("a"), mem("b")], 1, **{"read-pattern": "fifo"})
+    q.pwrite(0, b"f" * 512)
+    pyrep.lookup("b").pwrite(0, b"B")
+    assert q.pread(0, 1) == b"f"                      # no vote: the first child's data
+    pyrep.inject_error("a", op="read")
+    assert q.pread(0, 1) == b"B"                      # fallback
+    assert [(e["node"], e["op"]) for e in child_errors("q")] == [("a", "read")]
+    clear_child_errors("q")
+    assert child_errors("q") == []
+
+
+def test_fifo_all_fail():
+    q = quorum([dbg("a"), dbg("b")], 1, **{"read-pattern": "fifo"})
+    pyrep.inject_error("a", op="read", errno="EIO")
+    pyrep.inject_error("b", op="read", errno="ENOSPC")
+    with pytest.raises(pyrep.BlockError) as ei:
+        q.pread(0, 512)
+    assert ei.value.errno == 28
+
+
+def test_write_threshold():
+    q = quorum([dbg("a"), dbg("b"), dbg("c")], 2)
+    pyrep.inject_error("a", op="write", errno="ENOSPC")
+    q.pwrite(0, b"w" * 512)                           # 2 of 3 succeeded
+    assert pyrep.lookup("b").pread(0, 1) == b"w"
+    assert [(e["node"], e["op"], e["errno"]) for e in child_errors("q")] == [("a", "write", 28)]
+    pyrep.inject_error("b", op="write", errno="EIO")
+    with pytest.raises(pyrep.BlockError) as ei:
+        q.pwrite(0, b"w" * 512)
+    assert "1 of 3" in str(ei.value)
+    pyrep.clear_errors("a")
+    pyrep.clear_errors("b")
+    q.pwrite_zeroes(0, 512)
+    q.flush()
+    assert pyrep.lookup("c").pread(0, 4) == b"\0" * 4
+
+
+def test_concurrent_writes_parallel_children():
+    q = quorum([mem("a", 4 * M), mem("b", 4 * M)], 2)
+
+    def worker(i):
+        for j in range(20):
+            q.pwrite((i * 20 + j) * 4096, bytes([i + 1]) * 4096)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert pyrep.lookup("a").pread(0, 4 * M) == pyrep.lookup("b").pread(0, 4 * M)
+    assert q.pread(0, 4096) == b"\x01" * 4096
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"vote-threshold": 3}, "at most the number of children"),
+    ({"vote-threshold": 0}, "minimum"),
+    ({"vote-threshold": 1.5}, "whole number"),
+    ({"vote-threshold": 1, "read-pattern": "fifo", "rewrite-corrupted": True}, "rewrite-corrupted"),
+    ({"vote-threshold": 1, "read-pattern": "random"}, "read-pattern"),
+    ({"vote-threshold": 1, "bogus": 1}, "unknown option 'bogus'"),
+    ({}, "vote-threshold' is required"),
+])
+def test_bad_options(opts, match):
+    base = {"driver": "quorum", "children": [mem("a"), mem("b")]}
+    base.update(opts)
+    with pytest.raises(pyrep.OptionError, match=match):
+        pyrep.open_backend(base)
+    assert "a" not in pyrep.nodes()                   # nothing left open
+
+
+def test_children_lengths_must_match():
+    with pytest.raises(pyrep.OptionError, match="differ in length"):
+        pyrep.open_backend({"driver": "quorum", "vote-threshold": 1, "children": [mem("a"), mem("b", 2 * M)]})
+
+
+def test_children_by_name_and_dotted_options():
+    pyrep.blockdev_add(mem("a"))
+    pyrep.blockdev_add(mem("b"))
+    q = pyrep.open_backend("driver=quorum,node-name=q,vote-threshold=2,children.0=a,children.1=b")
+    q.pwrite(0, b"n" * 512)
+    assert pyrep.lookup("a").pread(0, 1) == b"n"
+    assert pyrep.lookup("q").children["children.1"].node.name == "b"
+
+
+def test_add_and_remove_children():
+    q = quorum([mem("a"), mem("b")], 2)
+    q.pwrite(0, b"1" * 512)
+    with pytest.raises(pyrep.OptionError, match="below the threshold"):
+        pyrep.quorum_del_child("q", "children.0")
+    pyrep.blockdev_add(mem("c"))
+    pyrep.lookup("c").pwrite(0, b"1" * 512)          # the user syncs a new child first, as with QEMU
+    assert pyrep.quorum_add_child("q", "c") == "children.2"
+    q.pwrite(512, b"2" * 512)
+    assert pyrep.lookup("c").pread(512, 1) == b"2"
+    assert pyrep.quorum_del_child("q", "a") == "children.0"      # by node name
+    assert [c.role for c in pyrep.lookup("q").driver.children] == ["children.1", "children.2"]
+    q.pwrite(0, b"3" * 512)
+    assert "a" not in pyrep.nodes()                   # an implicit child left the graph
+    assert q.pread(0, 512) == b"3" * 512
+    with pytest.raises(pyrep.OptionError, match="has no child 'children.0'"):
+        pyrep.quorum_del_child("q", "children.0")
+    with pytest.raises(pyrep.OptionError, match="already a child"):
+        pyrep.quorum_add_child("q", "c")
+    pyrep.blockdev_add(mem("d", 2 * M))
+    with pytest.raises(pyrep.OptionError, match="length"):
+        pyrep.quorum_add_child("q", "d")
+    pyrep.blockdev_add(mem("e"))
+    with pytest.raises(pyrep.OptionError, match="not quorum"):
+        pyrep.quorum_add_child("e", "d")
+    with pytest.raises(pyrep.OptionError, match="below the threshold"):
+        pyrep.quorum_del_child("q", "children.1")
+    assert pyrep.quorum_add_child("q", "e") == "children.3"
+
+
+def test_permissions_forwarded_to_children():
+    pyrep.blockdev_add(mem("a"))
+    pyrep.blockdev_add(mem("b"))
+    pyrep.open_backend("a", name="other")             # a writer that shares only reads
+    with pytest.raises(pyrep.PermissionConflict):
+        pyrep.open_backend({"driver": "quorum", "vote-threshold": 1, "children": ["a", "b"]})
+    ro = pyrep.open_backend({"driver": "quorum", "vote-threshold": 1, "children": ["b"]}, read_only=True)
+    assert ro.pread(0, 1) == b"\0"
+
+
+def test_primary_graph_shape(tmp_path):
+    """QEMU's primary: quorum(threshold 1, fifo) over the local disk and replication(primary)."""
+    pyrep.blockdev_add(mem("sd"))
+    sdb = pyrep.open_backend("sd", name="sdb", share_rw=True)
+    p = pyrep.open_backend({"driver": "quorum", "vote-threshold": 1, "read-pattern": "fifo", "children": [
+        mem("local"), {"driver": "replication", "mode": "primary", "node-name": "prep", "file": "sd"}]})
+    p.pwrite(0, b"p" * 512)                           # replication not started: its child fails, threshold 1
+    assert pyrep.lookup("local").pread(0, 1) == b"p" and sdb.pread(0, 1) == b"\0"
+    pyrep.replication.start_all("primary")
+    p.pwrite(0, b"q" * 512)
+    assert sdb.pread(0, 1) == b"q"
+    assert p.pread(0, 1) == b"q"
