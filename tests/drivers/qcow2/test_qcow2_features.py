@@ -1,0 +1,201 @@
+"""make_empty, check/repair, dirty bit, resize, backing override, concurrency, info."""
+import struct
+import threading
+import time
+
+import pytest
+
+import pyrep
+from pyrep.errors import BlockError
+
+from qcow2_testutil import needs_qemu, open_q, qcheck, qimg, qio
+
+pytestmark = needs_qemu
+
+
+def _patch(path, offset, fmt, value):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def test_make_empty_1g_fast_keeps_backing(tmp_path):
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    qimg("create", "-q", "-f", "qcow2", base, "1G")
+    qio(base, "write -P 0x33 0 1M", "write -P 0x44 1023M 1M")
+    # 1 GiB allocated in the overlay (metadata preallocation), then give it the backing
+    qimg("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", top, "1G")
+    qimg("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", top)
+    qio(top, "write -P 0x55 0 64k")
+    blk = open_q(top)
+    try:
+        assert blk.pread(0, 65536) == b"\x55" * 65536
+        assert blk.pread(1 << 20, 4096) == bytes(4096)
+        t0 = time.perf_counter()
+        blk.node.make_empty()
+        dt = time.perf_counter() - t0
+        assert blk.pread(0, 1 << 20) == b"\x33" * (1 << 20)
+        assert blk.pread(1023 << 20, 1 << 20) == b"\x44" * (1 << 20)
+        blk.pwrite(5 << 20, b"\x66" * 100000)
+    finally:
+        blk.close()
+    assert dt < 0.05, f"make_empty took {dt * 1000:.1f} ms"
+    res = qcheck(top)
+    assert res.get("allocated-clusters", 0) <= 3
+    info = qimg("info", top).stdout
+    assert "backing file: base.qcow2" in info and "backing file format: qcow2" in info
+    qio(top, "read -P 0x33 0 1M", "read -P 0x66 5M 100000", "read -P 0x44 1023M 1M")
+    assert top.stat().st_size < 4 << 20
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_make_empty_then_write(tmp_path, compat):
+    img = tmp_path / "e.qcow2"
+    pyrep.create_image(str(img), "qcow2", 64 << 20, cluster_size=4096, compat=compat)
+    blk = open_q(img)
+    blk.pwrite(0, b"\x01" * (8 << 20))
+    blk.node.make_empty()
+    assert blk.pread(0, 8 << 20) == bytes(8 << 20)
+    blk.pwrite(100, b"\x02" * 10000)
+    blk.close()
+    qcheck(img)
+    qio(img, "read -P 0 0 100", "read -P 2 100 10000", "read -P 0 10100 1M")
+
+
+def test_check_and_repair_leaks(tmp_path):
+    img = tmp_path / "l.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    qio(img, "write -P 1 0 1M")
+    # leak: give cluster 40 (unused, inside the file) a refcount of 1 in the first refcount block
+    with open(img, "r+b") as f:
+        f.truncate(50 * 65536)
+    _patch(img, 0x20000 + 40 * 2, ">H", 1)
+    res = pyrep.check_image(str(img))
+    assert res["leaks"] == 1 and res["corruptions"] == 0
+    assert any("Leaked cluster 40" in m for m in res["messages"])
+    q = qimg("check", "--output=json", img, check=False)
+    assert '"leaks": 1' in q.stdout
+    res = pyrep.check_image(str(img), repair="leaks")
+    assert res["leaks-fixed"] == 1 and res["leaks"] == 0
+    qcheck(img)
+
+
+def test_check_repair_refcount_corruption(tmp_path):
+    img = tmp_path / "c.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    qio(img, "write -P 1 0 1M")
+    # refcount of a data cluster (cluster 5) dropped to 0: a corruption
+    _patch(img, 0x20000 + 5 * 2, ">H", 0)
+    res = pyrep.check_image(str(img))
+    assert res["corruptions"] >= 1
+    res = pyrep.check_image(str(img), repair="leaks")
+    assert res["corruptions"] >= 1
+    res = pyrep.check_image(str(img), repair="all")
+    assert res["corruptions"] == 0 and res["corruptions-fixed"] >= 1
+    qcheck(img)
+    qio(img, "read -P 1 0 1M")
+
+
+def test_dirty_bit_repaired_on_rw_open(tmp_path):
+    img = tmp_path / "d.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "16M")
+    qio(img, "write -P 1 0 1M")
+    _patch(img, 0x20000 + 40 * 2, ">H", 1)      # a leak
+    _patch(img, 72, ">Q", 1)                    # dirty
+    blk = open_q(img, read_only=True)
+    assert blk.pread(0, 4096) == b"\x01" * 4096
+    blk.close()
+    blk = open_q(img)
+    blk.pwrite(2 << 20, b"\x02" * 4096)
+    info = blk.node.driver.get_info()
+    assert info["dirty"] is False and info["lazy-refcounts"] is True
+    blk.close()
+    assert struct.unpack(">Q", img.read_bytes()[72:80])[0] & 1 == 0
+    qcheck(img)
+
+
+def test_resize_grow_and_refuse_shrink(tmp_path):
+    img = tmp_path / "r.qcow2"
+    pyrep.create_image(str(img), "qcow2", 1 << 20, cluster_size=512)
+    blk = open_q(img)
+    blk.pwrite(0, b"\x07" * (1 << 20))
+    blk.truncate(64 << 20)
+    assert blk.length == 64 << 20
+    blk.pwrite(60 << 20, b"\x08" * 70000)
+    with pytest.raises(BlockError) as ei:
+        blk.truncate(1 << 20)
+    assert "shrink" in str(ei.value)
+    blk.close()
+    qcheck(img)
+    assert "virtual size: 64 MiB" in qimg("info", img).stdout
+    qio(img, "read -P 7 0 1M", "read -P 0 1M 59M", "read -P 8 60M 70000")
+
+
+def test_backing_option_override(tmp_path):
+    base = tmp_path / "b.qcow2"
+    top = tmp_path / "t.qcow2"
+    qimg("create", "-q", "-f", "qcow2", base, "1M")
+    qio(base, "write -P 9 0 1M")
+    pyrep.create_image(str(top), "qcow2", None, backing_file="b.qcow2", backing_fmt="qcow2")
+    assert "virtual size: 1 MiB" in qimg("info", top).stdout
+    blk = open_q(top, read_only=True)
+    assert blk.pread(0, 512) == b"\x09" * 512
+    assert blk.node.backing is not None
+    blk.close()
+    blk = open_q(top, read_only=True, backing=None)
+    assert blk.pread(0, 512) == bytes(512)
+    assert blk.node.backing is None
+    blk.close()
+
+
+def test_concurrent_allocating_writes_same_cluster(tmp_path):
+    img = tmp_path / "cc.qcow2"
+    base = tmp_path / "cb.qcow2"
+    qimg("create", "-q", "-f", "qcow2", base, "8M")
+    qio(base, "write -P 0x5a 0 8M")
+    pyrep.create_image(str(img), "qcow2", 8 << 20, backing_file="cb.qcow2", backing_fmt="qcow2")
+    blk = open_q(img)
+    nthreads, per = 8, 64
+    errors = []
+
+    def worker(t):
+        try:
+            for i in range(per):
+                # every thread writes its own 512-byte sector of the same clusters
+                cl = i % 16
+                off = cl * 65536 + (t * 16 + i // 16) * 512
+                blk.pwrite(off, bytes([t + 1]) * 512)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ths = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors, errors
+    model = bytearray(b"\x5a" * (16 * 65536))
+    for t in range(nthreads):
+        for i in range(per):
+            cl = i % 16
+            off = cl * 65536 + (t * 16 + i // 16) * 512
+            model[off:off + 512] = bytes([t + 1]) * 512
+    assert blk.pread(0, len(model)) == bytes(model)
+    blk.close()
+    res = qcheck(img)
+    assert res["allocated-clusters"] == 16
+
+
+def test_info_fields(tmp_path):
+    img = tmp_path / "i.qcow2"
+    pyrep.create_image(str(img), "qcow2", 1 << 30)
+    blk = open_q(img, read_only=True)
+    info = blk.node.driver.get_info()
+    blk.close()
+    assert info["cluster-size"] == 65536 and info["compat"] == "1.1" and info["refcount-bits"] == 16
+    assert info["corrupt"] is False and info["dirty"] is False
+    # byte-identical header fields to qemu-img's (layout included) for the default case
+    ref = tmp_path / "ref.qcow2"
+    qimg("create", "-q", "-f", "qcow2", ref, str(1 << 30))
+    assert img.read_bytes()[:104] == ref.read_bytes()[:104]
