@@ -22,7 +22,10 @@ same code: the overlay's backing becomes ``base``.
 ``base`` is reopened read-write for the job when it is read-only, and back to
 read-only if the job fails or is cancelled. On an error (policy "report") or
 a cancel the graph is unchanged and ``job.error`` (or ``job.cancelled``) says
-why. Intermediates must not be used by another job (cancel a backup whose
+why (a failed commit may have written merged data into ``base``; what ``top``
+shows is unchanged). The pivot's permissions are checked when the job starts
+too: if a user of ``top`` does not share what a user of ``base`` holds (or the
+reverse), ``commit()`` raises PermissionConflict at once. Intermediates must not be used by another job (cancel a backup whose
 target is in the chain first: its copies would change the chain).
 """
 from ..constants import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
@@ -30,7 +33,7 @@ from ..errors import OptionError
 from ..graph import reopen
 from ..node import is_allocated_above
 from .job import Job, move_parents, resolve_node
-from .mirror import GRANULARITY, MirrorJob
+from .mirror import GRANULARITY, MirrorJob, check_pivot
 
 __all__ = ["CommitJob", "commit"]
 
@@ -64,6 +67,7 @@ class CommitJob(MirrorJob):
                                       f"cancel that job first")
         top.check_op("commit-source")
         base.check_op("commit-target")
+        check_pivot(top, base)
         Job.__init__(self, job_id, on_error, on_complete)
         self.sync = "allocated-above"
         self._init_engine(top, base, granularity)

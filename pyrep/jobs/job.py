@@ -29,7 +29,6 @@ Error policies (``on_error``), applied to errors of the job's own I/O:
   (commit/mirror retry the range later; backup's copy-before-write skips the cluster);
 - ``"stop"``: the job pauses with ``job.io_error`` set; :meth:`Job.resume` retries.
 """
-import errno
 import itertools
 import threading
 import time
@@ -435,7 +434,3 @@ def move_parents(old, new, keep=()):
     except Exception:
         pass
     return moved
-
-
-def check_errno(e):
-    return getattr(e, "errno", None) or errno.EIO

@@ -60,6 +60,7 @@ class MirrorJob(Job):
                               f"source node '{source.name}' ({source.length} bytes)")
         source.check_op("mirror-source")
         target.check_op("mirror-target")
+        check_pivot(source, target)
         super().__init__(job_id, on_error, on_complete)
         self.sync = sync
         self._init_engine(source, target, granularity)
@@ -252,6 +253,14 @@ class MirrorJob(Job):
             self._cond.notify_all()
         if sync and threading.current_thread() is not self._thread:
             self.wait()
+
+
+def check_pivot(old, new):
+    """Raise PermissionConflict now if the parents of ``old`` could not move to ``new`` at the end."""
+    from ..node import _check_conflicts
+    for c in old.parents:
+        if not isinstance(c.parent, Job):
+            _check_conflicts(new, c, c.perm, c.shared)
 
 
 def mirror(source, target, sync="full", job_id=None, on_error="report", on_complete=None):

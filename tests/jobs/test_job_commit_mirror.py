@@ -262,3 +262,52 @@ def test_mirror_cancel_after_ready_and_before(tmp_path):
     assert job.cancelled and job.progress[0] < SIZE and blk.node.name == "src"
     with pytest.raises(OptionError):
         pyrep.jobs.mirror("src", "src")
+
+
+@pytest.mark.skipif("qcow2" not in pyrep.drivers(), reason="no qcow2 driver yet")
+def test_replication_like_failover_with_qcow2(tmp_path):
+    """secondary (raw) <- hidden (qcow2) <- active (qcow2): backup secondary->hidden while primary writes
+    hit the secondary, then failover = cancel the backup and commit active+hidden into the secondary."""
+    rng = random.Random(11)
+    sec_opts, sec_path = raw_opts(tmp_path, "sec.raw", fill=rng.randbytes(SIZE))
+    sec_opts["node-name"] = "secondary"
+    primary = pyrep.open_backend(sec_opts, name="nbd", share_rw=True)
+    for name, backing in (("hidden", "secondary"), ("active", "hidden")):
+        path = str(tmp_path / f"{name}.qcow2")
+        pyrep.create_image(path, "qcow2", SIZE)
+        opts = {"driver": "qcow2", "node-name": name, "file": {"driver": "file", "filename": path},
+                "backing": backing}
+        if name == "hidden":
+            pyrep.blockdev_add(opts)
+    guest = pyrep.open_backend(opts, name="guest")
+    checkpoint = bytearray(primary.pread(0, SIZE))
+    job = pyrep.jobs.backup("secondary", "hidden", sync="none", job_id="colo-backup")
+    model = bytearray(checkpoint)
+    for _ in range(40):
+        off = rng.randrange(SIZE - 5000)
+        primary.pwrite(off, rng.randbytes(5000))          # primary's forwarded write
+        off = rng.randrange(SIZE - 3000)
+        d = rng.randbytes(3000)
+        guest.pwrite(off, d)                              # secondary's own write
+        model[off:off + 3000] = d
+        if rng.random() < 0.3:
+            assert guest.pread(0, SIZE) == bytes(model)
+    assert guest.pread(0, SIZE) == bytes(model)
+    # the primary dies: what the secondary shows (checkpoint + own writes) must become the disk
+    job.cancel(sync=True)
+    # the NBD export still holds "write" on the secondary, which the guest's backend does not share:
+    # the pivot is refused and the graph stays as it was
+    with pytest.raises(pyrep.PermissionConflict):
+        pyrep.jobs.commit("active", base="secondary")
+    assert pyrep.lookup("secondary").read_only is False and pyrep.jobs.list() == []
+    assert guest.node is pyrep.lookup("active") and pyrep.lookup("active").backing is pyrep.lookup("hidden")
+    assert guest.pread(0, SIZE) == bytes(model)
+    primary.close()                                       # failover: the export is gone
+    commit = pyrep.jobs.commit("active", base="secondary")
+    assert commit.wait(20) and commit.error is None
+    assert guest.node is pyrep.lookup("secondary")
+    assert "active" not in pyrep.nodes() and "hidden" not in pyrep.nodes()
+    assert guest.pread(0, SIZE) == bytes(model)
+    guest.close()
+    pyrep.close_all()
+    assert sec_path.read_bytes() == bytes(model)
