@@ -311,3 +311,18 @@ def test_replication_like_failover_with_qcow2(tmp_path):
     guest.close()
     pyrep.close_all()
     assert sec_path.read_bytes() == bytes(model)
+
+
+def test_mirror_top_and_wait_all(tmp_path):
+    base = pyrep.blockdev_add({"driver": "memory", "size": SIZE, "node-name": "base"})
+    base.pwrite(0, b"b" * SIZE)
+    blk = pyrep.open_backend({"driver": "memory", "node-name": "top", "backing": "base"}, name="disk")
+    blk.pwrite(3 * CS, b"t" * 100)
+    # the target is a new overlay on the same base: only the top layer needs copying
+    pyrep.blockdev_add({"driver": "memory", "node-name": "tgt", "backing": "base"})
+    job = pyrep.jobs.mirror("top", "tgt", sync="top")
+    wait_status(job, "ready")
+    assert job.progress == (CS, CS)
+    job.complete()
+    assert pyrep.jobs.wait_all(10) and job.error is None
+    assert blk.node.name == "tgt" and blk.pread(0, SIZE) == b"b" * (3 * CS) + b"t" * 100 + b"b" * (SIZE - 3 * CS - 100)
