@@ -553,7 +553,7 @@ def _first_mismatch(b1, b2, n, base):
         mid = lo + (((hi - lo) // 2 + SECTOR - 1) // SECTOR) * SECTOR
         if mid >= hi:
             break
-        if m1[lo:mid] != m2[lo:mid]:
+        if b1[lo:mid] != b2[lo:mid]:
             hi = mid
         else:
             lo = mid
@@ -580,9 +580,9 @@ _ZEROS = bytes(IO_BUF_SIZE)
 
 
 def any_nonzero(mv):
-    n = len(mv)
-    z = _ZEROS if n <= len(_ZEROS) else bytes(n)
-    return mv != memoryview(z)[:n]
+    """True if the buffer holds a non-zero byte (IOVector.is_zero: C speed; comparing memoryviews
+    with == goes item by item and is ~90x slower)."""
+    return not IOVector(mv).is_zero() if len(mv) else False
 
 
 def cmd_compare(a):
@@ -755,7 +755,6 @@ def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
         cs = info.get("cluster-size") or 65536
     chunk_max = IO_BUF_SIZE if not cs else max(cs, (IO_BUF_SIZE // cs) * cs)
     bufs = [bytearray(chunk_max), bytearray(chunk_max)]
-    zero = memoryview(_ZEROS)
     rd = snode.preadv
     wr = dnode.pwritev
     pool = _Writer()
@@ -792,7 +791,7 @@ def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
                 rd(off, c, IOVector(mv))
                 if cwrite is not None:
                     _write_compressed(cwrite, dst, off, mv, cs, size)
-                elif mv == zero[:c] if c <= len(zero) else not any_nonzero(mv):
+                elif not any_nonzero(mv):
                     if not fresh:
                         dst.pwrite_zeroes(off, c)
                 else:
@@ -812,7 +811,7 @@ def _write_compressed(cwrite, dst, off, mv, cs, size):
     while pos < n:
         c = min(cs, n - pos)
         part = mv[pos:pos + c]
-        if part != memoryview(_ZEROS)[:c]:
+        if any_nonzero(part):
             if c < cs and off + pos + c < size:
                 dst.pwritev(off + pos, IOVector(part))
             else:
@@ -823,12 +822,11 @@ def _write_compressed(cwrite, dst, off, mv, cs, size):
 def _nonzero_runs(mv, n, gran):
     """[(start, length)] of the parts of ``mv`` that are not zero, at ``gran`` granularity."""
     runs = []
-    z = memoryview(_ZEROS)[:gran]
     start = None
     pos = 0
     while pos < n:
         c = min(gran, n - pos)
-        nz = mv[pos:pos + c] != (z if c == gran else z[:c])
+        nz = not IOVector(mv[pos:pos + c]).is_zero()
         if nz and start is None:
             start = pos
         elif not nz and start is not None:
@@ -1025,7 +1023,7 @@ def cmd_rebase(a):
                             m2[k:] = _ZEROS[:c - k]
                     else:
                         m2[:] = _ZEROS[:c]
-                    if m1 != m2:
+                    if buf1[:c] != buf2[:c]:
                         blk.pwritev(off, IOVector(m1))
                     off += c
                     prog.update(off * 100.0 / size)
@@ -1152,18 +1150,13 @@ def run_bench(blk, count, depth, bufsize, step, offset, image_size, write, patte
                    for w in range(nthreads)]
         for t in threads:
             t.start()
-        old = sys.getswitchinterval()
-        sys.setswitchinterval(1e-3)
-        try:
-            barrier.wait()
-            t0 = time.perf_counter()
-            for t in threads:
-                t.join()
-            if flush_interval:
-                flush()
-            t1 = time.perf_counter()
-        finally:
-            sys.setswitchinterval(old)
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        if flush_interval:
+            flush()
+        t1 = time.perf_counter()
     if errors:
         e = errors[0]
         raise Error(f"Failed request: {e}")
