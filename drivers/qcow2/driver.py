@@ -347,6 +347,8 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(errno.EIO, self._corrupt_msg)
         c = self._free_hint
         rb_bits = self._rb_bits
+        rb_mask = self._rb_mask
+        first_free = None
         while True:
             start = c
             ok = True
@@ -358,23 +360,29 @@ class Qcow2Driver(BlockDriver):
                     self._grow_reftable(cc)
                     ok = False
                     break
-                if not self._reftable[r] & REFT_OFFSET_MASK:
+                boff = self._reftable[r] & REFT_OFFSET_MASK
+                if not boff:
                     self._new_refblock(r, cc)
                     ok = False
                     break
-                if self._get_refcount(cc):
+                b = self._rb_cache.get(boff)
+                if b is None:
+                    b = self._refblock(boff)
+                if b.get(cc & rb_mask):
                     c = cc + 1
                     ok = False
                     break
+                if first_free is None:
+                    first_free = cc
                 j += 1
             if ok:
                 break
-            if c <= start:
-                c = start  # a structure was placed; rescan from the same start
         for j in range(k):
             self._set_refcount(start + j, 1)
-        if start == self._free_hint:
+        if first_free is None or first_free >= start:
             self._free_hint = start + k
+        else:
+            self._free_hint = first_free
         return start << self.cluster_bits
 
     def _new_refblock(self, r, c):
