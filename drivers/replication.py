@@ -101,6 +101,8 @@ class ReplicationDriver(BlockDriver):
         _registry._register(self)
 
     def close(self):
+        if not hasattr(self, "_ctl"):
+            return              # open() failed before the state existed
         self._closing = True
         try:
             with self._ctl:
