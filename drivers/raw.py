@@ -30,10 +30,13 @@ class RawDriver(BlockDriver):
             raise OptionError(f"raw: offset+size ({self.offset}+{self.size}) is beyond the end of the file "
                               f"({flen} bytes)")
         self.request_alignment = self.file.node.align
-        if self.offset == 0:
+        self.child_rebound(self.file)
+
+    def child_rebound(self, child):
+        if child is self.file and self.offset == 0:
             # no translation: hand requests straight to the protocol node
-            self.preadv = self.file.node.preadv
-            self.pwritev = self.file.node.pwritev
+            self.preadv = child.node.preadv
+            self.pwritev = child.node.pwritev
 
     def getlength(self):
         if self.size is not None:

@@ -121,6 +121,9 @@ class BlockDriver:
     def reopen_abort(self):
         """Forget what reopen_prepare checked."""
 
+    def child_rebound(self, child):
+        """``child`` now points at another node (a job pivoted): drop anything cached from the old one."""
+
     # ---------------------------------------------------------- permissions
     def child_perm(self, role, perm, shared):
         """Permissions this node takes on its child of ``role`` given its parents' ``perm``/``shared``.

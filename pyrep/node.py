@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from ._core.fastpath import NodeIO, bump_length_epoch
 from ._core.iovec import IOVector
 from .constants import (BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_RECURSE, BS_ZERO, PERM_ALL,
-                        PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP, perm_names)
+                        PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP, REQ_SERIALISING,
+                        perm_names)
 from .errors import BlockError, OptionError, PermissionConflict
 
 __all__ = ["Node", "Child", "BlockStatus", "skip_filters", "is_allocated", "is_allocated_above"]
@@ -45,12 +46,16 @@ class Child:
         self._bind(node)
 
     def _bind(self, node):
-        if self.node is not None:
-            bump_length_epoch()  # a backend's root may now be a node of another length
+        rebound = self.node is not None
         self.node = node
         # the two hottest calls skip one Python frame
         self.preadv = node.preadv
         self.pwritev = node.pwritev
+        if rebound:
+            bump_length_epoch()  # a backend's root may now be a node of another length
+            hook = getattr(self.parent, "_child_rebound", None)
+            if hook is not None:
+                hook(self)
 
     @property
     def user(self):
@@ -219,6 +224,45 @@ class Node(NodeIO):
         perm, shared = self.cumulative_perm()
         return self.driver.child_perm(role, perm, shared)
 
+    def _child_rebound(self, child):
+        """A child edge now points at another node: let the driver refresh what it cached."""
+        if self.driver is not None:
+            self.driver.child_rebound(child)
+            if self._ops_bound:
+                self.bind_driver()
+        self._refresh_paths()
+
+    def replace(self, new, keep=()):
+        """Make every parent edge of this node (except those in ``keep``, and those from nodes at or
+        below ``new``, which would make a loop) point at ``new``. All or nothing: on a permission
+        conflict every edge moves back and the error is raised. Returns the moved edges."""
+        moved = []
+        try:
+            for c in list(self.parents):
+                if c in keep or (isinstance(c.parent, Node) and _reaches(new, c.parent)):
+                    continue
+                new.add_parent(c, c.perm, c.shared)
+                self.parents.remove(c)
+                c._bind(new)
+                moved.append(c)
+        except BaseException:
+            for c in reversed(moved):
+                if c in new.parents:
+                    new.parents.remove(c)
+                c._bind(self)
+                self.parents.append(c)
+            for n in (new, self):
+                try:
+                    n.refresh_perms()
+                except Exception:
+                    pass
+            raise
+        try:
+            self.refresh_perms()
+        except PermissionConflict:
+            pass
+        return moved
+
     def cumulative_perm(self):
         """What the parents together take and share."""
         perm, shared = 0, PERM_ALL
@@ -331,10 +375,20 @@ class Node(NodeIO):
             return self.pwrite_zeroes(offset, length, zflags)
         a = self.align
         if (offset | length) & (a - 1):
-            return self._pwritev_padded(offset, length, iov, flags)
-        with self.tracked(offset, length):
+            return self._pwritev_padded(offset, length, iov, flags & ~REQ_SERIALISING)
+        serialising = bool(flags & REQ_SERIALISING)
+        flags &= ~REQ_SERIALISING
+        with self.tracked(offset, length, serialising):
             self._notify_write(offset, length, flags)
             return self.driver.pwritev(offset, length, iov, flags)
+
+    def preadv_untracked(self, offset, length, iov):
+        """Read without registering a tracked request — for write notifiers, which run inside
+        the write that triggered them (a tracked read could wait for that very write)."""
+        if (offset | length) & (self.align - 1):
+            return self.preadv(offset, length, iov)
+        self._check_access(False)
+        return self.driver.preadv(offset, length, iov)
 
     def _notify_write(self, offset, length, flags):
         for fn in tuple(self._write_notifiers):

@@ -14,7 +14,8 @@ cdef extern from "unistd.h" nogil:
     int fdatasync(int fd)
 
 cdef enum:
-    REQ_FUA = 0x1  # pyrep.constants.REQ_FUA
+    REQ_FUA = 0x1           # pyrep.constants.REQ_FUA
+    REQ_SERIALISING = 0x10  # pyrep.constants.REQ_SERIALISING
 from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM
 
 from pyrep._core.iovec cimport IOVector
@@ -82,7 +83,7 @@ cdef class NodeIO:
 
     cpdef pwritev(self, long long offset, long long length, iov, int flags=0):
         """Write ``iov`` (``length`` bytes) at ``offset``."""
-        if not self._wslow and length > 0 and offset >= 0:
+        if not self._wslow and length > 0 and offset >= 0 and not flags & REQ_SERIALISING:
             return self._drv_pwritev(offset, length, iov, flags)
         return self._pwritev_slow(offset, length, iov, flags)
 

@@ -36,7 +36,7 @@ import warnings
 
 from ..constants import REQ_SERIALISING
 from ..errors import BlockError, OptionError
-from ..node import Child, Node, _reaches
+from ..node import Child, Node
 
 __all__ = ["Job", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES"]
 
@@ -372,65 +372,17 @@ def resolve_node(value, what):
     raise OptionError(f"{what}: expected a Node or a node name, got {value!r}")
 
 
-def _aligned(node, offset, length):
-    a = node.align
-    return not offset & (a - 1) and (not length & (a - 1) or offset + length == node.length)
-
-
 def read_direct(node, offset, length, iov):
-    """Read without registering a tracked request (used inside a write notifier, where a tracked
-    read could wait for the very write that runs the notifier)."""
-    if _aligned(node, offset, length):
-        node._check_access(False)
-        return node.driver.preadv(offset, length, iov)
-    return node.preadv(offset, length, iov)
+    """Read without a tracked request (inside a write notifier); see Node.preadv_untracked."""
+    return node.preadv_untracked(offset, length, iov)
 
 
 def write_serialising(node, offset, length, iov, flags=0):
     """Write as a serialising request: wait for overlapping tracked requests (readers of the
-    node included) and hold new ones off until the write is done.
-
-    The node layer does not honour ``REQ_SERIALISING`` in pwritev (yet), so this does what it
-    would: tracked(serialising=True) around the notifiers and the driver call."""
-    if not _aligned(node, offset, length):
-        return node.pwritev(offset, length, iov, flags)
-    node._check_access(True)
-    with node.tracked(offset, length, serialising=True):
-        node._notify_write(offset, length, flags & ~REQ_SERIALISING)
-        return node.driver.pwritev(offset, length, iov, flags & ~REQ_SERIALISING)
+    node included) and hold new ones off until the write is done."""
+    return node.pwritev(offset, length, iov, flags | REQ_SERIALISING)
 
 
 def move_parents(old, new, keep=()):
-    """Make every parent edge of ``old`` (except those in ``keep`` and those from nodes at or below
-    ``new``, which would make a loop) point at ``new``. All or nothing: on a permission conflict
-    every edge moved back and the error is raised. Returns the moved edges."""
-    moved = []
-    try:
-        for c in list(old.parents):
-            if c in keep:
-                continue
-            if isinstance(c.parent, Node) and _reaches(new, c.parent):
-                continue
-            new.add_parent(c, c.perm, c.shared)
-            old.parents.remove(c)
-            c._bind(new)
-            moved.append(c)
-            if isinstance(c.parent, Node):
-                c.parent._refresh_paths()
-    except BaseException:
-        for c in reversed(moved):
-            if c in new.parents:
-                new.parents.remove(c)
-            c._bind(old)
-            old.parents.append(c)
-        for n in (new, old):
-            try:
-                n.refresh_perms()
-            except Exception:
-                pass
-        raise
-    try:
-        old.refresh_perms()
-    except Exception:
-        pass
-    return moved
+    """Point every parent of ``old`` at ``new`` (all or nothing); see Node.replace."""
+    return old.replace(new, keep)
