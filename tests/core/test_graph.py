@@ -263,3 +263,39 @@ def test_close_all_closes_everything(tmp_path):
     pyrep.blockdev_add({"driver": "memory", "size": "1M", "node-name": "y"})
     pyrep.close_all()
     assert pyrep.nodes() == {} and pyrep.backends() == {}
+
+
+def test_inactive_nodes_refuse_io():
+    blk = pyrep.open_backend({"driver": "memory", "size": "1M"})
+    blk.node.set_inactive(True)
+    for call in (lambda: blk.pread(0, 1), lambda: blk.pwrite(0, b"x")):
+        with pytest.raises(pyrep.BlockError) as e:
+            call()
+        assert e.value.errno == errno.EPERM and "inactive" in str(e.value)
+    blk.node.set_inactive(False)
+    blk.pwrite(0, b"x")
+
+
+def test_detect_zeroes_turns_zero_writes_into_zero_clusters():
+    base = pyrep.blockdev_add({"driver": "memory", "size": "1M", "node-name": "base"})
+    base.pwrite(0, b"\xff" * 65536)
+    blk = pyrep.open_backend({"driver": "memory", "backing": "base", "detect-zeroes": "on"})
+    blk.pwrite(0, bytes(65536))
+    st = blk.block_status(0, 65536)
+    assert st.flags & BS_ZERO and st.flags & BS_ALLOCATED
+    assert blk.node.driver.memory_used < 200  # no compressed payload was stored
+    assert blk.pread(0, 65536) == bytes(65536)
+
+
+def test_resize_seen_by_every_backend_on_the_node():
+    pyrep.blockdev_add({"driver": "memory", "size": "1M", "node-name": "m"})
+    a = pyrep.open_backend("m", share_rw=True, perm="consistent-read,write,resize", shared="all")
+    b = pyrep.open_backend("m", shared="all")
+    assert b.length == 1 << 20
+    b.pread(0, 1)  # caches the length
+    a.truncate(2 << 20)
+    assert b.pread((2 << 20) - 1, 1) == b"\0"  # b's cached length was refreshed
+    a.truncate(1 << 20)
+    with pytest.raises(pyrep.BlockError) as e:
+        b.pread((2 << 20) - 1, 1)
+    assert e.value.errno == errno.EINVAL
