@@ -179,6 +179,9 @@ class Qcow2Driver(BlockDriver):
                                       f"backing chain loop")
                 _check_chain_loop(fn, full)
         self.backing = self.node.open_backing(opts, filename=bname, fmt=h.backing_format, relative_to=fn)
+        self._backing_len = self.backing.node.length if self.backing is not None else 0
+        self._file_preadv = self.file.preadv
+        self._file_pwritev = self.file.pwritev
 
         if not self.read_only:
             self._open_rw_fixups()
@@ -513,6 +516,35 @@ class Qcow2Driver(BlockDriver):
 
     # ================================================================ reads
     def preadv(self, offset, length, iov):
+        cb = self.cluster_bits
+        in_off = offset & self._cmask
+        if in_off + length <= self.cluster_size:
+            # hot path: the request lies in one cluster
+            cidx = offset >> cb
+            with self._lock:
+                toff = self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK
+                if toff:
+                    t = self._l2_cache.get(toff)
+                    if t is None:
+                        t = self._l2_load(toff)
+                    e = t[cidx & self._l2_mask]
+                else:
+                    e = 0
+            if (e & _FAST_MASK) == OFLAG_COPIED:
+                host = e & L2E_OFFSET_MASK
+                if host & self._cmask or host < self.cluster_size:
+                    raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} is invalid")
+                return self._file_preadv(host + in_off, length, iov)
+            if not e:
+                b = self.backing
+                if b is None:
+                    return iov.memset(0, 0, length)
+                if offset + length <= self._backing_len:
+                    return b.preadv(offset, length, iov)
+                return self._read_backing(offset, length, iov, 0)
+        return self._preadv_slow(offset, length, iov)
+
+    def _preadv_slow(self, offset, length, iov):
         done = 0
         cb = self.cluster_bits
         cmask = self._cmask
@@ -584,7 +616,7 @@ class Qcow2Driver(BlockDriver):
         b = self.backing
         m = 0
         if b is not None:
-            blen = b.node.length
+            blen = self._backing_len = b.node.length
             if pos < blen:
                 m = min(n, blen - pos)
                 b.preadv(pos, m, iov.slice(done, m))
@@ -634,6 +666,29 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(errno.EIO, self._corrupt_msg)
 
     def pwritev(self, offset, length, iov, flags=0):
+        in_off = offset & self._cmask
+        if in_off + length <= self.cluster_size and not flags & REQ_FUA and self._corrupt_msg is None:
+            cidx = offset >> self.cluster_bits
+            with self._lock:
+                if cidx not in self._inflight:
+                    toff = self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK
+                    if toff:
+                        t = self._l2_cache.get(toff)
+                        if t is None:
+                            t = self._l2_load(toff)
+                        e = t[cidx & self._l2_mask]
+                    else:
+                        e = 0
+                else:
+                    e = 0
+            if (e & _FAST_MASK) == OFLAG_COPIED:
+                host = e & L2E_OFFSET_MASK
+                if host & self._cmask or host < self.cluster_size or self._meta_overlap(host, self.cluster_size):
+                    raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} is invalid")
+                return self._file_pwritev(host + in_off, length, iov)
+        return self._pwritev_slow(offset, length, iov, flags)
+
+    def _pwritev_slow(self, offset, length, iov, flags):
         if self._corrupt_msg:
             raise BlockError(errno.EIO, self._corrupt_msg)
         done = 0
@@ -739,6 +794,15 @@ class Qcow2Driver(BlockDriver):
                 head = self._old_bytes(cidx, olds[0], 0, in_off)
             if tail_len:
                 tail = self._old_bytes(cidx + k - 1, olds[-1], cs - tail_len, tail_len)
+            if (not in_off or head is None and known_zero) and (not tail_len or tail is None and known_zero):
+                if tail_len:
+                    self._ensure_file_size(host + k * cs)
+                if self._meta_overlap(host, k * cs) or host < cs:
+                    raise self._corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
+                self._file_pwritev(host + in_off, n, iov.slice(done, n) if done or n != iov.size else iov)
+                start, total = host + in_off, n
+                self._commit_alloc(cidx, k, host, olds, start, total)
+                return
             v = IOVector()
             start = host + in_off
             total = n
@@ -758,21 +822,25 @@ class Qcow2Driver(BlockDriver):
                     total += tail_len
             if self._meta_overlap(host, k * cs) or host < cs:
                 raise self._corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
-            self.file.pwritev(start, total, v)
-            with self._lock:
-                self._note_written(start + total)
-                t, _ = self._l2_table(cidx >> self._l2_bits, alloc=False)
-                l2i = cidx & self._l2_mask
-                for j in range(k):
-                    t[l2i + j] = (host + j * cs) | OFLAG_COPIED
-                    if olds[j]:
-                        self._free_later(olds[j])
-                self._l2_dirty.add(self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK)
+            self._file_pwritev(start, total, v)
+            self._commit_alloc(cidx, k, host, olds, start, total)
         finally:
             with self._lock:
                 for j in range(k):
                     self._inflight.discard(cidx + j)
                 self._cond.notify_all()
+
+    def _commit_alloc(self, cidx, k, host, olds, start, total):
+        cs = self.cluster_size
+        with self._lock:
+            self._note_written(start + total)
+            t, _ = self._l2_table(cidx >> self._l2_bits, alloc=False)
+            l2i = cidx & self._l2_mask
+            for j in range(k):
+                t[l2i + j] = (host + j * cs) | OFLAG_COPIED
+                if olds[j]:
+                    self._free_later(olds[j])
+            self._l2_dirty.add(self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK)
 
     def _ensure_file_size(self, end):
         """The file must reach ``end`` (so data clusters never hang past EOF); grow in chunks."""
