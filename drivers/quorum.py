@@ -15,9 +15,7 @@ A child that fails (or loses a vote) is not fatal as long as the threshold is
 met: it is recorded in the node's error log (:func:`child_errors`), as
 QEMU reports QUORUM_REPORT_BAD events. Children can be added and removed at
 run time with :func:`quorum_add_child` / :func:`quorum_del_child` (QEMU's
-x-blockdev-change), never below the threshold. These two are also published
-as ``pyrep.quorum_add_child`` / ``pyrep.quorum_del_child`` once this driver
-is loaded (which any quorum node does).
+x-blockdev-change), never below the threshold; pyrep exports both.
 
 The primary side of block replication is a quorum with vote-threshold=1 and
 read-pattern=fifo over the local disk and a replication(mode=primary) filter.
@@ -342,14 +340,3 @@ def clear_child_errors(node_name):
     with drv._lock:
         drv.error_log.clear()
         drv.error_counts.clear()
-
-
-def _publish():
-    # pyrep's own __init__ does not list these yet: make pyrep.quorum_add_child work
-    import pyrep
-    for fn in (quorum_add_child, quorum_del_child):
-        if not hasattr(pyrep, fn.__name__):
-            setattr(pyrep, fn.__name__, fn)
-
-
-_publish()

@@ -32,6 +32,18 @@ def clear_errors(node_name):
     return _clear(node_name)
 
 
+def quorum_add_child(node_name, child_node_name):
+    """Add an existing node as a new child of the quorum ``node_name`` (QEMU's x-blockdev-change)."""
+    from .drivers.quorum import quorum_add_child as _add
+    return _add(node_name, child_node_name)
+
+
+def quorum_del_child(node_name, child):
+    """Remove a child (by role ``children.N`` or node name) from a quorum; never below its threshold."""
+    from .drivers.quorum import quorum_del_child as _del
+    return _del(node_name, child)
+
+
 def __getattr__(name):
     # heavier subsystems load on first use
     if name in ("jobs", "replication"):
