@@ -743,9 +743,10 @@ def cmd_convert(a):
 
 
 def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
+    """Copy ``src`` to ``dst``: zero/unallocated ranges are skipped (the fresh target reads zeroes), data
+    extents are gathered into 2 MiB buffers that a writer thread writes while the next one is read."""
     snode, dnode = src.node, dst.node
     prog = Progress(a.progress)
-    prog.update(0)
     min_sparse = size_arg(a.min_sparse) if a.min_sparse is not None else 4096
     # target is fresh (reads zero) unless -n or target has a backing file
     fresh = not a.no_create and not target_has_backing
@@ -754,52 +755,66 @@ def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
         info = dnode.driver.get_info() or {}
         cs = info.get("cluster-size") or 65536
     chunk_max = IO_BUF_SIZE if not cs else max(cs, (IO_BUF_SIZE // cs) * cs)
-    bufs = [bytearray(chunk_max), bytearray(chunk_max)]
     rd = snode.preadv
     wr = dnode.pwritev
-    pool = _Writer()
+    pool = _Writer(wr, dst, nbufs=4, bufsize=chunk_max)
+    state = {"buf": None, "start": 0, "fill": 0}
+
+    def flush_pending():
+        buf, fill, start = state["buf"], state["fill"], state["start"]
+        if buf is None or not fill:
+            return
+        state["buf"], state["fill"] = None, 0
+        mv = memoryview(buf)[:fill]
+        if cwrite is not None:
+            pool.call(_write_compressed, cwrite, dst, start, mv, cs, size, buf)
+        elif not any_nonzero(mv):
+            if not fresh:
+                pool.zero(start, fill, buf)
+            else:
+                pool.release(buf)
+        else:
+            runs = _nonzero_runs(mv, fill, min_sparse) if fresh and min_sparse else [(0, fill)]
+            pool.write(start, runs, mv, buf)
+
     off = 0
-    turn = 0
     try:
         while off < size:
             if target_has_backing:
                 st = skip_filters(snode).block_status(off, size - off)
                 flags, n = st.flags, st.length
                 if not flags & (BS_ALLOCATED | BS_ZERO):
+                    flush_pending()
                     off += n            # left to the backing file
                     prog.update(off * 100.0 / size)
                     continue
             else:
                 flags, n = status_above(snode, off, size - off)
             if flags & BS_ZERO:
+                flush_pending()
                 if not fresh:
-                    pool.wait()
-                    dst.pwrite_zeroes(off, n)
+                    pool.zero(off, n, None)
                 off += n
                 prog.update(off * 100.0 / size)
                 continue
             end = off + n
             while off < end:
-                c = min(chunk_max, end - off)
-                if cs:
-                    # compressed output: whole clusters
-                    c = min(((off // cs) + 1) * cs - off if off % cs else chunk_max, end - off)
-                buf = bufs[turn]
-                turn ^= 1
-                pool.wait()  # the buffer we are about to fill is no longer being written
-                mv = memoryview(buf)[:c]
-                rd(off, c, IOVector(mv))
-                if cwrite is not None:
-                    _write_compressed(cwrite, dst, off, mv, cs, size)
-                elif not any_nonzero(mv):
-                    if not fresh:
-                        dst.pwrite_zeroes(off, c)
-                else:
-                    runs = _nonzero_runs(mv, c, min_sparse) if fresh and min_sparse else [(0, c)]
-                    pool.submit(wr, off, runs, mv)
+                if state["buf"] is not None and state["start"] + state["fill"] != off:
+                    flush_pending()
+                if state["buf"] is None:
+                    state["buf"], state["start"], state["fill"] = pool.get_buffer(), off, 0
+                fill = state["fill"]
+                c = min(chunk_max - fill, end - off)
+                if cs and not fill and off % cs:
+                    c = min(cs - off % cs, c)  # compressed output: buffers start on a cluster boundary
+                rd(off, c, IOVector(memoryview(state["buf"])[fill:fill + c]))
+                state["fill"] = fill + c
                 off += c
+                if state["fill"] == chunk_max or (cs and not off % cs and state["fill"] % cs):
+                    flush_pending()
                 prog.update(off * 100.0 / size)
-        pool.wait()
+        flush_pending()
+        pool.finish()
     finally:
         pool.close()
     prog.done()
@@ -839,60 +854,76 @@ def _nonzero_runs(mv, n, gran):
 
 
 class _Writer:
-    """One background writer thread so reading the next chunk overlaps writing this one."""
+    """A writer thread fed through a queue, with a fixed set of buffers (``get_buffer`` blocks until
+    the thread has finished with one): reading the next buffer overlaps writing the previous ones."""
 
-    def __init__(self):
-        self._job = None
+    def __init__(self, wr, blk, nbufs=4, bufsize=IO_BUF_SIZE):
+        import queue
+        self._wr, self._blk = wr, blk
+        self._free = queue.Queue()
+        for _ in range(nbufs):
+            self._free.put(bytearray(bufsize))
+        self._jobs = queue.Queue()
         self._err = None
-        self._cv = threading.Condition()
-        self._thread = None
-        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="pyrep-img-writer")
+        self._thread.start()
 
     def _run(self):
-        cv = self._cv
+        jobs, free = self._jobs, self._free
         while True:
-            with cv:
-                while self._job is None and not self._stop:
-                    cv.wait()
-                if self._job is None:
-                    return
-                job = self._job
-            wr, off, runs, mv = job
-            try:
-                for s, n in runs:
-                    wr(off + s, n, IOVector(mv[s:s + n]))
-            except BaseException as e:  # noqa: BLE001
-                self._err = e
-            with cv:
-                self._job = None
-                cv.notify_all()
+            job = jobs.get()
+            if job is None:
+                return
+            kind, buf = job[0], job[-1]
+            if self._err is None:
+                try:
+                    if kind == "w":
+                        _, off, runs, mv, _ = job
+                        wr = self._wr
+                        for st, n in runs:
+                            wr(off + st, n, IOVector(mv[st:st + n]))
+                    elif kind == "z":
+                        self._blk.pwrite_zeroes(job[1], job[2])
+                    else:
+                        job[1](*job[2])
+                except BaseException as e:  # noqa: BLE001
+                    self._err = e
+            if buf is not None:
+                free.put(buf)
 
-    def submit(self, wr, off, runs, mv):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="pyrep-img-writer")
-            self._thread.start()
-        with self._cv:
-            self._job = (wr, off, runs, mv)
-            self._cv.notify_all()
-
-    def wait(self):
-        if self._thread is None:
-            return
-        with self._cv:
-            while self._job is not None:
-                self._cv.wait()
+    def _check(self):
         if self._err is not None:
             e, self._err = self._err, None
             raise e
 
+    def get_buffer(self):
+        self._check()
+        buf = self._free.get()
+        self._check()
+        return buf
+
+    def release(self, buf):
+        self._free.put(buf)
+
+    def write(self, off, runs, mv, buf):
+        self._jobs.put(("w", off, runs, mv, buf))
+
+    def zero(self, off, n, buf):
+        self._jobs.put(("z", off, n, buf))
+
+    def call(self, fn, *args):
+        buf = args[-1]
+        self._jobs.put(("c", fn, args[:-1], buf))
+
+    def finish(self):
+        """Wait until every queued job is done; raise the first error."""
+        done = threading.Event()
+        self._jobs.put(("c", done.set, (), None))
+        done.wait()
+        self._check()
+
     def close(self):
-        if self._thread is None:
-            return
-        with self._cv:
-            while self._job is not None:
-                self._cv.wait()
-            self._stop = True
-            self._cv.notify_all()
+        self._jobs.put(None)
         self._thread.join()
 
 
