@@ -2,11 +2,14 @@
 
 Rules name an operation (read, write, zero, discard, flush, any), the byte
 range a request must touch, the errno to fail with, whether to fire once,
-and how many matching requests to let pass first. Rules can also be added
+and how many matching requests to let pass first. A rule with ``delay``
+(seconds) holds matching requests that long before they go on (or fail, if
+it also has an errno): races in tests become reproducible. Rules can also be added
 and cleared at run time with :func:`pyrep.inject_error` and
 :func:`pyrep.clear_errors`. Everything else is forwarded to ``file``.
 """
 import threading
+import time
 
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError, errno_from
@@ -15,20 +18,30 @@ from pyrep.options import Opt, parse_bool, parse_size
 __all__ = ["BlkdebugDriver", "Rule"]
 
 _OPS = ("read", "write", "zero", "discard", "flush", "any")
-_RULE_KEYS = {"op", "errno", "offset", "length", "once", "after"}
+_RULE_KEYS = {"op", "errno", "offset", "length", "once", "after", "delay"}
 
 
 class Rule:
     """One injected error: fail requests of ``op`` touching ``[offset, offset+length)``."""
 
-    __slots__ = ("op", "errno", "offset", "length", "once", "after", "seen", "fired")
+    __slots__ = ("op", "errno", "offset", "length", "once", "after", "delay", "seen", "fired")
 
-    def __init__(self, op="any", errno="EIO", offset=0, length=None, once=False, after=0, where="inject-error"):
+    def __init__(self, op="any", errno="EIO", offset=0, length=None, once=False, after=0, delay=None,
+                 where="inject-error"):
         if op not in _OPS:
             raise OptionError(f"blkdebug: {where}.op: expected one of {', '.join(_OPS)}, got {op!r}")
         self.op = op
+        if delay is not None:
+            try:
+                delay = float(delay)
+            except (TypeError, ValueError):
+                raise OptionError(f"blkdebug: {where}.delay: expected seconds, got {delay!r}") from None
+            if not 0 <= delay <= 60:
+                raise OptionError(f"blkdebug: {where}.delay: expected 0 to 60 seconds, got {delay}")
+        self.delay = delay
         try:
-            self.errno = errno_from(errno)
+            # a delay rule without an explicit errno only delays
+            self.errno = None if errno is None else errno_from(errno)
         except OptionError as e:
             raise OptionError(f"blkdebug: {where}.errno: {e}") from None
         self.offset = parse_size(offset, f"blkdebug: {where}.offset")
@@ -72,6 +85,8 @@ class BlkdebugDriver(BlockDriver):
             if unknown:
                 raise OptionError(f"blkdebug: unknown option '{where}.{sorted(unknown)[0]}' "
                                   f"(rule keys: {', '.join(sorted(_RULE_KEYS))})")
+            if "delay" in spec and "errno" not in spec:
+                spec = dict(spec, errno=None)
             self.rules.append(Rule(where=where, **spec))
         align = opts["align"]
         if align & (align - 1):
@@ -89,8 +104,9 @@ class BlkdebugDriver(BlockDriver):
     def _check(self, op, offset, length):
         if not self.rules:
             return
+        delay, fail = 0.0, None
         with self._lock:
-            for rule in self.rules:
+            for rule in list(self.rules):
                 if not rule.matches(op, offset, length):
                     continue
                 rule.seen += 1
@@ -99,8 +115,15 @@ class BlkdebugDriver(BlockDriver):
                 rule.fired += 1
                 if rule.once:
                     self.rules.remove(rule)
-                raise BlockError(rule.errno, f"blkdebug: injected error on {op} at {offset} "
-                                             f"(+{length}) of node '{self.node.name}'")
+                delay = max(delay, rule.delay or 0.0)
+                if rule.errno is not None:
+                    fail = rule
+                    break
+        if delay:
+            time.sleep(delay)  # outside the lock: other requests keep flowing
+        if fail is not None:
+            raise BlockError(fail.errno, f"blkdebug: injected error on {op} at {offset} "
+                                         f"(+{length}) of node '{self.node.name}'")
 
     def preadv(self, offset, length, iov):
         self._check("read", offset, length)
@@ -126,10 +149,12 @@ class BlkdebugDriver(BlockDriver):
         return self.file.node.make_empty()
 
 
-def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0):
-    """Add a rule to the blkdebug node ``node_name`` at run time; returns the Rule."""
+def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0, delay=None):
+    """Add a rule to the blkdebug node ``node_name`` at run time; returns the Rule.
+
+    With ``delay`` (seconds) and ``errno=None`` matching requests are only held up."""
     driver = _blkdebug(node_name)
-    rule = Rule(op=op, errno=errno, offset=offset, length=length, once=once, after=after)
+    rule = Rule(op=op, errno=errno, offset=offset, length=length, once=once, after=after, delay=delay)
     driver.add_rule(rule)
     return rule
 

@@ -20,10 +20,12 @@ from .options import Opt, flatten, normalize, parse_drive, unflatten
 __version__ = "0.1.0"
 
 
-def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0):
-    """Make the blkdebug node ``node_name`` fail matching requests from now on (see the blkdebug driver)."""
+def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0, delay=None):
+    """Make the blkdebug node ``node_name`` fail (or, with ``delay`` and ``errno=None``, hold up)
+    matching requests from now on (see the blkdebug driver)."""
     from .drivers.blkdebug import inject_error as _inject
-    return _inject(node_name, op=op, errno=errno, offset=offset, length=length, once=once, after=after)
+    return _inject(node_name, op=op, errno=errno, offset=offset, length=length, once=once, after=after,
+                   delay=delay)
 
 
 def clear_errors(node_name):

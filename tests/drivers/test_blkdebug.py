@@ -79,3 +79,21 @@ def test_inject_on_a_non_blkdebug_node():
     pyrep.blockdev_add({"driver": "null", "node-name": "n"})
     with pytest.raises(pyrep.OptionError, match="is a 'null' node, not blkdebug"):
         pyrep.inject_error("n")
+
+
+def test_delay_rules_hold_requests_without_failing(blk):
+    import threading
+    import time
+    pyrep.inject_error("dbg", op="read", errno=None, delay=0.2, offset=0, length=4096)
+    done = []
+    t = threading.Thread(target=lambda: done.append(blk.pread(0, 512)))
+    t0 = time.monotonic()
+    t.start()
+    blk.pwrite(65536, b"w")          # other requests are not held up
+    blk.pread(65536, 1)
+    assert not done
+    t.join(5)
+    assert done == [bytes(512)] and time.monotonic() - t0 >= 0.2
+    with pytest.raises(pyrep.OptionError, match=r"inject-error.0.delay: expected 0 to 60 seconds"):
+        pyrep.blockdev_add({"driver": "blkdebug", "inject-error": [{"op": "read", "delay": -1}],
+                            "file": {"driver": "null"}})
