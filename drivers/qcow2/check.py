@@ -234,8 +234,9 @@ def _walk_l1(x, l1, l1_off, active):
                         x.corr_fixed += 1
                     continue
                 _inc(x, coff & ~511, nsec * 512)
-                x.allocated += 1
-                x.compressed += 1
+                if active:
+                    x.allocated += 1
+                    x.compressed += 1
                 if le & OFLAG_COPIED and active:
                     x.corruptions += 1
                     x.msgs.append(f"ERROR compressed cluster with OFLAG_COPIED set (L2 {off:#x} index {i})")
@@ -263,11 +264,11 @@ def _walk_l1(x, l1, l1_off, active):
                     x.corr_fixed += 1
                 continue
             _inc(x, host, cs)
-            x.allocated += 1
-            if x.prev_data is not None and host != x.prev_data + cs:
-                x.fragmented += 1
-            x.prev_data = host
             if active:
+                x.allocated += 1
+                if x.prev_data is not None and host != x.prev_data + cs:
+                    x.fragmented += 1
+                x.prev_data = host
                 x.copied_l2.append((off, i, host, bool(le & OFLAG_COPIED)))
         if fixed:
             x.file.pwrite(off, F.array_to_be64(t))

@@ -77,6 +77,8 @@ class Qcow2Driver(BlockDriver):
         Opt("l2-cache-size", "size", help="maximum bytes of L2 tables kept in memory (default 32M)"),
         Opt("refcount-cache-size", "size", help="maximum bytes of refcount blocks kept in memory (default 8M)"),
         Opt("lazy-refcounts", "bool", help="accepted; pyrep never defers refcount updates"),
+        Opt("x-check-repair", "bool", default=False,
+            help="internal (check -r): open a corrupt image read/write only to repair it; writes are refused"),
     )
     create_options = (
         Opt("cluster_size", "size", default=65536, help="cluster size, 512 B to 2 MiB"),
@@ -125,7 +127,10 @@ class Qcow2Driver(BlockDriver):
         self._csize_mask = (1 << (cb - 8)) - 1
         self._coffset_mask = (1 << self._csize_shift) - 1
 
-        if h.incompatible & F.INCOMPAT_CORRUPT and not self.read_only:
+        self._repair_only = False
+        if h.incompatible & F.INCOMPAT_CORRUPT and not self.read_only and opts.get("x-check-repair"):
+            self._repair_only = True
+        elif h.incompatible & F.INCOMPAT_CORRUPT and not self.read_only:
             raise BlockError(errno.EACCES, f"qcow2: image {fn} is marked corrupt; cannot be opened read/write "
                                            f"(open it read-only, or repair it with check -r all)")
         if h.nb_snapshots and not self.read_only:
@@ -162,6 +167,9 @@ class Qcow2Driver(BlockDriver):
         self._zero_from = -(-file_len // cs)       # clusters at or past this index were never written
         self._comp_cache = (None, None)
         self._corrupt_msg = None
+        if self._repair_only:
+            self._corrupt_msg = (f"qcow2: image {fn} is marked corrupt; it is open only to be repaired "
+                                 f"(check -r all), writes are refused")
         self._can_truncate = True
 
         # backing
@@ -183,7 +191,7 @@ class Qcow2Driver(BlockDriver):
         self._file_preadv = self.file.preadv
         self._file_pwritev = self.file.pwritev
 
-        if not self.read_only:
+        if not self.read_only and not self._repair_only:
             self._open_rw_fixups()
         self._closed = False
 
@@ -207,7 +215,7 @@ class Qcow2Driver(BlockDriver):
         if getattr(self, "_closed", True):
             return
         try:
-            if not self.read_only and self.file is not None:
+            if not self.read_only and self.file is not None and not self._repair_only:
                 with self._lock:
                     self._flush_meta_locked()
                     self._flush_meta_locked()  # applies frees left by the first pass
@@ -1187,6 +1195,13 @@ class Qcow2Driver(BlockDriver):
                 self._flush_meta_locked()
                 self._flush_meta_locked()
             res = run_check(self, repair)
+            if repair == "all" and self.header.incompatible & F.INCOMPAT_CORRUPT and res["corruptions"] == 0:
+                self.header.incompatible &= ~(F.INCOMPAT_CORRUPT | F.INCOMPAT_DIRTY)
+                self._write_header_u64(72, self.header.incompatible)
+                self.file.flush()
+                self._corrupt_msg = None
+                self._repair_only = False
+                res["messages"].append("The corrupt flag was cleared")
             if repair and (res["leaks-fixed"] or res["corruptions-fixed"]):
                 # reload metadata from disk
                 cs = self.cluster_size

@@ -145,3 +145,23 @@ def test_l2_entry_beyond_eof_detected_by_check(tmp_path):
     res = pyrep.check_image(str(img), repair="all")
     assert res["corruptions"] == 0 and res["corruptions-fixed"] >= 1
     qcheck(img)
+
+
+def test_corrupt_bit_repair_open(tmp_path):
+    from qcow2_testutil import qcheck, qio
+    img = _image(tmp_path)
+    qio(img, "write -P 5 0 64k")
+    _patch(img, 72, ">Q", 2)
+    blk = open_q(img, **{"x-check-repair": True})
+    try:
+        with pytest.raises(BlockError) as ei:
+            blk.pwrite(0, b"x")
+        assert "corrupt" in str(ei.value)
+        res = blk.node.driver.check("all")
+        assert res["corruptions"] == 0
+        blk.pwrite(0, b"\x06" * 512)   # repaired: writable again
+    finally:
+        blk.close()
+    assert struct.unpack(">Q", img.read_bytes()[72:80])[0] == 0
+    qcheck(img)
+    qio(img, "read -P 6 0 512", "read -P 5 512 65024")
