@@ -430,13 +430,19 @@ class Node(NodeIO):
         iov = data if isinstance(data, IOVector) else IOVector(data)
         self.pwritev(offset, iov.size, iov, flags)
 
-    def pwrite_zeroes(self, offset, length, flags=0):
-        """Make the range read as zeroes; falls back to writing zero buffers."""
+    def _valid_write(self, offset, length):
+        """False for an empty request; raises for a bad one or a node that cannot be written."""
         if length == 0:
-            return
+            return False
         if length < 0 or offset < 0:
             raise BlockError(errno.EINVAL, f"node '{self.name}': bad request offset={offset} length={length}")
         self._check_access(True)
+        return True
+
+    def pwrite_zeroes(self, offset, length, flags=0):
+        """Make the range read as zeroes; falls back to writing zero buffers."""
+        if not self._valid_write(offset, length):
+            return
         if not self.discard_unmap:
             flags &= ~REQ_MAY_UNMAP
         a = self.align
@@ -458,12 +464,7 @@ class Node(NodeIO):
 
     def pdiscard(self, offset, length):
         """Discard the range (a hint; ignored unless the node was opened with discard=unmap)."""
-        if length == 0:
-            return
-        if length < 0 or offset < 0:
-            raise BlockError(errno.EINVAL, f"node '{self.name}': bad request offset={offset} length={length}")
-        self._check_access(True)
-        if not self.discard_unmap:
+        if not self._valid_write(offset, length) or not self.discard_unmap:
             return
         with self.tracked(offset, length):
             self._notify_write(offset, length, 0)
