@@ -28,7 +28,7 @@ except ImportError:  # Python < 3.11
 __all__ = ["load_config", "Graph"]
 
 _BACKEND_KEYS = {"name", "node", "read-only", "share-rw", "perm", "shared"}
-_TOP_KEYS = {"blockdev", "backend", "replication", "export"}
+_TOP_KEYS = {"blockdev", "backend"}
 
 
 class Graph:

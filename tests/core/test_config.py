@@ -73,3 +73,31 @@ def test_errors_name_file_and_key(tmp_path, text, msg):
 def test_missing_file(tmp_path):
     with pytest.raises(pyrep.OptionError, match="cannot read config file"):
         pyrep.load_config(tmp_path / "nope.toml")
+
+
+def test_the_example_secondary_config_starts_replication(tmp_path, qemu_img):
+    import os
+    import shutil
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg = os.path.join(here, "..", "..", "examples", "configs", "secondary.toml")
+    shutil.copy(cfg, tmp_path / "secondary.toml")
+    qemu_img("create", "-f", "qcow2", tmp_path / "secondary.qcow2", "16M")
+    g = pyrep.load_config(tmp_path / "secondary.toml")
+    pyrep.backend("s_disk_blk").pwrite(0, b"checkpoint")
+    pyrep.replication.start_all("secondary")
+    assert pyrep.replication.status()[0]["stage"] == "running"
+    top = pyrep.backend("s_top")
+    pyrep.backend("s_disk_blk").pwrite(0, b"PRIMARY!!!")     # a forwarded primary write: COW keeps the old data
+    assert top.pread(0, 10) == b"checkpoint"
+    top.pwrite(100, b"mine")
+    pyrep.replication.stop_all(failover=True, wait=True)
+    # failover rolls the disk back to the last checkpoint (taken at start) plus the secondary's writes
+    assert top.pread(0, 10) == b"checkpoint"
+    assert top.pread(100, 4) == b"mine"
+    g.close()
+
+
+def test_unsupported_sections_are_refused(tmp_path):
+    (tmp_path / "g.toml").write_text('[[export]]\nnode = "x"\n')
+    with pytest.raises(pyrep.OptionError, match="unknown top-level key 'export'"):
+        pyrep.load_config(tmp_path / "g.toml")
