@@ -523,33 +523,31 @@ class Qcow2Driver(BlockDriver):
         self.file.flush()
 
     # ================================================================ reads
-    def preadv(self, offset, length, iov):
-        cb = self.cluster_bits
+    def preadv(self, offset, length, iov, _L1M=L1E_OFFSET_MASK, _L2M=L2E_OFFSET_MASK, _FM=_FAST_MASK,
+               _CP=OFLAG_COPIED):
         in_off = offset & self._cmask
         if in_off + length <= self.cluster_size:
-            # hot path: the request lies in one cluster
-            cidx = offset >> cb
-            with self._lock:
-                toff = self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK
-                if toff:
-                    t = self._l2_cache.get(toff)
-                    if t is None:
-                        t = self._l2_load(toff)
-                    e = t[cidx & self._l2_mask]
-                else:
-                    e = 0
-            if (e & _FAST_MASK) == OFLAG_COPIED:
-                host = e & L2E_OFFSET_MASK
-                if host & self._cmask or host < self.cluster_size:
-                    raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} is invalid")
-                return self._file_preadv(host + in_off, length, iov)
-            if not e:
-                b = self.backing
-                if b is None:
-                    return iov.memset(0, 0, length)
-                if offset + length <= self._backing_len:
-                    return b.preadv(offset, length, iov)
-                return self._read_backing(offset, length, iov, 0)
+            # hot path, lock-free under the GIL: cache hits only (dict/array reads are atomic);
+            # a miss or anything unusual takes the locked slow path
+            cidx = offset >> self.cluster_bits
+            toff = self._l1[cidx >> self._l2_bits] & _L1M
+            if toff:
+                t = self._l2_cache.get(toff)
+                if t is None:
+                    return self._preadv_slow(offset, length, iov)
+                e = t[cidx & self._l2_mask]
+                if (e & _FM) == _CP:
+                    host = e & _L2M
+                    if host & self._cmask or host < self.cluster_size:
+                        raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} is invalid")
+                    return self._file_preadv(host + in_off, length, iov)
+                if e:
+                    return self._preadv_slow(offset, length, iov)
+            b = self.backing
+            if b is None:
+                return iov.memset(0, 0, length)
+            if offset + length <= self._backing_len:
+                return b.preadv(offset, length, iov)
         return self._preadv_slow(offset, length, iov)
 
     def _preadv_slow(self, offset, length, iov):
@@ -673,27 +671,23 @@ class Qcow2Driver(BlockDriver):
         if self._corrupt_msg:
             raise BlockError(errno.EIO, self._corrupt_msg)
 
-    def pwritev(self, offset, length, iov, flags=0):
+    def pwritev(self, offset, length, iov, flags=0, _L1M=L1E_OFFSET_MASK, _L2M=L2E_OFFSET_MASK,
+                _FM=_FAST_MASK, _CP=OFLAG_COPIED):
         in_off = offset & self._cmask
         if in_off + length <= self.cluster_size and not flags & REQ_FUA and self._corrupt_msg is None:
+            # hot path (lock-free cache hit, see preadv): overwrite inside an allocated cluster
             cidx = offset >> self.cluster_bits
-            with self._lock:
-                if cidx not in self._inflight:
-                    toff = self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK
-                    if toff:
-                        t = self._l2_cache.get(toff)
-                        if t is None:
-                            t = self._l2_load(toff)
-                        e = t[cidx & self._l2_mask]
-                    else:
-                        e = 0
-                else:
-                    e = 0
-            if (e & _FAST_MASK) == OFLAG_COPIED:
-                host = e & L2E_OFFSET_MASK
-                if host & self._cmask or host < self.cluster_size or self._meta_overlap(host, self.cluster_size):
-                    raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} is invalid")
-                return self._file_pwritev(host + in_off, length, iov)
+            toff = self._l1[cidx >> self._l2_bits] & _L1M
+            if toff and cidx not in self._inflight:
+                t = self._l2_cache.get(toff)
+                if t is not None:
+                    e = t[cidx & self._l2_mask]
+                    if (e & _FM) == _CP:
+                        host = e & _L2M
+                        if host & self._cmask or host < self.cluster_size or self._meta_overlap(host, length):
+                            raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} "
+                                                f"is invalid")
+                        return self._file_pwritev(host + in_off, length, iov)
         return self._pwritev_slow(offset, length, iov, flags)
 
     def _pwritev_slow(self, offset, length, iov, flags):
