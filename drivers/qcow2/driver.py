@@ -15,6 +15,7 @@ condition variable on the metadata lock.
 """
 import errno
 import os
+import struct
 import threading
 import zlib
 from array import array
@@ -1071,8 +1072,6 @@ class Qcow2Driver(BlockDriver):
         if h.nb_snapshots or h.has_bitmaps_ext or h.has_crypto_ext:
             # slow path: drop every cluster mapping one by one
             self._zero_or_discard(0, self.size, REQ_MAY_UNMAP, discard=True)
-            for i in range(len(self._l1)):
-                pass
             return self.flush()
         cs = self.cluster_size
         cb = self.cluster_bits
@@ -1122,7 +1121,6 @@ class Qcow2Driver(BlockDriver):
             self.file.pwrite_zeroes(lay["l1_off"], -(-l1_size * 8 // cs) * cs)
         self.file.flush()
         # one write switches l1_size, l1_table_offset, refcount_table_offset and refcount_table_clusters
-        import struct
         self.file.pwrite(36, struct.pack(">IQQI", l1_size, lay["l1_off"] if l1_size else 0, lay["rt_off"],
                                          lay["rt_clusters"]))
         self.file.flush()
