@@ -881,7 +881,7 @@ class Qcow2Driver(BlockDriver):
         self._check_writable()
         self._zero_or_discard(offset, length, REQ_MAY_UNMAP, discard=True)
 
-    def _zero_or_discard(self, offset, length, flags, discard):
+    def _zero_or_discard(self, offset, length, flags, discard, full=False):
         cs = self.cluster_size
         end = offset + length
         a = (offset + cs - 1) & ~(cs - 1)
@@ -908,7 +908,7 @@ class Qcow2Driver(BlockDriver):
                 l1i = c >> self._l2_bits
                 t, _ = self._l2_table(l1i, alloc=False)
                 stop = min(cend, (l1i + 1) << self._l2_bits)
-                if t is None and ((discard and self.version == 2)
+                if t is None and ((discard and (self.version == 2 or full))
                                   or self._reads_zero_unalloc(c << cb, (stop - c) << cb)):
                     c = stop
                     continue
@@ -929,7 +929,7 @@ class Qcow2Driver(BlockDriver):
                     pos = c << cb
                     if self.version >= 3:
                         if discard:
-                            new = 0 if self._reads_zero_unalloc(pos, cs) else OFLAG_ZERO
+                            new = 0 if full or self._reads_zero_unalloc(pos, cs) else OFLAG_ZERO
                         elif flags & REQ_MAY_UNMAP or kind in (COMPRESSED, UNALLOC, ZERO_PLAIN):
                             new = OFLAG_ZERO
                         else:   # keep the allocation: NORMAL / ZERO_ALLOC
@@ -1071,7 +1071,7 @@ class Qcow2Driver(BlockDriver):
         h = self.header
         if h.nb_snapshots or h.has_bitmaps_ext or h.has_crypto_ext:
             # slow path: drop every cluster mapping one by one
-            self._zero_or_discard(0, self.size, REQ_MAY_UNMAP, discard=True)
+            self._zero_or_discard(0, self.size, REQ_MAY_UNMAP, discard=True, full=True)
             return self.flush()
         cs = self.cluster_size
         cb = self.cluster_bits
