@@ -1104,7 +1104,7 @@ def cmd_bench(a):
         if a.flush_interval:
             qprint(a.quiet, f"Sending flush every {a.flush_interval} requests")
         elapsed = run_bench(blk, count, depth, bufsize, step, offset, image_size, a.write, pattern,
-                            a.flush_interval, a.path)
+                            a.flush_interval, a.path, a.threads)
         qprint(a.quiet, "Run completed in %.3f seconds." % elapsed)
     finally:
         blk.close()
@@ -1116,7 +1116,8 @@ def _offsets(start, step, image_size, count, first, stride):
     return [(start + i * step) % image_size for i in range(first, count, stride)]
 
 
-def run_bench(blk, count, depth, bufsize, step, offset, image_size, write, pattern, flush_interval, path):
+def run_bench(blk, count, depth, bufsize, step, offset, image_size, write, pattern, flush_interval, path,
+              threads=0):
     """Issue the requests; returns the elapsed seconds (setup excluded, as in qemu-img)."""
     # request function: the backend (public path) or its root edge (node graph, no in-flight gate)
     if path == "node":
@@ -1130,7 +1131,7 @@ def run_bench(blk, count, depth, bufsize, step, offset, image_size, write, patte
     else:
         fn = blk.pwritev if write else blk.preadv
         call = None
-    nthreads = min(depth, count)
+    nthreads = min(threads or depth, depth, count)
     flush = blk.flush
 
     def worker(first, stride, out):
@@ -1321,6 +1322,8 @@ def build_parser():
     s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("--flush-interval", dest="flush_interval", type=int, default=0)
     s.add_argument("--no-drain", dest="no_drain", action="store_true")
+    s.add_argument("--threads", type=int, default=0,
+                   help="pyrep only: worker threads for depth > 1 (default: depth, one per in-flight request)")
     s.add_argument("--path", choices=("backend", "node"), default="backend",
                    help="pyrep only: issue requests through the BlockBackend (default) or its root edge")
     s.add_argument("filename")
