@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
-TARGETS = {"4K read d1": 4, "4K write d1": 4, "4K read d32": 2, "4K write d32": 2,
+TARGETS = {"4K read d1": 4, "4K write d1": 4, "4K read d32": 2, "4K write d32": 2, "4K write d32 (pyrep --threads 2)": 2,
            "1M seq read d1": 1.0, "1M seq write d1": 1.0}
 
 
@@ -71,6 +71,8 @@ def main():
         bc.Point("4K write d1", ["-f", "raw", "-d", "1", "-s", "4096", "-w"], n4k, 4096),
         bc.Point("4K read d32", ["-f", "raw", "-d", "32", "-s", "4096"], n4k, 4096),
         bc.Point("4K write d32", ["-f", "raw", "-d", "32", "-s", "4096", "-w"], n4k, 4096),
+        bc.Point("4K write d32 (pyrep --threads 2)", ["-f", "raw", "-d", "32", "-s", "4096", "-w"], n4k, 4096,
+                 extra_pyrep=["--threads", "2"]),
         bc.Point("1M seq read d1", ["-f", "raw", "-d", "1", "-s", "1M"], n1m, 1 << 20),
         bc.Point("1M seq write d1", ["-f", "raw", "-d", "1", "-s", "1M", "-w"], n1m, 1 << 20),
     ]
