@@ -13,19 +13,22 @@ try:
 except ImportError:  # pragma: no cover - pyproject's build requirements provide it
     raise SystemExit("pyrep needs Cython to build: pip install cython")
 
-extensions = [
-    Extension(
-        os.path.splitext(path)[0].replace(os.sep, "."),
-        [path],
-        extra_compile_args=["-O2"],
-    )
-    for path in sorted(glob.glob(os.path.join("pyrep", "_core", "*.pyx")))
-]
+def _module_name(path):
+    """pyrep/_core/x.pyx -> pyrep._core.x; drivers/qcow2/x.pyx -> pyrep.drivers.qcow2.x"""
+    parts = os.path.splitext(path)[0].split(os.sep)
+    if parts[0] == "drivers":
+        parts = ["pyrep"] + parts
+    return ".".join(parts)
+
+
+sources = sorted(glob.glob(os.path.join("pyrep", "_core", "*.pyx")) +
+                 glob.glob(os.path.join("drivers", "**", "*.pyx"), recursive=True))
+extensions = [Extension(_module_name(path), [path], extra_compile_args=["-O2"]) for path in sources]
 
 setup(
-    packages=["pyrep", "pyrep._core", "pyrep.drivers", "pyrep.tools", "pyrep.jobs"],
+    packages=["pyrep", "pyrep._core", "pyrep.drivers", "pyrep.drivers.qcow2", "pyrep.tools", "pyrep.jobs"],
     package_dir={"pyrep": "pyrep", "pyrep.drivers": "drivers", "pyrep.tools": "tools"},
-    package_data={"pyrep._core": ["*.pxd", "*.pyx"]},
+    package_data={"pyrep._core": ["*.pxd", "*.pyx"], "pyrep.drivers.qcow2": ["*.pxd", "*.pyx"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,
