@@ -18,6 +18,7 @@ __all__ = ["blockdev_add", "blockdev_del", "open_node", "lookup", "lookup_node_o
            "reopen", "reopen_multiple", "drained", "close_all", "is_root"]
 
 _lock = threading.RLock()
+_opening = threading.local()   # per thread: the nodes being opened, outermost first
 _nodes = {}          # node-name -> Node
 _backends = {}       # backend name -> BlockBackend
 _auto = itertools.count()
@@ -60,6 +61,8 @@ def open_node(options, prefix="", inherit=None):
             auto = False
         node = Node(node_name, drv, opts, auto_named=auto, prefix=prefix)
         _nodes[node_name] = node
+    stack = _opening.__dict__.setdefault("stack", [])
+    stack.append(node)
     try:
         node.driver = drv(node)
         node.driver.open(opts)
@@ -70,6 +73,8 @@ def open_node(options, prefix="", inherit=None):
     except BaseException:
         node.close()
         raise
+    finally:
+        stack.pop()
     return node
 
 
@@ -140,16 +145,19 @@ def open_backing_file(node, filename, fmt, relative_to):
     path = filename
     if relative_to and not os.path.isabs(filename) and ":" not in filename.split("/")[0]:
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), filename)
-    seen = {os.path.realpath(relative_to)} if relative_to else set()
+    # the images being opened on this thread (a chain opens recursively) and those above the node
+    chain = list(getattr(_opening, "stack", ()))
     parent = node
     while parent is not None:
-        if parent.filename:
-            seen.add(os.path.realpath(parent.filename))
+        chain.append(parent)
         parent = next((c.parent for c in parent.parents if isinstance(c.parent, Node)), None)
+    seen = {os.path.realpath(relative_to)} if relative_to else set()
+    seen.update(os.path.realpath(n.filename) for n in chain if n.filename)
+    seen.update(os.path.realpath(n.file.filename) for n in chain if n.file is not None and n.file.filename)
     if os.path.realpath(path) in seen:
         raise OptionError(f"backing chain of '{relative_to or node.name}' loops: '{filename}' is already in the chain")
-    if _depth(node) > 64:
-        raise OptionError(f"backing chain of '{relative_to or node.name}' is deeper than 64 images")
+    if len(chain) > 256:
+        raise OptionError(f"backing chain of '{relative_to or node.name}' is too deep (more than 256 nodes)")
     if not os.path.exists(path):
         raise BlockError(2, f"could not open backing file '{filename}' of '{relative_to}': no such file", path)
     if fmt is None:
@@ -157,14 +165,6 @@ def open_backing_file(node, filename, fmt, relative_to):
     return open_node({"driver": fmt, "file": {"driver": "file", "filename": path}},
                      prefix=f"{node._path}backing.",
                      inherit={"read-only": True, "discard": node.opts.get("discard", "ignore")})
-
-
-def _depth(node):
-    depth = 0
-    while node is not None:
-        node = next((c.parent for c in node.parents if isinstance(c.parent, Node)), None)
-        depth += 1
-    return depth
 
 
 def probe_format(path):

@@ -53,9 +53,13 @@ def check_image(filename, fmt=None, repair=None):
         raise OptionError(f"check: repair must be None, 'leaks' or 'all', got {repair!r}")
     if fmt is None:
         fmt = probe_format(filename)
-    node = open_node({"driver": fmt, "read-only": repair is None, "backing": None,
-                      "file": {"driver": "file", "filename": filename}} if get_driver(fmt).supports_backing else
-                     {"driver": fmt, "read-only": repair is None, "file": {"driver": "file", "filename": filename}})
+    drv = get_driver(fmt)
+    opts = {"driver": fmt, "read-only": repair is None, "file": {"driver": "file", "filename": filename}}
+    if drv.supports_backing:
+        opts["backing"] = None  # a check looks at this image only
+    if repair is not None and any(o.name == "x-check-repair" for o in drv.options):
+        opts["x-check-repair"] = True  # lets a repair open an image marked corrupt (QEMU's BDRV_O_CHECK)
+    node = open_node(opts)
     try:
         if not node.drv.implements("check"):
             return {"filename": filename, "format": fmt, "check-errors": 0, "corruptions": 0, "leaks": 0}

@@ -299,3 +299,43 @@ def test_resize_seen_by_every_backend_on_the_node():
     with pytest.raises(pyrep.BlockError) as e:
         b.pread((2 << 20) - 1, 1)
     assert e.value.errno == errno.EINVAL
+
+
+def test_backing_loops_between_images_are_refused_by_the_graph(tmp_path):
+    """A raw-probed chain cannot loop, so build a -> b -> a with qcow2 headers and open it through a
+    format that leaves loop detection to the graph: the memory overlay names its backing by options,
+    and the graph refuses an image that already is in the chain being opened."""
+    import subprocess
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", a, "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b], check=True)
+    subprocess.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", a],
+                   check=True)
+    before = set(pyrep.nodes())
+    with pytest.raises(pyrep.OptionError, match="loop"):
+        pyrep.open_backend({"driver": "qcow2", "file": {"driver": "file", "filename": str(b)}})
+    assert set(pyrep.nodes()) == before
+    # the graph's own check, reached without the qcow2 header walk
+    from pyrep.graph import open_backing_file
+    top = pyrep.blockdev_add({"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(a)}})
+    with pytest.raises(pyrep.OptionError, match="loops"):
+        open_backing_file(top, "a.qcow2", "qcow2", str(a))
+
+
+def test_check_image_repairs_an_image_marked_corrupt(tmp_path):
+    import struct
+    import subprocess
+    img = tmp_path / "c.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+    with open(img, "r+b") as f:          # set the corrupt bit (incompatible feature bit 1)
+        f.seek(72)
+        feats = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", feats | 2))
+    with pytest.raises(pyrep.Error, match="corrupt"):
+        pyrep.open_backend({"driver": "qcow2", "file": {"driver": "file", "filename": str(img)}})
+    report = pyrep.check_image(str(img), repair="all")
+    assert report["corruptions"] == 0
+    with pyrep.open_backend({"driver": "qcow2", "file": {"driver": "file", "filename": str(img)}}) as blk:
+        blk.pwrite(0, b"writable again")
+    assert subprocess.run(["qemu-img", "check", img], capture_output=True).returncode == 0
