@@ -427,7 +427,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size", default="256M", help="(a) secondary disk size")
     ap.add_argument("--dirty", default="1G", help="(b) dirty bytes in active+hidden")
-    ap.add_argument("--commit-dirty", default="256M", help="(c) disk size; 3/4 of... all of it ends up dirty")
+    ap.add_argument("--commit-dirty", default="256M", help="(c) disk size; all of it ends up allocated above the base")
     ap.add_argument("--md", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results-replication.md"), help="write the table here ('' = no)")
     ap.add_argument("--profile", action="store_true", help="cProfile (a) 4K fresh via quorum and (c); print hot spots")
