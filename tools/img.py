@@ -774,7 +774,10 @@ def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
             else:
                 pool.release(buf)
         else:
-            runs = _nonzero_runs(mv, fill, min_sparse) if fresh and min_sparse else [(0, fill)]
+            if not (fresh and min_sparse) or buf.find(memoryview(_ZEROS)[:min_sparse], 0, fill) < 0:
+                runs = [(0, fill)]      # no zero run as long as a granule: one write (one C scan)
+            else:
+                runs = _nonzero_runs(mv, fill, min_sparse)
             pool.write(start, runs, mv, buf)
 
     off = 0
