@@ -69,11 +69,15 @@ class QuorumDriver(BlockDriver):
             help="quorum: read all children and vote; fifo: first child, next on error"),
         Opt("rewrite-corrupted", "bool", default=False,
             help="write the winning version back to children that disagreed (quorum reads only)"),
+        Opt("parallel", "bool", default=False,
+            help="send each request to the children from parallel threads (worth it for slow children "
+                 "such as network links); off: one after the other in the caller's thread, fastest locally"),
     )
 
     def open(self, opts):
         node = self.node
         path = node._path
+        self.parallel = opts["parallel"]
         specs = opts["children"]
         threshold = opts["vote-threshold"]
         if isinstance(threshold, float):
@@ -136,8 +140,8 @@ class QuorumDriver(BlockDriver):
             self.error_counts[child.node.name] += 1
 
     def _run_all(self, children, fn):
-        """``[(child, result, exc)]`` of ``fn(child)`` for every child, in parallel when possible."""
-        if len(children) == 1 or getattr(_in_pool, "flag", False):
+        """``[(child, result, exc)]`` of ``fn(child)`` for every child (in parallel with ``parallel=on``)."""
+        if not self.parallel or len(children) == 1 or getattr(_in_pool, "flag", False):
             out = []
             for c in children:
                 try:

@@ -361,8 +361,12 @@ class Node(NodeIO):
         a = self.align
         if (offset | length) & (a - 1):
             return self._preadv_padded(offset, length, iov)
-        with self.tracked(offset, length):
+        req = self._track_begin(offset, length, False)
+        try:
             return self.driver.preadv(offset, length, iov)
+        finally:
+            if req is not None:
+                self._track_end(req)
 
     def _pwritev_slow(self, offset, length, iov, flags):
         if length <= 0 or offset < 0:
@@ -376,11 +380,15 @@ class Node(NodeIO):
         a = self.align
         if (offset | length) & (a - 1):
             return self._pwritev_padded(offset, length, iov, flags & ~REQ_SERIALISING)
-        serialising = bool(flags & REQ_SERIALISING)
+        req = self._track_begin(offset, length, bool(flags & REQ_SERIALISING))
         flags &= ~REQ_SERIALISING
-        with self.tracked(offset, length, serialising):
-            self._notify_write(offset, length, flags)
+        try:
+            for fn in self._write_notifiers:
+                fn(self, offset, length, flags)
             return self.driver.pwritev(offset, length, iov, flags)
+        finally:
+            if req is not None:
+                self._track_end(req)
 
     def preadv_untracked(self, offset, length, iov):
         """Read without registering a tracked request — for write notifiers, which run inside
@@ -391,7 +399,7 @@ class Node(NodeIO):
         return self.driver.preadv(offset, length, iov)
 
     def _notify_write(self, offset, length, flags):
-        for fn in tuple(self._write_notifiers):
+        for fn in self._write_notifiers:  # replaced, never mutated: safe to iterate while others change it
             fn(self, offset, length, flags)
 
     def _aligned_span(self, offset, length):
@@ -526,12 +534,11 @@ class Node(NodeIO):
     # ---------------------------------------------------------- tracking
     def add_write_notifier(self, fn):
         """Call ``fn(node, offset, length, flags)`` before every write/zero/discard reaches the driver."""
-        self._write_notifiers.append(fn)
+        self._write_notifiers = self._write_notifiers + [fn]
         self._refresh_paths()
 
     def remove_write_notifier(self, fn):
-        if fn in self._write_notifiers:
-            self._write_notifiers.remove(fn)
+        self._write_notifiers = [f for f in self._write_notifiers if f != fn]  # bound methods compare equal, not identical
         self._refresh_paths()
 
     def enable_tracking(self):
@@ -549,21 +556,30 @@ class Node(NodeIO):
     def tracked(self, offset, length, serialising=False):
         """Track a request; a serialising one waits for and blocks every overlapping request,
         and any request waits for an overlapping serialising one."""
-        if not self._track_users and not serialising:
+        req = self._track_begin(offset, length, serialising)
+        try:
             yield
-            return
+        finally:
+            if req is not None:
+                self._track_end(req)
+
+    def _track_begin(self, offset, length, serialising):
+        """Register a request (waiting as ``tracked`` says); None when nothing is tracked."""
+        if not self._track_users and not serialising:
+            return None
         req = (offset, offset + length, serialising)
         cond = self._track_cond
         with cond:
             while any(r[0] < req[1] and req[0] < r[1] and (serialising or r[2]) for r in self._tracked):
                 cond.wait()
             self._tracked.append(req)
-        try:
-            yield
-        finally:
-            with cond:
-                self._tracked.remove(req)
-                cond.notify_all()
+        return req
+
+    def _track_end(self, req):
+        cond = self._track_cond
+        with cond:
+            self._tracked.remove(req)
+            cond.notify_all()
 
     def wait_for_overlaps(self, offset, length):
         """Block until no tracked request overlaps the range."""

@@ -216,6 +216,9 @@ class BackupJob(Job):
             return
         cs = self.cluster_size
         first, last = offset // cs, (end - 1) // cs
+        nxt = self._copied.next_clear(first * cs)
+        if nxt < 0 or nxt > (last + 1) * cs - 1:
+            return  # every touched cluster was copied in this interval (a checkpoint drains writes first)
         with self._lock:
             if self._stopped:
                 return
