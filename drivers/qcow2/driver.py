@@ -27,6 +27,7 @@ from pyrep.errors import BlockError, OptionError
 from pyrep.options import Opt
 
 from . import format as F
+from ._fast import Qcow2Core
 from .format import (COMPRESSED, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, OFLAG_COMPRESSED, OFLAG_COPIED,
                      OFLAG_ZERO, REFT_OFFSET_MASK, UNALLOC, ZERO_ALLOC, ZERO_PLAIN)
 
@@ -66,7 +67,8 @@ def _check_chain_loop(image, backing_path, limit=1024):
     raise OptionError(f"qcow2: backing chain of {image} is deeper than {limit} images")
 
 
-class Qcow2Driver(BlockDriver):
+class Qcow2Driver(Qcow2Core, BlockDriver):
+    # the read/write hot paths (preadv, pwritev) and the fields they use are in _fast.Qcow2Core
     format_name = "qcow2"
     is_format = True
     supports_backing = True
@@ -300,6 +302,15 @@ class Qcow2Driver(BlockDriver):
         self._l1_dirty.add(l1i)
         return t, off
 
+    def _wait_inflight(self):
+        """Lock held: wait for an in-flight allocation to finish (counted, so finishers skip notify_all
+        when nobody waits)."""
+        self._waiters += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiters -= 1
+
     def _kind(self, e):
         if e & OFLAG_COMPRESSED:
             return COMPRESSED
@@ -524,33 +535,6 @@ class Qcow2Driver(BlockDriver):
         self.file.flush()
 
     # ================================================================ reads
-    def preadv(self, offset, length, iov, _L1M=L1E_OFFSET_MASK, _L2M=L2E_OFFSET_MASK, _FM=_FAST_MASK,
-               _CP=OFLAG_COPIED):
-        in_off = offset & self._cmask
-        if in_off + length <= self.cluster_size:
-            # hot path, lock-free under the GIL: cache hits only (dict/array reads are atomic);
-            # a miss or anything unusual takes the locked slow path
-            cidx = offset >> self.cluster_bits
-            toff = self._l1[cidx >> self._l2_bits] & _L1M
-            if toff:
-                t = self._l2_cache.get(toff)
-                if t is None:
-                    return self._preadv_slow(offset, length, iov)
-                e = t[cidx & self._l2_mask]
-                if (e & _FM) == _CP:
-                    host = e & _L2M
-                    if host & self._cmask or host < self.cluster_size:
-                        raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} is invalid")
-                    return self._file_preadv(host + in_off, length, iov)
-                if e:
-                    return self._preadv_slow(offset, length, iov)
-            b = self.backing
-            if b is None:
-                return iov.memset(0, 0, length)
-            if offset + length <= self._backing_len:
-                return b.preadv(offset, length, iov)
-        return self._preadv_slow(offset, length, iov)
-
     def _preadv_slow(self, offset, length, iov):
         done = 0
         cb = self.cluster_bits
@@ -672,25 +656,6 @@ class Qcow2Driver(BlockDriver):
         if self._corrupt_msg:
             raise BlockError(errno.EIO, self._corrupt_msg)
 
-    def pwritev(self, offset, length, iov, flags=0, _L1M=L1E_OFFSET_MASK, _L2M=L2E_OFFSET_MASK,
-                _FM=_FAST_MASK, _CP=OFLAG_COPIED):
-        in_off = offset & self._cmask
-        if in_off + length <= self.cluster_size and not flags & REQ_FUA and self._corrupt_msg is None:
-            # hot path (lock-free cache hit, see preadv): overwrite inside an allocated cluster
-            cidx = offset >> self.cluster_bits
-            toff = self._l1[cidx >> self._l2_bits] & _L1M
-            if toff and cidx not in self._inflight:
-                t = self._l2_cache.get(toff)
-                if t is not None:
-                    e = t[cidx & self._l2_mask]
-                    if (e & _FM) == _CP:
-                        host = e & _L2M
-                        if host & self._cmask or host < self.cluster_size or self._meta_overlap(host, length):
-                            raise self._corrupt(f"data cluster offset {host:#x} for guest offset {offset} "
-                                                f"is invalid")
-                        return self._file_pwritev(host + in_off, length, iov)
-        return self._pwritev_slow(offset, length, iov, flags)
-
     def _pwritev_slow(self, offset, length, iov, flags):
         if self._corrupt_msg:
             raise BlockError(errno.EIO, self._corrupt_msg)
@@ -711,7 +676,7 @@ class Qcow2Driver(BlockDriver):
                 n = rem
             with lock:
                 while cidx in self._inflight:
-                    self._cond.wait()
+                    self._wait_inflight()
                 e = self._l1[cidx >> l2b]
                 toff = e & L1E_OFFSET_MASK
                 t = None
@@ -739,7 +704,7 @@ class Qcow2Driver(BlockDriver):
                     plan = self._plan_alloc(cidx, in_off, rem, t)
                     n = plan[2]
             if plan is None:
-                if host & cmask or host < cs or self._meta_overlap(host, n + in_off):
+                if host & cmask or host < cs or self.meta_overlap(host, n + in_off):
                     raise self._corrupt(f"data cluster offset {host:#x} for guest offset {pos} is invalid")
                 self.file.pwritev(host + in_off, n, iov.slice(done, n) if n != length else iov)
             else:
@@ -747,13 +712,6 @@ class Qcow2Driver(BlockDriver):
             done += n
         if flags & REQ_FUA:
             self.flush()
-
-    def _meta_overlap(self, host, n):
-        l1o = self._l1_offset
-        if host < l1o + len(self._l1) * 8 and l1o < host + n:
-            return True
-        rto = self._reftable_offset
-        return host < rto + (self._reftable_clusters << self.cluster_bits) and rto < host + n
 
     def _plan_alloc(self, cidx, in_off, rem, t):
         """Lock held. Reserve guest clusters [cidx, cidx+k) and k new host clusters."""
@@ -800,7 +758,7 @@ class Qcow2Driver(BlockDriver):
             if (not in_off or head is None and known_zero) and (not tail_len or tail is None and known_zero):
                 if tail_len:
                     self._ensure_file_size(host + k * cs)
-                if self._meta_overlap(host, k * cs) or host < cs:
+                if self.meta_overlap(host, k * cs) or host < cs:
                     raise self._corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
                 self._file_pwritev(host + in_off, n, iov.slice(done, n) if done or n != iov.size else iov)
                 start, total = host + in_off, n
@@ -823,7 +781,7 @@ class Qcow2Driver(BlockDriver):
                 else:
                     v.add(tail if tail is not None else bytes(tail_len))
                     total += tail_len
-            if self._meta_overlap(host, k * cs) or host < cs:
+            if self.meta_overlap(host, k * cs) or host < cs:
                 raise self._corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
             self._file_pwritev(start, total, v)
             self._commit_alloc(cidx, k, host, olds, start, total)
@@ -831,7 +789,8 @@ class Qcow2Driver(BlockDriver):
             with self._lock:
                 for j in range(k):
                     self._inflight.discard(cidx + j)
-                self._cond.notify_all()
+                if self._waiters:
+                    self._cond.notify_all()
 
     def _commit_alloc(self, cidx, k, host, olds, start, total):
         cs = self.cluster_size
@@ -904,7 +863,7 @@ class Qcow2Driver(BlockDriver):
         while c < cend:
             with self._lock:
                 while c in self._inflight:
-                    self._cond.wait()
+                    self._wait_inflight()
                 l1i = c >> self._l2_bits
                 t, _ = self._l2_table(l1i, alloc=False)
                 stop = min(cend, (l1i + 1) << self._l2_bits)
@@ -1077,7 +1036,7 @@ class Qcow2Driver(BlockDriver):
         cb = self.cluster_bits
         with self._lock:
             while self._inflight:
-                self._cond.wait()
+                self._wait_inflight()
             l1_size = len(self._l1)
             end_c = max(-(-self._file_size // cs), self._zero_from)
             # phase 1: a fresh layout past everything in use; switch the header to it
