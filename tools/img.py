@@ -191,6 +191,32 @@ def jdump(obj):
 
 
 # ------------------------------------------------------------------- create
+def _formatting_parts(fmt, size, backing, backing_fmt, opts):
+    """The ``key=value`` list of qemu-img's "Formatting '...'" line (qcow2 shows its defaults too)."""
+    o = {k.replace("-", "_"): v for k, v in opts.items()}
+    parts = [f"fmt={fmt}"]
+    if fmt == "qcow2":
+        cs = size_arg(o.pop("cluster_size", 65536), "cluster_size")
+        parts += [f"cluster_size={cs}", f"extended_l2={o.pop('extended_l2', 'off')}",
+                  f"compression_type={o.pop('compression_type', 'zlib')}"]
+    parts.append(f"size={size}")
+    if backing is not None:
+        parts.append(f"backing_file={backing}")
+        if backing_fmt:
+            parts.append(f"backing_fmt={backing_fmt}")
+    if fmt == "qcow2":
+        for k in ("encryption", "compat"):
+            if k in o:
+                parts.append(f"{k}={o.pop(k)}")
+        lazy = o.pop("lazy_refcounts", "off")
+        lazy = {"true": "on", "false": "off", True: "on", False: "off"}.get(lazy, lazy)
+        tail = [f"lazy_refcounts={lazy}", f"refcount_bits={o.pop('refcount_bits', 16)}"]
+        parts += [f"{k}={v}" for k, v in o.items()] + tail
+    else:
+        parts += [f"{k}={v}" for k, v in o.items()]
+    return parts
+
+
 def cmd_create(a):
     opts = parse_o(a.options)
     fmt = a.fmt or "raw"
@@ -221,19 +247,7 @@ def cmd_create(a):
     if size is None:
         raise UsageError("Image creation needs a size parameter")
     # the line qemu-img prints
-    parts = [f"fmt={fmt}"]
-    for k, v in opts.items():
-        if k in ("cluster_size",):
-            parts.append(f"{k}={size_arg(v, k)}")
-    parts.append(f"size={size}")
-    if backing is not None:
-        parts.append(f"backing_file={backing}")
-        if backing_fmt:
-            parts.append(f"backing_fmt={backing_fmt}")
-    for k, v in opts.items():
-        if k not in ("cluster_size",):
-            parts.append(f"{k}={v}")
-    qprint(a.quiet, f"Formatting '{a.filename}', " + " ".join(parts))
+    qprint(a.quiet, f"Formatting '{a.filename}', " + " ".join(_formatting_parts(fmt, size, backing, backing_fmt, opts)))
     kw = {}
     schema = {o.name.replace("-", "_"): o for o in getattr(drv, "create_options", ())}
     for k, v in opts.items():
