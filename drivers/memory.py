@@ -26,6 +26,14 @@ _ENTRY_OVERHEAD = sys.getsizeof(b"") + 2 * 8 + 56  # bytes object + dict slot, r
 _CODECS = ("blosclz", "lz4", "lz4hc", "zlib", "zstd", "none")
 
 
+def _free_slowly(clusters):
+    """Drop ``clusters`` item by item: a Python loop gives the GIL back to the I/O threads
+    (one dict.clear() of thousands of buffers would hold it for milliseconds)."""
+    pop = clusters.popitem
+    while clusters:
+        pop()
+
+
 class MemoryDriver(BlockDriver):
     format_name = "memory"
     protocol_name = "memory"
@@ -230,7 +238,7 @@ class MemoryDriver(BlockDriver):
             self._used = 0
         if len(old) > 1024:
             # freeing many clusters takes milliseconds: a checkpoint should not wait for it
-            threading.Thread(target=old.clear, name="pyrep-memory-free", daemon=True).start()
+            threading.Thread(target=_free_slowly, args=(old,), name="pyrep-memory-free", daemon=True).start()
 
     def block_status(self, offset, length):
         clusters, shift, cs = self._clusters, self._shift, self.cluster_size
