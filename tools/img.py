@@ -186,8 +186,26 @@ def size_to_str(val):
     return "%0.3g %sB" % (val / float(1 << (i * 10)), suffixes[i])
 
 
+def _tdb_hash(name):
+    """QEMU's QDict bucket hash (qobject/qdict.c tdb_hash)."""
+    b = name.encode()
+    value = (0x238F13AF * len(b)) & 0xFFFFFFFF
+    for i, c in enumerate(b):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qdict_order(obj):
+    """Order dict keys as qemu-img's JSON output does (QDict iterates its 512 hash buckets in order)."""
+    if isinstance(obj, dict):
+        return {k: qdict_order(obj[k]) for k in sorted(obj, key=lambda k: _tdb_hash(k) % 512)}
+    if isinstance(obj, list):
+        return [qdict_order(v) for v in obj]
+    return obj
+
+
 def jdump(obj):
-    print(json.dumps(obj, indent=4))
+    print(json.dumps(qdict_order(obj), indent=4))
 
 
 # ------------------------------------------------------------------- create
