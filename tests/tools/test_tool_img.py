@@ -209,6 +209,7 @@ def test_qcow2_check_leaks_exit_3_and_repair(tmp_path):
         f.write(b"\0" * 65536)
     q = qimg("check", img)
     assert q.returncode == 3
+    assert pimg("check", "--output=json", img).stdout == qimg("check", "--output=json", img).stdout
     p = pimg("check", img)
     assert p.returncode == 3, (p.stdout, p.stderr)
     assert "1 leaked clusters were found on the image." in p.stdout
@@ -314,3 +315,24 @@ def test_create_overlay_takes_backing_size(tmp_path, chain):
     p = pimg("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", ov, check=0)
     assert f"size={8 << 20} backing_file={base.name} backing_fmt=qcow2" in p.stdout
     assert pimg("compare", ov, base).returncode == 0
+
+
+@needs_qcow2
+def test_qcow2_check_corruption_exit_2_and_repair_all(tmp_path):
+    import struct
+    img = tmp_path / "bad.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "4M", check=0)
+    qio("qcow2", img, "write -P 1 0 64k")
+    last = os.path.getsize(img) // 65536 - 1          # the data cluster: drop its refcount to 0
+    with open(img, "r+b") as f:
+        hdr = f.read(104)
+        f.seek(struct.unpack(">Q", hdr[48:56])[0])
+        rb = struct.unpack(">Q", f.read(8))[0]
+        f.seek(rb + 2 * last)
+        f.write(b"\0\0")
+    mine, theirs = pimg("check", img), qimg("check", img)
+    assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout) and mine.returncode == 2
+    assert pimg("check", "--output=json", img).stdout == qimg("check", "--output=json", img).stdout
+    p = pimg("check", "-r", "all", img)
+    assert p.returncode == 0 and "1 corruptions" in p.stdout, (p.stdout, p.stderr)
+    qimg("check", img, check=0)
