@@ -24,7 +24,7 @@ import time
 import pyrep
 from pyrep._core.iovec import IOVector
 from pyrep._core.registry import get_driver
-from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_OFFSET_VALID, BS_ZERO, REQ_MAY_UNMAP
+from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_ZERO, REQ_MAY_UNMAP
 from pyrep.errors import Error
 from pyrep.graph import probe_format
 from pyrep.node import skip_filters
@@ -485,7 +485,24 @@ def cmd_check(a):
 
 
 # ---------------------------------------------------------------------- map
-def map_entry(top, offset, length):
+def _qemu_recurses(node):
+    """Whether QEMU would ask ``node``'s protocol file for zeroes under its data clusters.
+
+    qcow2 sets BDRV_BLOCK_RECURSE only when qcow2_detect_metadata_preallocation() finds more
+    clusters in use than the file really allocates (holes under allocated clusters); mirrored here
+    with the file's cluster count standing in for its count of referenced clusters."""
+    if node.drv.format_name != "qcow2" or node.file is None:
+        return False
+    try:
+        cs = (node.driver.get_info() or {}).get("cluster-size") or 65536
+        real = os.stat(node.file.filename).st_blocks * 512 // cs
+        nb = -(-node.file.length // cs)
+    except (OSError, Error, TypeError):
+        return False
+    return nb > max(real * 10 // 9, real + 2)
+
+
+def map_entry(top, offset, length, recurse=None):
     """qemu-img map's get_block_status: walk down the chain until a layer knows the range."""
     node = skip_filters(top)
     depth = 0
@@ -493,6 +510,22 @@ def map_entry(top, offset, length):
         st = node.block_status(offset, length)
         length = st.length
         flags = st.flags
+        f = st.file
+        if (recurse is not None and flags & BS_DATA and flags & BS_OFFSET_VALID and not flags & BS_ZERO
+                and f is not None and f is not node and st.offset is not None and _cached(recurse, node)):
+            # as QEMU's bdrv_co_block_status(want_zero): ask the protocol whether the mapped range
+            # reads as zeroes (a hole inside an allocated cluster) and clip to its answer
+            try:
+                inner = f.block_status(st.offset, length)
+            except Error:
+                inner = None
+            if inner is not None:
+                if inner.flags & BS_EOF and (not inner.length or inner.flags & BS_ZERO):
+                    flags |= BS_ZERO
+                elif inner.length:
+                    length = min(length, inner.length)
+                    flags |= inner.flags & BS_ZERO
+                st = st._replace(flags=flags, length=length)
         if flags & (BS_ZERO | BS_DATA):
             break
         nxt = skip_filters(node.backing)
@@ -508,6 +541,13 @@ def map_entry(top, offset, length):
             "zero": bool(flags & BS_ZERO), "data": bool(flags & BS_DATA),
             "offset": st.offset if has_off else None,
             "filename": (fnode.filename or fnode.name) if (has_off and fnode is not None) else None}
+
+
+def _cached(memo, node):
+    v = memo.get(id(node))
+    if v is None:
+        v = memo[id(node)] = _qemu_recurses(node)
+    return v
 
 
 def _mergeable(c, n):
@@ -555,10 +595,11 @@ def cmd_map(a):
         else:
             out.append("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
         curr = None
+        recurse_memo = {}
         pos = start
         while pos < end:
             n = min(1 << 30, end - pos)
-            nxt = map_entry(top, pos, n)
+            nxt = map_entry(top, pos, n, recurse_memo)
             pos += nxt["length"]
             if curr is not None:
                 if _mergeable(curr, nxt):
