@@ -115,6 +115,7 @@ class Node(NodeIO):
         self.detect_zeroes = opts.get("detect-zeroes", "off")
         self.blockers = {}              # op -> [reason, ...]
         self._write_notifiers = []
+        self._notifier_skips = []
         self._tracked = []
         self._track_users = 0
         self._track_cond = threading.Condition()
@@ -342,6 +343,9 @@ class Node(NodeIO):
                 or not self._ops_bound)
         self._rslow = slow
         self._wslow = (slow or self.read_only or bool(self._write_notifiers) or self.detect_zeroes != "off")
+        only_skippable = (not slow and not self.read_only and self.detect_zeroes == "off"
+                          and len(self._write_notifiers) == 1)
+        self._set_notifier_skip(self._notifier_skips[0] if only_skippable else None)
 
     def _check_access(self, write):
         if self.closed:
@@ -532,13 +536,20 @@ class Node(NodeIO):
         return BlockStatus(flags, pnum, mapped if flags & BS_OFFSET_VALID else None, file)
 
     # ---------------------------------------------------------- tracking
-    def add_write_notifier(self, fn):
-        """Call ``fn(node, offset, length, flags)`` before every write/zero/discard reaches the driver."""
+    def add_write_notifier(self, fn, skip=None):
+        """Call ``fn(node, offset, length, flags)`` before every write/zero/discard reaches the driver.
+
+        ``skip`` (a Bitmap over this node) promises that ``fn`` does nothing for a data write lying
+        wholly in set granules; such writes then keep the C fast path. The owner changes ``skip``
+        only while the node is drained, or by setting bits."""
         self._write_notifiers = self._write_notifiers + [fn]
+        self._notifier_skips = self._notifier_skips + [skip]
         self._refresh_paths()
 
     def remove_write_notifier(self, fn):
-        self._write_notifiers = [f for f in self._write_notifiers if f != fn]  # bound methods compare equal, not identical
+        keep = [i for i, f in enumerate(self._write_notifiers) if f != fn]  # bound methods are equal, not identical
+        self._write_notifiers = [self._write_notifiers[i] for i in keep]
+        self._notifier_skips = [self._notifier_skips[i] for i in keep]
         self._refresh_paths()
 
     def enable_tracking(self):

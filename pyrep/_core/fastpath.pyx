@@ -19,6 +19,8 @@ cdef enum:
 from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM
 
 from pyrep._core.iovec cimport IOVector
+from pyrep._core.bitmap cimport Bitmap
+from libc.stdint cimport int64_t, uint64_t
 from pyrep._core.fileio cimport _xfer_one, _xfer_vec
 
 import errno as _errno
@@ -69,6 +71,13 @@ cdef class NodeIO:
     cdef public bint _wslow
     cdef object _drv_preadv
     cdef object _drv_pwritev
+    # When the only reason writes are slow is one write notifier that declared a
+    # "skip" bitmap (a backup's copied clusters), a write wholly inside set
+    # granules goes straight to the driver: the notifier would do nothing.
+    cdef Bitmap _notifier_skip
+
+    def _set_notifier_skip(self, skip):
+        self._notifier_skip = skip
 
     def _bind_driver_ops(self, driver):
         """Cache the driver's read/write callables (after open, which may replace them)."""
@@ -83,8 +92,14 @@ cdef class NodeIO:
 
     cpdef pwritev(self, long long offset, long long length, iov, int flags=0):
         """Write ``iov`` (``length`` bytes) at ``offset``."""
-        if not self._wslow and length > 0 and offset >= 0 and not flags & REQ_SERIALISING:
-            return self._drv_pwritev(offset, length, iov, flags)
+        cdef int64_t nc
+        if length > 0 and offset >= 0 and not flags & REQ_SERIALISING:
+            if not self._wslow:
+                return self._drv_pwritev(offset, length, iov, flags)
+            if self._notifier_skip is not None and <uint64_t>(offset + length) <= self._notifier_skip._length:
+                nc = self._notifier_skip.c_next_clear(offset)
+                if nc < 0 or nc >= offset + length:
+                    return self._drv_pwritev(offset, length, iov, flags)
         return self._pwritev_slow(offset, length, iov, flags)
 
 

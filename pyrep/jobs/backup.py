@@ -106,7 +106,7 @@ class BackupJob(Job):
             self._tracking = True
             from ..graph import drained
             with drained(source):       # no write may be past the notifier hook without a copy
-                source.add_write_notifier(self._before_write)
+                source.add_write_notifier(self._before_write, skip=self._copied)
                 self._notifier_on = True
         except BaseException:
             self._teardown()

@@ -339,3 +339,26 @@ def test_check_image_repairs_an_image_marked_corrupt(tmp_path):
     with pyrep.open_backend({"driver": "qcow2", "file": {"driver": "file", "filename": str(img)}}) as blk:
         blk.pwrite(0, b"writable again")
     assert subprocess.run(["qemu-img", "check", img], capture_output=True).returncode == 0
+
+
+def test_write_notifier_skip_bitmap_keeps_fast_path_only_inside_set_granules():
+    calls = []
+    blk = pyrep.open_backend({"driver": "memory", "size": "1M", "node-name": "m"})
+    skip = pyrep.Bitmap(1 << 20, 65536)
+    skip.set(0, 65536)
+
+    def notifier(node, offset, length, flags):
+        calls.append((offset, length))
+    blk.node.add_write_notifier(notifier, skip=skip)
+    blk.pwrite(100, b"x" * 100)          # inside a set granule: the notifier would do nothing
+    blk.pwrite(65000, b"y" * 1000)       # crosses into a clear granule: it must run
+    blk.pwrite(200000, b"z")
+    assert calls == [(65000, 1000), (200000, 1)]
+    blk.node.enable_tracking()           # another reason for the slow path: every write notifies
+    blk.pwrite(100, b"x")
+    blk.node.disable_tracking()
+    assert calls[-1] == (100, 1)
+    blk.node.remove_write_notifier(notifier)
+    blk.pwrite(300000, b"w")
+    assert len(calls) == 3
+    assert blk.pread(100, 100) == b"x" + b"x" * 99 and blk.pread(300000, 1) == b"w"
