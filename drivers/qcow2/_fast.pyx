@@ -31,6 +31,7 @@ from pyrep._core.fastpath import FileIO
 cdef uint64_t L1M = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t L2M = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t CP = 1ULL << 63
+cdef uint64_t REFT_MASK = 0xFFFFFFFFFFFFFE00ULL
 cdef uint64_t FM = (1ULL << 63) | (1ULL << 62) | 1ULL
 
 cdef enum:
@@ -58,6 +59,19 @@ cdef class Qcow2Core:
     cdef public long long _reftable_clusters
     # threads blocked on the condition variable (driver.py only notifies when > 0)
     cdef public int _waiters
+    # allocation state (see driver.py: _alloc_clusters, _plan_alloc, _commit_alloc)
+    cdef public object _lock
+    cdef public object _cond
+    cdef public array _reftable
+    cdef public dict _rb_cache
+    cdef public set _rb_dirty
+    cdef public set _l2_dirty
+    cdef public int refcount_order
+    cdef public int _rb_bits
+    cdef public long long _rb_mask
+    cdef public long long _free_hint
+    cdef public long long _zero_from
+    cdef public long long _file_size
     # direct file access cache: the file node seen last, its driver, FileIO and FileIO.preadv
     cdef object _fnode
     cdef object _fdrv
@@ -170,23 +184,184 @@ cdef class Qcow2Core:
         cdef uint64_t toff, e
         cdef PyObject *t
         cdef array l1 = self._l1
-        if (in_off + length <= self.cluster_size and not flags & REQ_FUA and self._corrupt_msg is None
-                and l1 is not None):
-            # overwrite inside an allocated cluster whose L2 table is cached
-            cidx = offset >> self.cluster_bits
-            l1i = cidx >> self._l2_bits
-            if l1i < len(l1):
-                toff = l1.data.as_ulonglongs[l1i] & L1M
-                if toff and (not self._inflight or cidx not in self._inflight):
-                    t = PyDict_GetItem(self._l2_cache, toff)
-                    if t is not NULL:
-                        e = (<array>t).data.as_ulonglongs[cidx & self._l2_mask]
-                        if (e & FM) == CP:
-                            host = <long long>(e & L2M)
-                            if not (host & self._cmask or host < self.cluster_size
-                                    or self.meta_overlap(host, length)):
-                                return self._file_pwritev(host + in_off, length, iov)
+        if not flags & REQ_FUA and self._corrupt_msg is None and l1 is not None:
+            if in_off + length <= self.cluster_size:
+                # overwrite inside an allocated cluster whose L2 table is cached
+                cidx = offset >> self.cluster_bits
+                l1i = cidx >> self._l2_bits
+                if l1i < len(l1):
+                    toff = l1.data.as_ulonglongs[l1i] & L1M
+                    if toff and (not self._inflight or cidx not in self._inflight):
+                        t = PyDict_GetItem(self._l2_cache, toff)
+                        if t is not NULL:
+                            e = (<array>t).data.as_ulonglongs[cidx & self._l2_mask]
+                            if (e & FM) == CP:
+                                host = <long long>(e & L2M)
+                                if not (host & self._cmask or host < self.cluster_size
+                                        or self.meta_overlap(host, length)):
+                                    return self._file_pwritev(host + in_off, length, iov)
+            if self._alloc_fast(offset, length, iov):
+                return None
         return self._pwritev_slow(offset, length, iov, flags)
+
+    cdef inline uint64_t _rb_get(self, object arr, long long i):
+        cdef int o = self.refcount_order
+        cdef array a = <array>arr
+        if o == 4:
+            return a.data.as_ushorts[i]
+        if o == 3:
+            return a.data.as_uchars[i]
+        if o == 5:
+            return a.data.as_uints[i]
+        return a.data.as_ulonglongs[i]
+
+    cdef inline void _rb_set1(self, object arr, long long i):
+        cdef int o = self.refcount_order
+        cdef array a = <array>arr
+        if o == 4:
+            a.data.as_ushorts[i] = 1
+        elif o == 3:
+            a.data.as_uchars[i] = 1
+        elif o == 5:
+            a.data.as_uints[i] = 1
+        else:
+            a.data.as_ulonglongs[i] = 1
+
+    cdef object _refarr(self, long long cc):
+        """The refcount array covering cluster ``cc`` if its block is cached (else None), and its offset."""
+        cdef long long r = cc >> self._rb_bits
+        cdef array rt = self._reftable
+        cdef uint64_t boff
+        cdef PyObject *b
+        if rt is None or r >= len(rt):
+            return None
+        boff = rt.data.as_ulonglongs[r] & REFT_MASK
+        if not boff:
+            return None
+        b = PyDict_GetItem(self._rb_cache, boff)
+        if b is NULL:
+            return None
+        arr = (<object>b).arr
+        if arr is None:
+            return None
+        return (arr, boff)
+
+    cdef long long _scan_free(self, long long k, long long *first_free) except -2:
+        """First run of ``k`` free clusters from the free hint; -1 if that needs the Python path
+        (refcount table growth, new or uncached refcount block, sub-byte refcounts). Changes nothing."""
+        cdef long long c = self._free_hint, start, cc, j
+        cdef bint ok
+        first_free[0] = -1
+        while True:
+            start = c
+            ok = True
+            j = 0
+            while j < k:
+                cc = start + j
+                ra = self._refarr(cc)
+                if ra is None:
+                    return -1
+                if self._rb_get(ra[0], cc & self._rb_mask):
+                    c = cc + 1
+                    ok = False
+                    break
+                if first_free[0] < 0:
+                    first_free[0] = cc
+                j += 1
+            if ok:
+                return start
+
+    cdef int _alloc_fast(self, long long offset, long long length, object iov) except -1:
+        """Allocating write into clusters that are unallocated (entry 0) in a cached L2 table, whose
+        partial head/tail need no copy (no backing file, new clusters past everything written), with
+        the refcount blocks needed already cached. 1 if done, 0 if the Python path must do it (nothing
+        changed then). Same steps and crash-safety order as _plan_alloc/_alloc_write/_commit_alloc."""
+        cdef int cb = self.cluster_bits
+        cdef long long cs = self.cluster_size
+        cdef long long cidx = offset >> cb
+        cdef long long in_off = offset & self._cmask
+        cdef long long last = (offset + length - 1) >> cb
+        cdef long long k = last - cidx + 1
+        cdef long long tail_len = k * cs - in_off - length
+        cdef long long l1i = cidx >> self._l2_bits
+        cdef long long l2i = cidx & self._l2_mask
+        cdef long long j, hc, host, first_free, cc
+        cdef uint64_t toff
+        cdef PyObject *t
+        cdef array l1 = self._l1
+        cdef bint partial = in_off != 0 or tail_len != 0
+        cdef set inflight = self._inflight
+        if (last >> self._l2_bits) != l1i or self._reftable is None or self._rb_cache is None:
+            return 0
+        if partial and self.backing is not None:
+            return 0
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._corrupt_msg is not None or l1i >= len(l1):
+                return 0
+            toff = l1.data.as_ulonglongs[l1i] & L1M
+            if not toff:
+                return 0
+            t = PyDict_GetItem(self._l2_cache, toff)
+            if t is NULL:
+                return 0
+            for j in range(k):
+                if (<array>t).data.as_ulonglongs[l2i + j] != 0:
+                    return 0
+                if inflight and (cidx + j) in inflight:
+                    return 0
+            hc = self._scan_free(k, &first_free)
+            if hc < 0:
+                return 0
+            host = hc << cb
+            if partial and hc < self._zero_from:
+                return 0
+            if host < cs or self.meta_overlap(host, k * cs):
+                return 0
+            # reserve: refcounts, hints, in-flight
+            for j in range(k):
+                cc = hc + j
+                ra = self._refarr(cc)
+                self._rb_set1(ra[0], cc & self._rb_mask)
+                self._rb_dirty.add(ra[1])
+            if first_free < 0 or first_free >= hc:
+                self._free_hint = hc + k
+            else:
+                self._free_hint = first_free
+            if hc + k > self._zero_from:
+                self._zero_from = hc + k
+            for j in range(k):
+                inflight.add(cidx + j)
+        finally:
+            lock.release()
+        try:
+            if tail_len and host + k * cs > self._file_size:
+                self._ensure_file_size(host + k * cs)
+            self._file_pwritev(host + in_off, length, iov)
+            lock.acquire()
+            try:
+                if host + in_off + length > self._file_size:
+                    self._file_size = host + in_off + length
+                toff = (<array>self._l1).data.as_ulonglongs[l1i] & L1M
+                tab = self._l2_cache.get(toff)
+                if tab is None:
+                    tab = self._l2_table(l1i, False)[0]
+                for j in range(k):
+                    (<array>tab).data.as_ulonglongs[l2i + j] = <uint64_t>(host + j * cs) | CP
+                self._l2_dirty.add(toff)
+            finally:
+                lock.release()
+        finally:
+            lock.acquire()
+            try:
+                for j in range(k):
+                    inflight.discard(cidx + j)
+                if self._waiters:
+                    self._cond.notify_all()
+            finally:
+                lock.release()
+        return 1
 
     cpdef bint meta_overlap(self, long long host, long long n):
         """Does [host, host+n) overlap the L1 table or the refcount table?"""
