@@ -21,6 +21,9 @@ from pyrep.options import Opt
 __all__ = ["MemoryDriver"]
 
 blosc.set_releasegil(True)
+# clusters are small (64 KiB): blosc's own worker threads cost more than they save, and
+# pyrep's I/O threads already compress in parallel with the GIL released
+blosc.set_nthreads(1)
 _ZERO = b""                      # a cluster this layer holds that reads as zeroes
 _ENTRY_OVERHEAD = sys.getsizeof(b"") + 2 * 8 + 56  # bytes object + dict slot, roughly
 _CODECS = ("blosclz", "lz4", "lz4hc", "zlib", "zstd", "none")
