@@ -72,6 +72,66 @@ cdef inline int _range_check(size_t total, object offset, object length, str wha
     return 0
 
 
+# Copies of at least this many bytes run with the GIL released (smaller ones
+# finish before another thread could make use of it).
+cdef enum:
+    _NOGIL_COPY = 65536
+
+
+cdef void _fill(iovec *v, Py_ssize_t n, size_t off, size_t ln, int byte) noexcept nogil:
+    cdef Py_ssize_t i = 0
+    cdef size_t elen, take
+    while ln > 0 and i < n:
+        elen = v[i].iov_len
+        if off >= elen:
+            off -= elen
+        else:
+            take = elen - off
+            if take > ln:
+                take = ln
+            c_memset(<char *>v[i].iov_base + off, byte, take)
+            ln -= take
+            off = 0
+        i += 1
+
+
+cdef void _gather(iovec *v, Py_ssize_t n, size_t off, size_t ln, char *dst) noexcept nogil:
+    cdef Py_ssize_t i = 0
+    cdef size_t elen, take
+    while ln > 0 and i < n:
+        elen = v[i].iov_len
+        if off >= elen:
+            off -= elen
+        else:
+            take = elen - off
+            if take > ln:
+                take = ln
+            memcpy(dst, <char *>v[i].iov_base + off, take)
+            dst += take
+            ln -= take
+            off = 0
+        i += 1
+
+
+cdef void _scatter(iovec *v, Py_ssize_t n, size_t off, size_t ln, const char *p) noexcept nogil:
+    cdef Py_ssize_t i = 0
+    cdef size_t elen, take
+    while ln > 0 and i < n:
+        elen = v[i].iov_len
+        if off >= elen:
+            off -= elen
+        else:
+            take = elen - off
+            if take > ln:
+                take = ln
+            memmove(<char *>v[i].iov_base + off, p, take)
+            p += take
+            ln -= take
+            off = 0
+        i += 1
+
+
+
 @cython.final
 @cython.freelist(64)
 cdef class IOVector:
@@ -279,38 +339,26 @@ cdef class IOVector:
         if byte < 0 or byte > 255:
             raise ValueError(f"memset: byte must be in 0..255, not {byte}")
         _range_check(self.nbytes, offset, length, "memset")
-        cdef size_t off = offset, ln = length, elen, take
-        cdef Py_ssize_t i = 0
+        cdef size_t off = offset, ln = length
         self.c_check_writable(off, ln)
-        while ln > 0 and i < self.n:
-            elen = self.iov[i].iov_len
-            if off >= elen:
-                off -= elen
-            else:
-                take = elen - off
-                if take > ln:
-                    take = ln
-                c_memset(<char *>self.iov[i].iov_base + off, byte, take)
-                ln -= take
-                off = 0
-            i += 1
+        if ln < _NOGIL_COPY:
+            _fill(self.iov, self.n, off, ln, byte)
+            return
+        self.c_pin()  # the entry array must not change while the GIL is released
+        try:
+            with nogil:
+                _fill(self.iov, self.n, off, ln, byte)
+        finally:
+            self.c_unpin()
 
     cdef void c_gather(self, size_t off, size_t ln, char *dst) noexcept:
-        cdef Py_ssize_t i = 0
-        cdef size_t elen, take
-        while ln > 0 and i < self.n:
-            elen = self.iov[i].iov_len
-            if off >= elen:
-                off -= elen
-            else:
-                take = elen - off
-                if take > ln:
-                    take = ln
-                memcpy(dst, <char *>self.iov[i].iov_base + off, take)
-                dst += take
-                ln -= take
-                off = 0
-            i += 1
+        if ln < _NOGIL_COPY:
+            _gather(self.iov, self.n, off, ln, dst)
+            return
+        self.c_pin()  # the entry array must not change while the GIL is released
+        with nogil:
+            _gather(self.iov, self.n, off, ln, dst)
+        self.c_unpin()
 
     def copy_to(self, offset, length):
         """Bytes [offset, offset+length) of the vector, as a new bytes object."""
@@ -335,8 +383,7 @@ cdef class IOVector:
         vector's own memory.
         """
         cdef Py_buffer src
-        cdef size_t off, ln, elen, take
-        cdef Py_ssize_t i = 0
+        cdef size_t off, ln
         cdef const char *p
         PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)
         try:
@@ -345,19 +392,15 @@ cdef class IOVector:
             ln = src.len
             self.c_check_writable(off, ln)
             p = <const char *>src.buf
-            while ln > 0 and i < self.n:
-                elen = self.iov[i].iov_len
-                if off >= elen:
-                    off -= elen
-                else:
-                    take = elen - off
-                    if take > ln:
-                        take = ln
-                    memmove(<char *>self.iov[i].iov_base + off, p, take)
-                    p += take
-                    ln -= take
-                    off = 0
-                i += 1
+            if ln < _NOGIL_COPY:
+                _scatter(self.iov, self.n, off, ln, p)
+            else:
+                self.c_pin()  # the entry array must not change while the GIL is released
+                try:
+                    with nogil:
+                        _scatter(self.iov, self.n, off, ln, p)
+                finally:
+                    self.c_unpin()
             return src.len
         finally:
             PyBuffer_Release(&src)

@@ -236,3 +236,22 @@ def test_buffers_are_exact_views():
 def test_repr_and_types():
     assert "niov=1" in repr(IOVector(b"x"))
     assert isinstance(IOVector(b"x").to_bytes(), bytes)
+
+
+def test_large_copies_take_the_gil_free_path_and_stay_correct():
+    # >= 64 KiB copies run without the GIL; check them across buffer boundaries
+    import os
+    from pyrep._core.iovec import IOVector
+    bufs = [bytearray(n) for n in (70000, 1, 200000, 65536)]
+    v = IOVector()
+    for b in bufs:
+        v.add(b)
+    data = os.urandom(v.size - 10)
+    assert v.copy_from(5, data) == len(data)
+    assert v.copy_to(5, len(data)) == data
+    assert v.to_bytes()[5:-5] == data
+    v.memset(3, 0xAB, 300000)
+    expect = bytearray(5) + bytearray(data) + bytearray(5)
+    expect[3:300003] = b"\xab" * 300000
+    assert v.to_bytes() == bytes(expect)
+    assert b"".join(bufs) == bytes(expect)
