@@ -94,26 +94,42 @@ cdef class Qcow2Core:
         cdef uint64_t toff, e
         cdef PyObject *t
         cdef array l1 = self._l1
-        if in_off + length > self.cluster_size or l1 is None:
+        cdef long long last, j, k
+        cdef uint64_t *ents
+        if l1 is None:
             return 0
         cidx = offset >> self.cluster_bits
         l1i = cidx >> self._l2_bits
         if l1i >= len(l1):
             return 0
+        if in_off + length > self.cluster_size:
+            # several clusters: one range of the same L2 table, all data and physically contiguous,
+            # or all unallocated
+            last = (offset + length - 1) >> self.cluster_bits
+            if (last >> self._l2_bits) != l1i:
+                return 0
+            k = last - cidx + 1
+        else:
+            k = 1
         toff = l1.data.as_ulonglongs[l1i] & L1M
         if toff:
             t = PyDict_GetItem(self._l2_cache, toff)
             if t is NULL:
                 return 0
-            e = (<array>t).data.as_ulonglongs[cidx & self._l2_mask]
+            ents = (<array>t).data.as_ulonglongs + (cidx & self._l2_mask)
+            e = ents[0]
             if (e & FM) == CP:
                 host = <long long>(e & L2M)
                 if host & self._cmask or host < self.cluster_size:
                     return 0          # the slow path reports the corruption
+                for j in range(1, k):
+                    if ents[j] != (e + <uint64_t>(j * self.cluster_size)):
+                        return 0
                 self._file_read(host + in_off, length, iov)
                 return 1
-            if e:
-                return 0
+            for j in range(k):
+                if ents[j]:
+                    return 0
         b = self.backing
         if b is None:
             iov.memset(0, 0, length)
