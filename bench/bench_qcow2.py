@@ -12,6 +12,7 @@ i.e. ``-t writeback`` and queue depth 64 on the thread pool; pyrep is one synchr
                    qemu-img bench steps sequentially with -S 64k, pyrep goes in random order), then flush
   chain-4k-read    4 KiB reads through a 3-deep chain whose data lives in the bottom image
                    (qemu-img: sequential, pyrep: random offsets)
+  chain-4k-read-seq  the same, pyrep also sequential (like for like with qemu-img)
   seq-1m-write     1 MiB sequential writes into an empty image, then flush
   seq-1m-read      1 MiB sequential reads of that image
   make-empty-1g    make_empty of an overlay with 1 GiB allocated (pyrep only)
@@ -90,6 +91,7 @@ def setup_chain(d):
 
 
 def case_chain(top, n):
+    """(qemu, pyrep random, pyrep sequential) IOPS."""
     rn = min(n * 4, CSIZE // 4096)
     tq = qemu_bench(["-c", rn, "-s", 4096, "-S", 4096, top])
     offs = [random.randrange(0, CSIZE // 4096) * 4096 for _ in range(rn)]
@@ -100,8 +102,12 @@ def case_chain(top, n):
     for o in offs:
         blk.pread(o, 4096)
     tp = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(rn):
+        blk.pread(i << 12, 4096)
+    ts = time.perf_counter() - t
     blk.close()
-    return rn / tq, rn / tp
+    return rn / tq, rn / tp, rn / ts
 
 
 def case_seq(d):
@@ -166,7 +172,9 @@ def main():
             if "alloc" in only:
                 keep("alloc-4k-write", *case_alloc(d, n), "IOPS")
             if "chain" in only:
-                keep("chain-4k-read", *case_chain(top, n), "IOPS")
+                q_, p_, s_ = case_chain(top, n)
+                keep("chain-4k-read", q_, p_, "IOPS")
+                keep("chain-4k-read-seq", q_, s_, "IOPS")
             if "seq" in only:
                 w, r = case_seq(d)
                 keep("seq-1m-write", *w, "MiB/s")
@@ -181,7 +189,7 @@ def main():
 
     print(f"dir={d} count={n} reps={a.reps} (best of each side)")
     print(f"{'case':<16} {'qemu-img':>12} {'pyrep':>12} {'unit':>6} {'ratio':>7}")
-    for name in ("alloc-4k-write", "chain-4k-read", "seq-1m-write", "seq-1m-read", "make-empty-1g"):
+    for name in ("alloc-4k-write", "chain-4k-read", "chain-4k-read-seq", "seq-1m-write", "seq-1m-read", "make-empty-1g"):
         if name not in res:
             continue
         q_, p_, unit = res[name]

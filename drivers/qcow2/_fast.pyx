@@ -28,6 +28,128 @@ from pyrep._core.fileio cimport _xfer_one, _xfer_vec
 
 from pyrep._core.fastpath import FileIO
 
+cdef extern from "unistd.h" nogil:
+    int getpid()
+
+cdef extern from "pthread.h" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_create(pthread_t *th, void *attr, void *(*fn)(void *) noexcept nogil, void *arg)
+    int pthread_detach(pthread_t th)
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, void *attr)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_signal(pthread_cond_t *c)
+
+
+# ---------------------------------------------------------------------- large reads on two cores
+# A 1 MiB read from the page cache is a memory copy bound by one core. Large direct file reads are split
+# in two: one helper thread (a plain pthread, never touching Python) reads the second half while the
+# caller reads the first. If the helper has not picked the half up by the time the caller is done
+# with its own (busy machine), the caller takes it back and reads it itself, so the split never waits
+# on a thread that is not running. One job slot: a second concurrent large read simply reads alone.
+DEF SPLIT_MIN = 512 * 1024
+
+cdef struct _Helper:
+    pthread_mutex_t mu
+    pthread_cond_t cv_job
+    pthread_cond_t cv_done
+    int pid              # process that started the helper (0: none; after fork the child has none)
+    int state            # 0 free, 1 posted, 2 running, 3 done
+    int fd
+    char *buf
+    size_t length
+    long long offset
+    Py_ssize_t result
+    int err
+
+cdef _Helper H
+pthread_mutex_init(&H.mu, NULL)
+pthread_cond_init(&H.cv_job, NULL)
+pthread_cond_init(&H.cv_done, NULL)
+H.pid = 0
+H.state = 0
+
+
+cdef void *_helper_main(void *arg) noexcept nogil:
+    cdef int fd, err
+    cdef char *buf
+    cdef size_t length
+    cdef long long offset
+    cdef Py_ssize_t r
+    pthread_mutex_lock(&H.mu)
+    while True:
+        while H.state != 1:
+            pthread_cond_wait(&H.cv_job, &H.mu)
+        H.state = 2
+        fd, buf, length, offset = H.fd, H.buf, H.length, H.offset
+        pthread_mutex_unlock(&H.mu)
+        err = 0
+        r = _xfer_one(fd, buf, length, offset, False, &err)
+        pthread_mutex_lock(&H.mu)
+        H.result, H.err, H.state = r, err, 3
+        pthread_cond_signal(&H.cv_done)
+    return NULL
+
+
+cdef bint _helper_ready():
+    """Start the helper thread in this process if needed (GIL held). False if it cannot run."""
+    cdef pthread_t th
+    cdef int pid = getpid()
+    if H.pid == pid:
+        return True
+    if H.pid != 0:          # forked child: the parent's helper does not exist here
+        pthread_mutex_init(&H.mu, NULL)
+        pthread_cond_init(&H.cv_job, NULL)
+        pthread_cond_init(&H.cv_done, NULL)
+        H.state = 0
+    if pthread_create(&th, NULL, _helper_main, NULL) != 0:
+        return False
+    pthread_detach(th)
+    H.pid = pid
+    return True
+
+
+cdef Py_ssize_t _split_read(int fd, char *buf, size_t length, long long offset, int *err) noexcept nogil:
+    """Like _xfer_one (read): bytes done, short only at EOF; -1 with *err set on failure."""
+    cdef size_t half = (length // 2) & ~(<size_t>4095)
+    cdef Py_ssize_t r1, r2
+    cdef int e1 = 0, e2 = 0
+    pthread_mutex_lock(&H.mu)
+    if H.state != 0:
+        pthread_mutex_unlock(&H.mu)
+        return _xfer_one(fd, buf, length, offset, False, err)
+    H.fd, H.buf, H.length, H.offset = fd, buf + half, length - half, offset + half
+    H.state = 1
+    pthread_cond_signal(&H.cv_job)
+    pthread_mutex_unlock(&H.mu)
+    r1 = _xfer_one(fd, buf, half, offset, False, &e1)
+    pthread_mutex_lock(&H.mu)
+    if H.state == 1:        # not started: read it here
+        H.state = 0
+        pthread_mutex_unlock(&H.mu)
+        r2 = _xfer_one(fd, buf + half, length - half, offset + half, False, &e2)
+    else:
+        while H.state != 3:
+            pthread_cond_wait(&H.cv_done, &H.mu)
+        r2, e2 = H.result, H.err
+        H.state = 0
+        pthread_mutex_unlock(&H.mu)
+    if e1:
+        err[0] = e1
+        return -1
+    if r1 < <Py_ssize_t>half:
+        return r1
+    if e2:
+        err[0] = e2
+        return -1
+    return r1 + r2
+
 cdef uint64_t L1M = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t L2M = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t CP = 1ULL << 63
@@ -95,7 +217,7 @@ cdef class Qcow2Core:
         cdef PyObject *t
         cdef array l1 = self._l1
         cdef long long last, j, k
-        cdef uint64_t *ents
+        cdef unsigned long long *ents
         if l1 is None:
             return 0
         cidx = offset >> self.cluster_bits
@@ -173,8 +295,11 @@ cdef class Qcow2Core:
             f.preadv(pos, length, iov)
             return 0
         v.c_pin()
+        cdef bint split = v.n == 1 and length >= SPLIT_MIN and _helper_ready()
         with nogil:
-            if v.n == 1:
+            if split:
+                r = _split_read(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, &err)
+            elif v.n == 1:
                 r = _xfer_one(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, False, &err)
             else:
                 r = _xfer_vec(fd, v.iov, v.n, pos, False, &err)

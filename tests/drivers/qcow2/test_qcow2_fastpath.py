@@ -119,3 +119,40 @@ def test_read_errors_of_the_file_still_reported(tmp_path):
     pyrep.clear_errors("dbg")
     assert blk.pread(0, MB) == b"\x09" * MB
     blk.close()
+
+
+@needs_qemu
+def test_large_reads_split_concurrent_and_after_fork(tmp_path):
+    """Large direct reads are split with a helper thread: concurrent readers, EOF, and a forked child."""
+    import os
+    img = tmp_path / "a.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, 64 * MB)
+    blk = open_q(img)
+    for i in range(16):
+        blk.pwrite(i * MB, bytes([i + 1]) * MB)
+    errors = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(200):
+                i = rng.randrange(16)
+                if blk.pread(i * MB, MB) != bytes([i + 1]) * MB:
+                    errors.append(i)
+        except Exception as ex:   # pragma: no cover
+            errors.append(ex)
+
+    ths = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors
+    assert blk.pread(MB - 4096, 2 * MB) == b"\1" * 4096 + b"\2" * MB + b"\3" * (MB - 4096)
+    pid = os.fork()
+    if pid == 0:   # child: the parent's helper thread does not exist here
+        ok = blk.pread(5 * MB, MB) == b"\6" * MB and blk.pread(7 * MB, MB) == b"\x08" * MB
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    blk.close()
