@@ -67,8 +67,9 @@ cdef extern from "pthread.h" nogil:
 # on a thread that is not running. One job slot: a second concurrent large read simply reads alone.
 # Both sides spin a little (the helper for the next job, the caller for the helper's half) before
 # sleeping on the condition variable: a wake-up costs tens of microseconds, a 512 KiB half about 50.
-DEF SPLIT_MIN = 512 * 1024
-DEF SPIN = 4000
+cdef enum:
+    SPLIT_MIN = 512 * 1024
+    SPIN = 4000
 
 cdef struct _Helper:
     pthread_mutex_t mu
