@@ -66,7 +66,7 @@ def test_builtins_are_listed():
 def test_entry_point_plugin_installed_in_the_test_run(tmp_path):
     """Install examples/pyrep-xor into a scratch dir and use it from a fresh interpreter."""
     target = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                         "--target", str(target), os.path.join(ROOT, "examples", "pyrep-xor")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
