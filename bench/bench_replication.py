@@ -457,7 +457,7 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - t_start
     for k, p in profs.items():
-        if p is not None:
+        if p is not None and k in args.only:  # a profile that never ran has no stats
             s = io.StringIO()
             pstats.Stats(p, stream=s).sort_stats("tottime").print_stats(25)
             print(f"---- profile ({k}) by tottime ----\n{s.getvalue()}")
