@@ -169,6 +169,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         self._free_hint = 1
         self._zero_from = -(-file_len // cs)       # clusters at or past this index were never written
         self._comp_cache = (None, None)
+        self._comp_next = 0      # host byte offset where the next compressed cluster may go (0: none)
         self._corrupt_msg = None
         if self._repair_only:
             self._corrupt_msg = (f"qcow2: image {fn} is marked corrupt; it is open only to be repaired "
@@ -495,6 +496,8 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 if rc == 1:
                     if c < self._free_hint:
                         self._free_hint = c
+                    if self._comp_next and ((self._comp_next - 1) >> cb) == c:
+                        self._comp_next = 0
                     discard.append(c)
         return discard
 
@@ -804,6 +807,141 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                     self._free_later(olds[j])
             self._l2_dirty.add(self._l1[cidx >> self._l2_bits] & L1E_OFFSET_MASK)
 
+    # ------------------------------------------------------------ compressed writes
+    def pwritev_compressed(self, offset, length, iov):
+        """Write one whole guest cluster deflate-compressed (as qemu-img convert -c does).
+
+        ``offset`` must be cluster aligned and ``length`` one cluster (or the shorter last cluster of the
+        image, padded with zeroes); the guest cluster must be unallocated or a plain zero cluster.
+        Data that does not compress to less than a cluster is written uncompressed. Several compressed
+        clusters share host clusters (packed in 512-byte sectors); each host cluster's refcount is the
+        number of compressed clusters in it. Order: refcounts (in memory, written first on flush), data,
+        then the L2 entry."""
+        self._check_writable()
+        if self.read_only:
+            raise BlockError(errno.EROFS, f"qcow2: image {self.filename} is read-only")
+        cs = self.cluster_size
+        if offset < 0 or offset & self._cmask:
+            raise BlockError(errno.EINVAL, f"qcow2: compressed write at offset {offset} is not aligned to the "
+                                           f"cluster size {cs}")
+        if offset >= self.size:
+            raise BlockError(errno.EINVAL, f"qcow2: compressed write at offset {offset} is past the end of the "
+                                           f"image ({self.size} bytes)")
+        if length != cs and not (0 < length < cs and offset + length == self.size):
+            raise BlockError(errno.EINVAL, f"qcow2: compressed write of {length} bytes at offset {offset}: must be "
+                                           f"one whole cluster ({cs} bytes; only the last cluster may be shorter)")
+        if iov.size != length:
+            raise BlockError(errno.EINVAL, f"qcow2: compressed write: the buffer holds {iov.size} bytes, "
+                                           f"not {length}")
+        data = iov.copy_to(0, length)
+        if length < cs:
+            data += bytes(cs - length)
+        co = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+        comp = co.compress(data) + co.flush()
+        if len(comp) >= cs:
+            # incompressible: an ordinary write (the cluster still has to be unallocated or zero)
+            self._compressed_target_check(offset)
+            return self.pwritev(offset, length, iov, 0)
+        nsec = -(-len(comp) // 512)
+        nbytes = nsec * 512
+        cb = self.cluster_bits
+        cidx = offset >> cb
+        l1i = cidx >> self._l2_bits
+        l2i = cidx & self._l2_mask
+        with self._lock:
+            while cidx in self._inflight:
+                self._wait_inflight()
+            self._compressed_target_check(offset, locked=True)
+            t, _ = self._l2_table(l1i, alloc=True)
+            old = t[l2i]
+            host = self._alloc_compressed(nbytes)
+            self._inflight.add(cidx)
+        try:
+            try:
+                end = host + nbytes
+                self._ensure_file_size((((end - 1) >> cb) + 1) << cb)
+                if host < cs or self.meta_overlap(host, nbytes):
+                    raise self._corrupt(f"compressed data at {host:#x} would overlap metadata")
+                self.file.pwrite(host, comp + bytes(nbytes - len(comp)))
+            except BaseException:
+                with self._lock:   # give the space back (a leak at worst if this fails too)
+                    self._pending_free.append((host, nbytes))
+                    if self._comp_next == host + nbytes:
+                        self._comp_next = 0
+                raise
+            with self._lock:
+                self._note_written(end)
+                t, toff = self._l2_table(l1i, alloc=False)
+                t[l2i] = host | OFLAG_COMPRESSED | ((nsec - 1) << self._csize_shift)
+                if old & L2E_OFFSET_MASK:
+                    self._free_later(old)
+                self._l2_dirty.add(toff)
+        finally:
+            with self._lock:
+                self._inflight.discard(cidx)
+                if self._waiters:
+                    self._cond.notify_all()
+        return None
+
+    def _compressed_target_check(self, offset, locked=False):
+        """The guest cluster at ``offset`` must be unallocated or a plain zero cluster (as in QEMU)."""
+        if not locked:
+            with self._lock:
+                return self._compressed_target_check(offset, locked=True)
+        cidx = offset >> self.cluster_bits
+        t, _ = self._l2_table(cidx >> self._l2_bits, alloc=False)
+        e = t[cidx & self._l2_mask] if t is not None else 0
+        kind = self._kind(e)
+        if kind not in (UNALLOC, ZERO_PLAIN):
+            what = {NORMAL: "data", ZERO_ALLOC: "a preallocated zero cluster",
+                    COMPRESSED: "compressed data"}.get(kind, "data")
+            raise BlockError(errno.ENOTSUP, f"qcow2: compressed write at offset {offset}: the cluster already "
+                                            f"holds {what}; compressed writes only go to unallocated or zero "
+                                            f"clusters (image {self.filename})")
+
+    def _alloc_compressed(self, nbytes):
+        """Lock held. ``nbytes`` (a multiple of 512) of host space for compressed data, packed after the
+        previous compressed cluster when it fits (in its host cluster, or running on into the free clusters
+        right after it); refcounts of every host cluster the range touches are incremented."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        cur = self._comp_next
+        if cur and cur & self._cmask:
+            first = cur >> cb
+            last = (cur + nbytes - 1) >> cb
+            ok = self._get_refcount(first) >= 1
+            if ok and last > first:
+                # the range runs on into the next clusters: they must be free and plain data space
+                ok = (last >> self._rb_bits) < len(self._reftable) and not self.meta_overlap(
+                    (first + 1) << cb, (last - first) << cb)
+                for c in range(first + 1, last + 1):
+                    if not ok:
+                        break
+                    r = c >> self._rb_bits
+                    if not (self._reftable[r] & REFT_OFFSET_MASK) or self._get_refcount(c):
+                        ok = False
+            if ok:
+                rc = self._get_refcount(first)
+                if rc >= self._rc_max:
+                    raise BlockError(errno.EMLINK, f"qcow2: refcount overflow for host cluster {first << cb:#x} "
+                                                   f"(image {self.filename})")
+                self._set_refcount(first, rc + 1)
+                for c in range(first + 1, last + 1):
+                    self._set_refcount(c, 1)
+                if last + 1 > self._zero_from:
+                    self._zero_from = last + 1
+                if self._free_hint in range(first + 1, last + 1):
+                    self._free_hint = last + 1
+                self._comp_next = cur + nbytes
+                return cur
+        k = -(-nbytes // cs)
+        host = self._alloc_clusters(k)
+        hc = host >> cb
+        if hc + k > self._zero_from:
+            self._zero_from = hc + k
+        self._comp_next = host + nbytes
+        return host
+
     def _ensure_file_size(self, end):
         """The file must reach ``end`` (so data clusters never hang past EOF); grow in chunks."""
         if end <= self._file_size:
@@ -1069,6 +1207,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             self._rb_dirty.clear()
             self._pending_free = []
             self._comp_cache = (None, None)
+            self._comp_next = 0
             self._free_hint = 1
             self._zero_from = -(-self._file_size // cs)
 
@@ -1164,6 +1303,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 self._reftable = F.be64_to_array(self.file.pread(self._reftable_offset,
                                                                  self._reftable_clusters * cs))
                 self._free_hint = 1
+                self._comp_next = 0
                 self._file_size = self.file.getlength()
         return res
 
