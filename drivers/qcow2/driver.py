@@ -942,6 +942,63 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         self._comp_next = host + nbytes
         return host
 
+    # ------------------------------------------------------------ backing file
+    def change_backing_file(self, name, fmt=None):
+        """Rewrite the backing file name and the backing format header extension (``name`` None or empty:
+        no backing file, and no format). The open backing node is not changed. Everything in the header
+        cluster (header, extensions, name) must fit in the first cluster."""
+        self._check_writable()
+        if self.read_only:
+            raise BlockError(errno.EROFS, f"qcow2: image {self.filename} is read-only; cannot change its "
+                                          f"backing file")
+        name = name or None
+        fmt = (fmt or None) if name else None
+        bname = name.encode("utf-8") if name else b""
+        if len(bname) > F.MAX_BACKING_NAME:
+            raise BlockError(errno.EINVAL, f"qcow2: backing file name too long ({len(bname)} bytes, max "
+                                           f"{F.MAX_BACKING_NAME})")
+        h = self.header
+        cs = self.cluster_size
+        with self._lock:
+            self._flush_meta_locked()
+            self.file.flush()
+            c0 = self.file.pread(0, min(cs, self._file_size))
+            hlen = h.header_length
+            # keep every extension we do not rewrite (feature table, unknown ones), drop the backing format
+            # (rewritten) and the bitmaps extension (stale: its autoclear bit was cleared at open)
+            keep = []
+            pos = hlen
+            end = len(c0)
+            if h.backing_file_offset:
+                end = min(end, h.backing_file_offset)
+            while pos + 8 <= end:
+                etype, elen = struct.unpack_from(">II", c0, pos)
+                if etype == F.EXT_END or pos + 8 + elen > end:
+                    break
+                if etype not in (F.EXT_BACKING_FORMAT, F.EXT_BITMAPS):
+                    keep.append(F._ext(etype, bytes(c0[pos + 8:pos + 8 + elen])))
+                pos += 8 + elen + ((8 - elen % 8) % 8)
+            exts = (F._ext(F.EXT_BACKING_FORMAT, fmt.encode("utf-8")) if fmt else b"") + b"".join(keep)
+            exts += b"\0" * 8
+            bf_off = hlen + len(exts) if bname else 0
+            total = hlen + len(exts) + len(bname)
+            if total > cs:
+                raise BlockError(errno.ENOSPC, f"qcow2: header, header extensions and backing file name "
+                                               f"({total} bytes) do not fit in the first cluster ({cs} bytes) "
+                                               f"of {self.filename}")
+            hdr = bytearray(c0[:hlen])
+            struct.pack_into(">QI", hdr, 8, bf_off, len(bname))
+            new = bytes(hdr) + exts + bname
+            old_used = max(pos + 8, (h.backing_file_offset + h.backing_file_size) if h.backing_file_offset else 0)
+            new += bytes(max(0, min(old_used, len(c0)) - len(new)))   # clear what the old layout used
+            self.file.pwrite(0, new)
+            self._note_written(len(new))
+            self.file.flush()
+            h.backing_file = name
+            h.backing_format = fmt
+            h.backing_file_offset, h.backing_file_size = bf_off, len(bname)
+            h.has_bitmaps_ext = False
+
     def _ensure_file_size(self, end):
         """The file must reach ``end`` (so data clusters never hang past EOF); grow in chunks."""
         if end <= self._file_size:
@@ -1227,9 +1284,10 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
     def get_info(self):
         h = self.header
         lazy = bool(h.compatible & F.COMPAT_LAZY_REFCOUNTS)
-        spec = {"compat": "1.1" if h.version >= 3 else "0.10", "refcount-bits": 1 << h.refcount_order}
+        spec = {"compat": "1.1" if h.version >= 3 else "0.10", "refcount-bits": 1 << h.refcount_order,
+                "compression-type": "zlib"}
         if h.version >= 3:
-            spec.update({"compression-type": "zlib", "lazy-refcounts": lazy,
+            spec.update({"lazy-refcounts": lazy,
                          "corrupt": bool(h.incompatible & F.INCOMPAT_CORRUPT), "extended-l2": False})
         return {
             "cluster-size": self.cluster_size,

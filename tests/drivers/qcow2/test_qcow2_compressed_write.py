@@ -1,4 +1,4 @@
-"""Qcow2Driver.pwritev_compressed, checked with real qemu-img / qemu-io."""
+"""Qcow2Driver.pwritev_compressed and change_backing_file, checked with real qemu-img / qemu-io."""
 import json
 import os
 import random
@@ -105,3 +105,61 @@ def test_compressed_write_refusals(tmp_path):
         blk.close()
     qcheck(img)
     qio(img, "read -P 1 0 64k", "read -P 0x79 64k 64k")
+
+
+def test_change_backing_file(tmp_path):
+    base, other, top = tmp_path / "base.qcow2", tmp_path / "other.raw", tmp_path / "top.qcow2"
+    qimg("create", "-q", "-f", "qcow2", base, "1M")
+    qimg("create", "-q", "-f", "raw", other, "1M")
+    qimg("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    qio(top, "write -P 7 0 4k")
+    blk = open_q(top, backing=None)
+    try:
+        blk.node.driver.change_backing_file(other.name, "raw")
+    finally:
+        blk.close()
+    info = json.loads(qimg("info", "--output=json", top).stdout)
+    assert info["backing-filename"] == other.name and info["backing-filename-format"] == "raw"
+    qcheck(top)
+    # feature table kept, header extensions still parse
+    assert info["format-specific"]["data"]["compat"] == "1.1"
+    blk = open_q(top, backing=None)
+    try:
+        blk.node.driver.change_backing_file(None, None)
+    finally:
+        blk.close()
+    info = json.loads(qimg("info", "--output=json", top).stdout)
+    assert "backing-filename" not in info and "backing-filename-format" not in info
+    qcheck(top)
+    qio(top, "read -P 7 0 4k", "read -P 0 4k 4k")
+    # a name that does not fit in the first cluster is refused and the header is left alone
+    small = tmp_path / "small.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", small, "1M")
+    before = open(small, "rb").read(512)
+    blk = open_q(small)
+    try:
+        with pytest.raises(pyrep.BlockError, match="do not fit in the first cluster"):
+            blk.node.driver.change_backing_file("x" * 400, "qcow2")
+    finally:
+        blk.close()
+    assert open(small, "rb").read(512) == before
+    qcheck(small)
+
+
+def test_qemu_rebase_unsafe_read_by_pyrep(tmp_path):
+    base, other, top = tmp_path / "base.qcow2", tmp_path / "other.qcow2", tmp_path / "top.qcow2"
+    qimg("create", "-q", "-f", "qcow2", base, "1M")
+    qio(base, "write -P 1 0 1M")
+    qimg("create", "-q", "-f", "qcow2", other, "1M")
+    qio(other, "write -P 2 0 1M")
+    qimg("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    qio(top, "write -P 3 0 64k")
+    qimg("rebase", "-u", "-b", other.name, "-F", "qcow2", top)
+    blk = open_q(top, read_only=True)
+    try:
+        buf = bytearray(1 << 20)
+        blk.preadv(0, IOVector(buf))
+        assert buf[:65536] == b"\x03" * 65536 and buf[65536:] == b"\x02" * (len(buf) - 65536)
+    finally:
+        blk.close()
+    assert os.path.exists(top)
