@@ -25,6 +25,7 @@ blosc.set_releasegil(True)
 # pyrep's I/O threads already compress in parallel with the GIL released
 blosc.set_nthreads(1)
 _ZERO = b""                      # a cluster this layer holds that reads as zeroes
+_PROBE = 4096                    # bytes compressed to decide whether a cluster is worth compressing
 _ENTRY_OVERHEAD = sys.getsizeof(b"") + 2 * 8 + 56  # bytes object + dict slot, roughly
 _CODECS = ("blosclz", "lz4", "lz4hc", "zlib", "zstd", "none")
 
@@ -89,13 +90,23 @@ class MemoryDriver(BlockDriver):
                 "cluster-size": self.cluster_size, "codec": self._codec}
 
     # ------------------------------------------------------------ storage
+    # A stored cluster is ``bytes`` (blosc-compressed) or ``bytearray`` (kept as is: it did not compress).
     def _compress(self, buf):
         if self._codec == "none":
-            return bytes(buf)
-        return blosc.compress(buf, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
+            return bytearray(buf)
+        if len(buf) >= 4 * _PROBE:
+            # probe a slice first: incompressible data (encrypted, already compressed) is common on
+            # disks and would cost a full compression attempt for nothing
+            probe = blosc.compress(memoryview(buf)[:_PROBE], typesize=8, clevel=self._level,
+                                   shuffle=self._shuffle, cname=self._codec)
+            if len(probe) > _PROBE * 15 // 16:
+                return bytearray(buf)
+        out = blosc.compress(buf, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
+        return out if len(out) < len(buf) else bytearray(buf)
 
-    def _decompress(self, entry):
-        if self._codec == "none":
+    @staticmethod
+    def _decompress(entry):
+        if type(entry) is bytearray:
             return entry
         return blosc.decompress(entry)
 

@@ -66,3 +66,20 @@ def test_resize():
         assert blk.length == 100000
         blk.truncate(MiB)
         assert blk.pread(99990, 20) == b"x" * 10 + bytes(10)
+
+
+def test_incompressible_clusters_are_kept_as_is_and_compressible_ones_compressed():
+    with pyrep.open_backend({"driver": "memory", "size": "4M"}) as blk:
+        drv = blk.node.driver
+        noise = os.urandom(MiB)
+        blk.pwrite(0, noise)
+        assert all(type(e) is bytearray for e in drv._clusters.values())   # not compressed: kept raw
+        assert MiB <= drv.memory_used < MiB * 1.05
+        text = (b"replicated disk block " * 50000)[:MiB]
+        blk.pwrite(MiB, text)
+        assert sum(1 for e in drv._clusters.values() if type(e) is bytes) == 16
+        assert blk.pread(0, MiB) == noise and blk.pread(MiB, MiB) == text
+        # a cluster that is noise in its first 4 KiB but text after it is still read back exactly
+        mixed = os.urandom(4096) + text[:65536 - 4096]
+        blk.pwrite(2 * MiB, mixed)
+        assert blk.pread(2 * MiB, 65536) == mixed
