@@ -1245,11 +1245,15 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 final = lay2
             new_end = final["l1_off"] + l1_size * 8 if l1_size else final["l1_off"]
             new_end = max(new_end, final["end_cluster"] << cb) if final is lay1 else new_end
-            try:
-                self.file.truncate(max(new_end, cs))
-                self._file_size = max(new_end, cs)
-            except BlockError:
-                pass
+            if self.node.discard_unmap:
+                # give the space back (QEMU's behaviour). Without discard=unmap the file keeps its
+                # size and later allocations reuse the freed clusters: freeing the pages of a large
+                # overlay costs far more than a checkpoint may take (~70 ms per GiB on tmpfs)
+                try:
+                    self.file.truncate(max(new_end, cs))
+                    self._file_size = max(new_end, cs)
+                except BlockError:
+                    pass
             self._file_size = self.file.getlength()
             self._l1 = array("Q", [0]) * l1_size
             self._l1_offset = final["l1_off"]
