@@ -95,14 +95,17 @@ class MemoryDriver(BlockDriver):
         if self._codec == "none":
             return bytearray(buf)
         if len(buf) >= 4 * _PROBE:
-            # probe a slice first: incompressible data (encrypted, already compressed) is common on
-            # disks and would cost a full compression attempt for nothing
-            probe = blosc.compress(memoryview(buf)[:_PROBE], typesize=8, clevel=self._level,
-                                   shuffle=self._shuffle, cname=self._codec)
-            if len(probe) > _PROBE * 15 // 16:
+            # probe the first and last 4 KiB: incompressible data (encrypted, already compressed) is
+            # common on disks and would cost a full compression attempt for nothing
+            view = memoryview(buf)
+            if self._incompressible(view[:_PROBE]) and self._incompressible(view[-_PROBE:]):
                 return bytearray(buf)
         out = blosc.compress(buf, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
         return out if len(out) < len(buf) else bytearray(buf)
+
+    def _incompressible(self, view):
+        out = blosc.compress(view, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
+        return len(out) > len(view) * 15 // 16
 
     @staticmethod
     def _decompress(entry):
