@@ -34,6 +34,7 @@ from .progress import Progress
 
 PROG = "pyrep-img"
 IO_BUF_SIZE = 2 << 20          # qemu-img's convert/compare buffer
+CONVERT_BUF_SIZE = 8 << 20     # convert's read/write chunk (uncompressed output)
 SECTOR = 512
 
 
@@ -827,7 +828,8 @@ def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
     if cwrite is not None:
         info = dnode.driver.get_info() or {}
         cs = info.get("cluster-size") or 65536
-    chunk_max = IO_BUF_SIZE if not cs else max(cs, (IO_BUF_SIZE // cs) * cs)
+    # big chunks: fewer Python round trips per GiB (the writer thread overlaps them with the reads)
+    chunk_max = CONVERT_BUF_SIZE if not cs else max(cs, (IO_BUF_SIZE // cs) * cs)
     rd = snode.preadv
     wr = dnode.pwritev
     pool = _Writer(wr, dst, nbufs=4, bufsize=chunk_max)
@@ -933,7 +935,7 @@ class _Writer:
     """A writer thread fed through a queue, with a fixed set of buffers (``get_buffer`` blocks until
     the thread has finished with one): reading the next buffer overlaps writing the previous ones."""
 
-    def __init__(self, wr, blk, nbufs=4, bufsize=IO_BUF_SIZE):
+    def __init__(self, wr, blk, nbufs=4, bufsize=IO_BUF_SIZE, nthreads=1):
         import queue
         self._wr, self._blk = wr, blk
         self._free = queue.Queue()
@@ -941,8 +943,10 @@ class _Writer:
             self._free.put(bytearray(bufsize))
         self._jobs = queue.Queue()
         self._err = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="pyrep-img-writer")
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, daemon=True, name="pyrep-img-writer")
+                         for _ in range(nthreads)]
+        for t in self._threads:
+            t.start()
 
     def _run(self):
         jobs, free = self._jobs, self._free
@@ -951,6 +955,9 @@ class _Writer:
             if job is None:
                 return
             kind, buf = job[0], job[-1]
+            if kind == "f":
+                job[1]()                # finish(): always answered, even after an error
+                continue
             if self._err is None:
                 try:
                     if kind == "w":
@@ -993,14 +1000,21 @@ class _Writer:
 
     def finish(self):
         """Wait until every queued job is done; raise the first error."""
+        n = len(self._threads)
         done = threading.Event()
-        self._jobs.put(("c", done.set, (), None))
+        # every thread takes one of these (a thread waits at the barrier until all have theirs), so
+        # when the event is set, all jobs queued before are finished
+        bar = threading.Barrier(n, action=done.set)
+        for _ in range(n):
+            self._jobs.put(("f", bar.wait, None))
         done.wait()
         self._check()
 
     def close(self):
-        self._jobs.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
 
 
 # ------------------------------------------------------------------- commit
