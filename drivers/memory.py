@@ -13,7 +13,7 @@ import threading
 import blosc
 
 from pyrep._core.iovec import IOVector
-from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO, REQ_MAY_UNMAP
+from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError
 from pyrep.options import Opt

@@ -8,16 +8,14 @@ writes with others, as a QEMU guest device or qemu-img does; pass
 ``shared="all"`` (or ``share_rw=True``) when other writers are expected, as an
 NBD export of a replicated disk does.
 """
-import errno
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from . import graph
 from ._core.fastpath import BackendCore
-from ._core.iovec import IOVector
-from .constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
-                        REQ_MAY_UNMAP, perm_from)
-from .errors import BlockError, OptionError
+from .constants import (PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP,
+                        perm_from)
+from .errors import OptionError
 from .node import Child, Node
 from .options import normalize
 

@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from ._core.fastpath import NodeIO, bump_length_epoch
 from ._core.iovec import IOVector
 from .constants import (BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_RECURSE, BS_ZERO, PERM_ALL,
-                        PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP, REQ_SERIALISING,
-                        perm_names)
+                        REQ_MAY_UNMAP, REQ_SERIALISING, perm_names)
 from .errors import BlockError, OptionError, PermissionConflict
 
 __all__ = ["Node", "Child", "BlockStatus", "skip_filters", "is_allocated", "is_allocated_above"]

@@ -13,7 +13,6 @@ Images are opened format-agnostically as ``{"driver": fmt, "file": {"driver":
 unless ``-f`` names it.
 """
 import argparse
-import errno
 import json
 import mmap
 import os
@@ -24,7 +23,7 @@ import time
 import pyrep
 from pyrep._core.iovec import IOVector
 from pyrep._core.registry import get_driver
-from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_ZERO, REQ_MAY_UNMAP
+from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_ZERO
 from pyrep.errors import Error
 from pyrep.graph import probe_format
 from pyrep.node import skip_filters
@@ -622,7 +621,6 @@ def _first_mismatch(b1, b2, n, base):
     if b1[:n] == b2[:n]:
         return -1
     lo, hi = 0, n
-    m1, m2 = memoryview(b1), memoryview(b2)
     while hi - lo > SECTOR:
         mid = lo + (((hi - lo) // 2 + SECTOR - 1) // SECTOR) * SECTOR
         if mid >= hi:
@@ -1211,16 +1209,9 @@ def run_bench(blk, count, depth, bufsize, step, offset, image_size, write, patte
     """Issue the requests; returns the elapsed seconds (setup excluded, as in qemu-img)."""
     # request function: the backend (public path) or its root edge (node graph, no in-flight gate)
     if path == "node":
-        root = blk._root
-        if write:
-            fn = root.pwritev
-            call = lambda off, iov, _f=fn, _n=bufsize: _f(off, _n, iov, 0)  # noqa: E731
-        else:
-            fn = root.preadv
-            call = None
+        fn = blk._root.pwritev if write else blk._root.preadv
     else:
         fn = blk.pwritev if write else blk.preadv
-        call = None
     nthreads = min(threads or depth, depth, count)
     flush = blk.flush
 

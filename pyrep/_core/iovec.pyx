@@ -78,9 +78,17 @@ cdef enum:
     _NOGIL_COPY = 65536
 
 
-cdef void _fill(iovec *v, Py_ssize_t n, size_t off, size_t ln, int byte) noexcept nogil:
+cdef enum:
+    _FILL = 0      # set the range to a byte
+    _GATHER = 1    # copy the range out to a flat buffer
+    _SCATTER = 2   # copy a flat buffer into the range
+
+
+cdef void _walk(iovec *v, Py_ssize_t n, size_t off, size_t ln, char *p, int op, int byte) noexcept nogil:
+    """Apply ``op`` to bytes [off, off+ln) of the entries, ``p`` walking the flat side."""
     cdef Py_ssize_t i = 0
     cdef size_t elen, take
+    cdef char *base
     while ln > 0 and i < n:
         elen = v[i].iov_len
         if off >= elen:
@@ -89,47 +97,18 @@ cdef void _fill(iovec *v, Py_ssize_t n, size_t off, size_t ln, int byte) noexcep
             take = elen - off
             if take > ln:
                 take = ln
-            c_memset(<char *>v[i].iov_base + off, byte, take)
+            base = <char *>v[i].iov_base + off
+            if op == _FILL:
+                c_memset(base, byte, take)
+            elif op == _GATHER:
+                memcpy(p, base, take)
+                p += take
+            else:
+                memmove(base, p, take)  # data may overlap the vector's own memory
+                p += take
             ln -= take
             off = 0
         i += 1
-
-
-cdef void _gather(iovec *v, Py_ssize_t n, size_t off, size_t ln, char *dst) noexcept nogil:
-    cdef Py_ssize_t i = 0
-    cdef size_t elen, take
-    while ln > 0 and i < n:
-        elen = v[i].iov_len
-        if off >= elen:
-            off -= elen
-        else:
-            take = elen - off
-            if take > ln:
-                take = ln
-            memcpy(dst, <char *>v[i].iov_base + off, take)
-            dst += take
-            ln -= take
-            off = 0
-        i += 1
-
-
-cdef void _scatter(iovec *v, Py_ssize_t n, size_t off, size_t ln, const char *p) noexcept nogil:
-    cdef Py_ssize_t i = 0
-    cdef size_t elen, take
-    while ln > 0 and i < n:
-        elen = v[i].iov_len
-        if off >= elen:
-            off -= elen
-        else:
-            take = elen - off
-            if take > ln:
-                take = ln
-            memmove(<char *>v[i].iov_base + off, p, take)
-            p += take
-            ln -= take
-            off = 0
-        i += 1
-
 
 
 @cython.final
@@ -342,22 +321,22 @@ cdef class IOVector:
         cdef size_t off = offset, ln = length
         self.c_check_writable(off, ln)
         if ln < _NOGIL_COPY:
-            _fill(self.iov, self.n, off, ln, byte)
+            _walk(self.iov, self.n, off, ln, NULL, _FILL, byte)
             return
         self.c_pin()  # the entry array must not change while the GIL is released
         try:
             with nogil:
-                _fill(self.iov, self.n, off, ln, byte)
+                _walk(self.iov, self.n, off, ln, NULL, _FILL, byte)
         finally:
             self.c_unpin()
 
     cdef void c_gather(self, size_t off, size_t ln, char *dst) noexcept:
         if ln < _NOGIL_COPY:
-            _gather(self.iov, self.n, off, ln, dst)
+            _walk(self.iov, self.n, off, ln, dst, _GATHER, 0)
             return
         self.c_pin()  # the entry array must not change while the GIL is released
         with nogil:
-            _gather(self.iov, self.n, off, ln, dst)
+            _walk(self.iov, self.n, off, ln, dst, _GATHER, 0)
         self.c_unpin()
 
     def copy_to(self, offset, length):
@@ -393,12 +372,12 @@ cdef class IOVector:
             self.c_check_writable(off, ln)
             p = <const char *>src.buf
             if ln < _NOGIL_COPY:
-                _scatter(self.iov, self.n, off, ln, p)
+                _walk(self.iov, self.n, off, ln, <char *>p, _SCATTER, 0)
             else:
                 self.c_pin()  # the entry array must not change while the GIL is released
                 try:
                     with nogil:
-                        _scatter(self.iov, self.n, off, ln, p)
+                        _walk(self.iov, self.n, off, ln, <char *>p, _SCATTER, 0)
                 finally:
                     self.c_unpin()
             return src.len

@@ -48,7 +48,7 @@ from .._core.iovec import IOVector
 from ..constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED)
 from ..errors import BlockError, OptionError
 from ..node import is_allocated, skip_filters
-from .job import Job, read_direct, resolve_node, write_serialising
+from .job import Job, read_direct, resolve_pair, write_serialising
 
 __all__ = ["BackupJob", "backup"]
 
@@ -63,16 +63,8 @@ class BackupJob(Job):
                  on_complete=None):
         if sync not in SYNC_MODES:
             raise OptionError(f"backup: sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
-        source = resolve_node(source, "backup source")
-        target = resolve_node(target, "backup target")
-        if source is target:
-            raise OptionError(f"backup: source and target are the same node '{source.name}'")
-        if target.read_only:
-            raise OptionError(f"backup: target node '{target.name}' is read-only (reopen it read-write first)")
+        source, target = resolve_pair("backup", source, target)
         length = source.length
-        if target.length < length:
-            raise OptionError(f"backup: target node '{target.name}' ({target.length} bytes) is smaller than "
-                              f"source node '{source.name}' ({length} bytes)")
         if cluster_size is None:
             cluster_size = max(65536, getattr(skip_filters(target).driver, "cluster_size", 0) or 0)
         if cluster_size < 512 or cluster_size & (cluster_size - 1):

@@ -90,16 +90,8 @@ class CommitJob(MirrorJob):
             raise
 
     def _init_dirty(self):
-        pos = 0
-        while pos < self.length:
-            self.pause_point()
-            alloc, n = is_allocated_above(self.top, self.base, pos, self.length - pos)
-            if n <= 0:
-                break
-            if alloc:
-                with self._dlock:
-                    self._dirty.set(pos, n)
-            pos += n
+        self.mark_allocated(self._dirty, self._dlock,
+                            lambda pos, n: is_allocated_above(self.top, self.base, pos, n))
 
     def _drain_nodes(self):
         return (self.top, self.base)

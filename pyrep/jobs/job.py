@@ -205,6 +205,20 @@ class Job:
         self._call(fn)
 
     # ------------------------------------------------------------ control
+    def mark_allocated(self, bitmap, lock, allocated):
+        """Set in ``bitmap`` every range for which ``allocated(pos, n)`` → ``(True, pnum)``,
+        scanning the job's length with pause points between extents."""
+        pos = 0
+        while pos < self.length:
+            self.pause_point()
+            alloc, n = allocated(pos, self.length - pos)
+            if n <= 0:
+                break
+            if alloc:
+                with lock:
+                    bitmap.set(pos, n)
+            pos += n
+
     def pause_point(self):
         """Called by the job thread between chunks: stop while paused or drained; raise on cancel."""
         with self._cond:
@@ -370,6 +384,21 @@ def resolve_node(value, what):
         except OptionError as e:
             raise OptionError(f"{what}: {e}") from None
     raise OptionError(f"{what}: expected a Node or a node name, got {value!r}")
+
+
+def resolve_pair(kind, source, target):
+    """A copy job's source and target nodes, resolved and checked (distinct, target writable and
+    at least as long as the source)."""
+    source = resolve_node(source, f"{kind} source")
+    target = resolve_node(target, f"{kind} target")
+    if source is target:
+        raise OptionError(f"{kind}: source and target are the same node '{source.name}'")
+    if target.read_only:
+        raise OptionError(f"{kind}: target node '{target.name}' is read-only (reopen it read-write first)")
+    if target.length < source.length:
+        raise OptionError(f"{kind}: target node '{target.name}' ({target.length} bytes) is smaller than "
+                          f"source node '{source.name}' ({source.length} bytes)")
+    return source, target
 
 
 def read_direct(node, offset, length, iov):

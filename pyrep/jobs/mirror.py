@@ -32,7 +32,7 @@ from .._core.iovec import IOVector
 from ..constants import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED
 from ..errors import BlockError, OptionError
 from ..node import is_allocated
-from .job import Job, _Cancelled, move_parents, resolve_node
+from .job import Job, _Cancelled, move_parents, resolve_pair
 
 __all__ = ["MirrorJob", "mirror"]
 
@@ -49,15 +49,7 @@ class MirrorJob(Job):
                  granularity=GRANULARITY):
         if sync not in ("full", "top"):
             raise OptionError(f"mirror: sync must be 'full' or 'top', got {sync!r}")
-        source = resolve_node(source, "mirror source")
-        target = resolve_node(target, "mirror target")
-        if source is target:
-            raise OptionError(f"mirror: source and target are the same node '{source.name}'")
-        if target.read_only:
-            raise OptionError(f"mirror: target node '{target.name}' is read-only (reopen it read-write first)")
-        if target.length < source.length:
-            raise OptionError(f"mirror: target node '{target.name}' ({target.length} bytes) is smaller than "
-                              f"source node '{source.name}' ({source.length} bytes)")
+        source, target = resolve_pair("mirror", source, target)
         source.check_op("mirror-source")
         target.check_op("mirror-target")
         check_pivot(source, target)
@@ -128,16 +120,7 @@ class MirrorJob(Job):
             with self._dlock:
                 self._dirty.set_all()
             return
-        pos = 0
-        while pos < self.length:
-            self.pause_point()
-            alloc, n = is_allocated(self.source, pos, self.length - pos)
-            if n <= 0:
-                break
-            if alloc:
-                with self._dlock:
-                    self._dirty.set(pos, n)
-            pos += n
+        self.mark_allocated(self._dirty, self._dlock, lambda pos, n: is_allocated(self.source, pos, n))
 
     def _copy_one(self):
         """Copy the next dirty chunk; False if nothing is dirty."""
