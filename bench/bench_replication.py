@@ -428,8 +428,8 @@ def main():
     ap.add_argument("--size", default="256M", help="(a) secondary disk size")
     ap.add_argument("--dirty", default="1G", help="(b) dirty bytes in active+hidden")
     ap.add_argument("--commit-dirty", default="256M", help="(c) disk size; all of it ends up allocated above the base")
-    ap.add_argument("--md", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results-replication.md"), help="write the table here ('' = no)")
+    ap.add_argument("--md", default=None, help="also write the markdown table to this file "
+                                               "(bench/RESULTS.md holds the recorded results)")
     ap.add_argument("--profile", action="store_true", help="cProfile (a) 4K fresh via quorum and (c); print hot spots")
     ap.add_argument("--only", default="abc", help="which parts to run (subset of 'abc')")
     args = ap.parse_args()
