@@ -8,36 +8,9 @@ import pytest
 
 import pyrep
 import pyrep.jobs
-from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError
-from pyrep.options import Opt
 
-CS = 65536
-SIZE = 4 << 20
-
-
-@pytest.fixture(autouse=True)
-def _close():
-    yield
-    pyrep.close_all()
-
-
-class SlowFilter(BlockDriver):
-    """A filter that sleeps before each write (makes background jobs slow enough to observe)."""
-    format_name = "slowtest-backup"
-    is_filter = True
-    options = (Opt("file", "child", required=True), Opt("delay", "number", default=0.002))
-
-    def open(self, opts):
-        self.file = self.node.open_child(opts, "file", role="file")
-        self.delay = opts["delay"]
-
-    def pwritev(self, offset, length, iov, flags=0):
-        time.sleep(self.delay)
-        return self.file.pwritev(offset, length, iov, flags)
-
-
-pyrep.register_driver(SlowFilter, clobber=True)
+from jobs_testlib import CS, SIZE  # noqa: E402  (also registers the 'slowtest' filter)
 
 
 def pattern(tag, n=CS):
@@ -176,7 +149,7 @@ def test_full_backup_is_point_in_time_with_concurrent_writes(tmp_path):
     before = blk.pread(0, SIZE)
     topts = raw_file(tmp_path, "full-tgt.raw")
     topts["node-name"] = "tgt-raw"
-    pyrep.blockdev_add({"driver": "slowtest-backup", "node-name": "tgt", "delay": 0.001, "file": topts})
+    pyrep.blockdev_add({"driver": "slowtest", "node-name": "tgt", "delay": 0.001, "file": topts})
     done = []
     job = pyrep.jobs.backup("src", "tgt", sync="full", cluster_size=CS, on_complete=done.append)
     rng = random.Random(3)
@@ -275,7 +248,7 @@ def test_background_error_report_and_stop(tmp_path):
 def test_pause_resume_cancel_progress(tmp_path):
     blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
     blk.pwrite(0, pattern(3, SIZE))
-    pyrep.blockdev_add({"driver": "slowtest-backup", "node-name": "tgt", "delay": 0.01,
+    pyrep.blockdev_add({"driver": "slowtest", "node-name": "tgt", "delay": 0.01,
                         "file": {"driver": "memory", "size": SIZE}})
     job = pyrep.jobs.backup("src", "tgt", sync="full", cluster_size=CS)
     job.pause()

@@ -7,36 +7,9 @@ import pytest
 
 import pyrep
 import pyrep.jobs
-from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError
-from pyrep.options import Opt
 
-CS = 65536
-SIZE = 4 << 20
-
-
-@pytest.fixture(autouse=True)
-def _close():
-    yield
-    pyrep.close_all()
-
-
-class SlowFilter(BlockDriver):
-    """A filter that sleeps before each write, so jobs run long enough to overlap with writers."""
-    format_name = "slowtest-commit"
-    is_filter = True
-    options = (Opt("file", "child", required=True), Opt("delay", "number", default=0.002))
-
-    def open(self, opts):
-        self.file = self.node.open_child(opts, "file", role="file")
-        self.delay = opts["delay"]
-
-    def pwritev(self, offset, length, iov, flags=0):
-        time.sleep(self.delay)
-        return self.file.pwritev(offset, length, iov, flags)
-
-
-pyrep.register_driver(SlowFilter, clobber=True)
+from jobs_testlib import CS, SIZE  # noqa: E402  (also registers the 'slowtest' filter)
 
 
 def raw_opts(tmp_path, name, fill=None, size=SIZE):
@@ -60,7 +33,7 @@ def make_chain(tmp_path, slow=0.0, read_only_base=True):
     base_data = bytearray(rng.randbytes(SIZE))
     opts, path = raw_opts(tmp_path, "base.raw", fill=bytes(base_data))
     if slow:
-        opts = {"driver": "slowtest-commit", "delay": slow, "file": opts}
+        opts = {"driver": "slowtest", "delay": slow, "file": opts}
     opts["node-name"] = "base"
     opts["read-only"] = read_only_base
     pyrep.blockdev_add(opts)
@@ -207,7 +180,7 @@ def test_mirror_ready_complete_with_writes(tmp_path):
     blk = pyrep.open_backend(src_opts, name="disk")
     model = bytearray(blk.pread(0, SIZE))
     tgt_opts, tpath = raw_opts(tmp_path, "tgt.raw")
-    tgt_opts = {"driver": "slowtest-commit", "delay": 0.002, "file": tgt_opts, "node-name": "tgt"}
+    tgt_opts = {"driver": "slowtest", "delay": 0.002, "file": tgt_opts, "node-name": "tgt"}
     pyrep.blockdev_add(tgt_opts)
     job = pyrep.jobs.mirror("src", "tgt")
     assert job.type == "mirror"
@@ -254,7 +227,7 @@ def test_mirror_cancel_after_ready_and_before(tmp_path):
     job.cancel(sync=True)
     assert job.status == "concluded" and job.cancelled and job.error is None and not job.pivoted
     assert blk.node.name == "src" and not blk.node._write_notifiers and not blk.node._track_users
-    pyrep.blockdev_add({"driver": "slowtest-commit", "node-name": "slow", "delay": 0.02,
+    pyrep.blockdev_add({"driver": "slowtest", "node-name": "slow", "delay": 0.02,
                         "file": {"driver": "memory", "size": SIZE}})
     job = pyrep.jobs.mirror("src", "slow")
     time.sleep(0.05)
