@@ -673,18 +673,20 @@ def _check_conflicts(node, child, perm, shared):
 def _refresh_perms(node):
     """Recompute the permissions ``node`` takes on its children, down the graph.
 
-    Check everything first (children's conflicts, drivers' check_perm such
-    as file locks), then apply; on a conflict nothing has changed."""
+    Edges are updated while planning (a conflict stops the walk); drivers'
+    check_perm (file locks) all run before any set_perm. A caller that gets
+    an error restores its own change and calls this again, which recomputes
+    every edge from the restored state."""
     plan = []
     _plan_perms(node, plan, set())
-    for n, perm, shared in plan:
-        n.driver.check_perm(perm, shared) if n.driver is not None else None
-    for n, perm, shared in plan:
-        if n.driver is not None:
-            n.driver.set_perm(perm, shared)
+    drivers = [(n.driver, perm, shared) for n, perm, shared in plan if n.driver is not None]
+    for driver, perm, shared in drivers:
+        driver.check_perm(perm, shared)
+    for driver, perm, shared in drivers:
+        driver.set_perm(perm, shared)
 
 
-def _plan_perms(node, plan, seen, overrides=None):
+def _plan_perms(node, plan, seen):
     if id(node) in seen:
         return
     seen.add(id(node))
