@@ -18,6 +18,7 @@ Read hot path:
     go through the child as before, so messages and error handling are unchanged.
 """
 from cpython.array cimport array
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from libc.stdint cimport uint64_t
@@ -230,6 +231,9 @@ cdef class Qcow2Core:
     # direct backing access cache: the backing node seen last and its Qcow2Core driver (or None)
     cdef object _bnode
     cdef Qcow2Core _bcore
+    # spare one-cluster buffers (IOVector of one bytearray) for copy-on-write; taken and given back
+    # under the GIL, so each is used by one request at a time
+    cdef list _cowbufs
 
     # ------------------------------------------------------------------ reads
     def preadv(self, long long offset, long long length, iov):
@@ -286,6 +290,12 @@ cdef class Qcow2Core:
             return 1
         if offset + length > self._backing_len:
             return 0
+        return self._backing_read(offset, length, iov)
+
+    cdef int _backing_read(self, long long offset, long long length, object iov) except -1:
+        """Read [offset, offset+length) (inside the backing's length) from the backing node: its C
+        read path when it is a qcow2 node on the fast path, else through the node layer."""
+        b = self.backing
         bn = b.node
         if bn is not self._bnode:
             self._bnode = bn
@@ -443,8 +453,11 @@ cdef class Qcow2Core:
     cdef int _alloc_fast(self, long long offset, long long length, object iov) except -1:
         """Allocating write into clusters that are unallocated (entry 0) in a cached L2 table, whose
         partial head/tail need no copy (no backing file, new clusters past everything written), with
-        the refcount blocks needed already cached. 1 if done, 0 if the Python path must do it (nothing
-        changed then). Same steps and crash-safety order as _plan_alloc/_alloc_write/_commit_alloc."""
+        the refcount blocks needed already cached. Also the copy-on-write case: a partial write inside
+        one cluster that lies wholly inside the backing (the backing cluster is read whole, the new data
+        laid over it, and the full cluster written once). 1 if done, 0 if the Python path must do it
+        (nothing changed then). Same steps and crash-safety order as _plan_alloc/_alloc_write/
+        _commit_alloc: reserve (refcount, in-flight) under the lock, data written, then the L2 entry."""
         cdef int cb = self.cluster_bits
         cdef long long cs = self.cluster_size
         cdef long long cidx = offset >> cb
@@ -460,10 +473,17 @@ cdef class Qcow2Core:
         cdef array l1 = self._l1
         cdef bint partial = in_off != 0 or tail_len != 0
         cdef set inflight = self._inflight
+        cdef bint cow = False
+        cdef char *cbuf
+        cdef IOVector src, wv
         if (last >> self._l2_bits) != l1i or self._reftable is None or self._rb_cache is None:
             return 0
         if partial and self.backing is not None:
-            return 0
+            # copy-on-write: one cluster, wholly inside the backing, source data an IOVector
+            if (k != 1 or (cidx + 1) * cs > self._backing_len or type(iov) is not IOVector
+                    or <long long>(<IOVector>iov).nbytes != length):
+                return 0
+            cow = True
         lock = self._lock
         lock.acquire()
         try:
@@ -484,7 +504,7 @@ cdef class Qcow2Core:
             if hc < 0:
                 return 0
             host = hc << cb
-            if partial and hc < self._zero_from:
+            if partial and not cow and hc < self._zero_from:
                 return 0
             if host < cs or self.meta_overlap(host, k * cs):
                 return 0
@@ -505,9 +525,29 @@ cdef class Qcow2Core:
         finally:
             lock.release()
         try:
-            if tail_len and host + k * cs > self._file_size:
-                self._ensure_file_size(host + k * cs)
-            self._file_pwritev(host + in_off, length, iov)
+            if cow:
+                # old content of the whole guest cluster from the backing, new data laid over it,
+                # then the full cluster written at once (no file-size extension needed)
+                bufs = self._cowbufs
+                if bufs is None:
+                    bufs = self._cowbufs = []
+                if bufs:
+                    wv = <IOVector>bufs.pop()
+                else:
+                    wv = IOVector(PyByteArray_FromStringAndSize(NULL, cs))
+                cbuf = <char *>wv.iov[0].iov_base
+                self._backing_read(cidx << cb, cs, wv)
+                src = <IOVector>iov
+                src.c_gather(0, <size_t>length, cbuf + in_off)
+                self._file_pwritev(host, cs, wv)
+                if len(bufs) < 4:
+                    bufs.append(wv)
+                in_off = 0
+                length = cs
+            else:
+                if tail_len and host + k * cs > self._file_size:
+                    self._ensure_file_size(host + k * cs)
+                self._file_pwritev(host + in_off, length, iov)
             lock.acquire()
             try:
                 if host + in_off + length > self._file_size:
