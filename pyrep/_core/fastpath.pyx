@@ -10,13 +10,21 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.buffer cimport PyBUF_WRITABLE
 from libc.string cimport memset
 
+from posix.types cimport off_t
+from posix.uio cimport iovec
+
 cdef extern from "unistd.h" nogil:
     int fdatasync(int fd)
 
+cdef extern from "sys/uio.h" nogil:
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
+    int RWF_NOWAIT
+
 cdef enum:
+    _NOWAIT_MAX = 65536     # reads up to this size first try RWF_NOWAIT with the GIL held
     REQ_FUA = 0x1           # pyrep.constants.REQ_FUA
     REQ_SERIALISING = 0x10  # pyrep.constants.REQ_SERIALISING
-from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM
+from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM, EOPNOTSUPP, ENOSYS
 
 from pyrep._core.iovec cimport IOVector
 from pyrep._core.bitmap cimport Bitmap
@@ -226,17 +234,28 @@ cdef class FileIO:
     cdef public int fd
     cdef public str path
     cdef public long long size
+    cdef public bint nowait         # try cached small reads without releasing the GIL
 
     def __init__(self, int fd, str path, long long size):
         self.fd = fd
         self.path = path
         self.size = size
+        self.nowait = True
 
     cpdef preadv(self, long long offset, long long length, IOVector iov):
         cdef Py_ssize_t done = 0, r
         cdef int err = 0
         if not iov.all_writable:
             raise BlockError(EINVAL, "file: read into a read-only buffer")
+        if length <= _NOWAIT_MAX and self.nowait and iov.n <= 64:
+            # a small read the page cache can serve is cheaper than handing the GIL to another thread
+            # and taking it back: try it without blocking (RWF_NOWAIT) while holding the GIL; anything
+            # else (not cached, short, unsupported) takes the normal path below
+            r = preadv2(self.fd, iov.iov, <int>iov.n, offset, RWF_NOWAIT)
+            if r == length:
+                return None
+            if r < 0 and c_errno in (EOPNOTSUPP, ENOSYS, EINVAL):
+                self.nowait = False
         iov.c_pin()
         try:
             done = _xfer(self.fd, iov, offset, False, &err)
