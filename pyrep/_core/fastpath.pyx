@@ -16,6 +16,15 @@ from posix.uio cimport iovec
 cdef extern from "unistd.h" nogil:
     int fdatasync(int fd)
 
+cdef extern from "sys/vfs.h" nogil:
+    ctypedef struct statfs_t "struct statfs":
+        long f_type
+    int fstatfs(int fd, statfs_t *buf)
+
+cdef enum:
+    TMPFS_MAGIC = 0x01021994
+    RAMFS_MAGIC = 0x858458f6
+
 cdef extern from "sys/uio.h" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
     int RWF_NOWAIT
@@ -235,12 +244,15 @@ cdef class FileIO:
     cdef public str path
     cdef public long long size
     cdef public bint nowait         # try cached small reads without releasing the GIL
+    cdef public bint memfs          # tmpfs/ramfs: small transfers are memory copies, keep the GIL
 
     def __init__(self, int fd, str path, long long size):
+        cdef statfs_t st
         self.fd = fd
         self.path = path
         self.size = size
         self.nowait = True
+        self.memfs = fstatfs(fd, &st) == 0 and (st.f_type == TMPFS_MAGIC or st.f_type == RAMFS_MAGIC)
 
     cpdef preadv(self, long long offset, long long length, IOVector iov):
         cdef Py_ssize_t done = 0, r
@@ -258,7 +270,7 @@ cdef class FileIO:
                 self.nowait = False
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, False, &err)
+            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and length <= _NOWAIT_MAX)
         finally:
             iov.c_unpin()
         if err:
@@ -272,7 +284,7 @@ cdef class FileIO:
         cdef int err = 0
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, True, &err)
+            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and length <= _NOWAIT_MAX)
         finally:
             iov.c_unpin()
         if err:
@@ -304,9 +316,14 @@ cdef void _zero_tail(IOVector iov, Py_ssize_t done):
         skip = 0
 
 
-cdef Py_ssize_t _xfer(int fd, IOVector iov, long long offset, bint write, int *err):
-    """Move the whole vector with the GIL released; bytes done (short reads at EOF), ``err`` set on failure."""
+cdef Py_ssize_t _xfer(int fd, IOVector iov, long long offset, bint write, int *err, bint keep_gil=False):
+    """Move the whole vector; bytes done (short reads at EOF), ``err`` set on failure. The GIL is released
+    unless ``keep_gil`` (a small transfer on a memory file system, which never waits for a device)."""
     cdef Py_ssize_t r
+    if keep_gil:
+        if iov.n == 1:
+            return _xfer_one(fd, <char *>iov.iov[0].iov_base, iov.iov[0].iov_len, offset, write, err)
+        return _xfer_vec(fd, iov.iov, iov.n, offset, write, err)
     with nogil:
         if iov.n == 1:
             r = _xfer_one(fd, <char *>iov.iov[0].iov_base, iov.iov[0].iov_len, offset, write, err)
