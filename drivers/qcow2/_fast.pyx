@@ -346,14 +346,7 @@ cdef class Qcow2Core:
             f.preadv(pos, length, iov)     # again through the node layer: it raises the proper error
             return 0
         if r < length:                     # past EOF reads as zeroes (as FileIO does)
-            skip = r
-            for i in range(v.n):
-                elen = v.iov[i].iov_len
-                if skip >= elen:
-                    skip -= elen
-                    continue
-                memset(<char *>v.iov[i].iov_base + skip, 0, elen - skip)
-                skip = 0
+            v.memset(r, 0, length - r)
         return 1
 
     # ------------------------------------------------------------------ writes
