@@ -660,8 +660,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             raise BlockError(errno.EIO, self._corrupt_msg)
 
     def _pwritev_slow(self, offset, length, iov, flags):
-        if self._corrupt_msg:
-            raise BlockError(errno.EIO, self._corrupt_msg)
+        self._check_writable()
         done = 0
         cb = self.cluster_bits
         cs = self.cluster_size

@@ -8,7 +8,6 @@ a cached length, an in-flight count, and one call per layer.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.buffer cimport PyBUF_WRITABLE
-from libc.string cimport memset
 
 from posix.types cimport off_t
 from posix.uio cimport iovec
@@ -30,7 +29,7 @@ cdef extern from "sys/uio.h" nogil:
     int RWF_NOWAIT
 
 cdef enum:
-    _NOWAIT_MAX = 65536     # reads up to this size first try RWF_NOWAIT with the GIL held
+    _SMALL_IO = 65536       # transfers up to this size may run with the GIL held (RWF_NOWAIT, memory fs)
     REQ_FUA = 0x1           # pyrep.constants.REQ_FUA
     REQ_SERIALISING = 0x10  # pyrep.constants.REQ_SERIALISING
 from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM, EOPNOTSUPP, ENOSYS
@@ -259,7 +258,7 @@ cdef class FileIO:
         cdef int err = 0
         if not iov.all_writable:
             raise BlockError(EINVAL, "file: read into a read-only buffer")
-        if length <= _NOWAIT_MAX and self.nowait and iov.n <= 64:
+        if length <= _SMALL_IO and self.nowait and iov.n <= 64:
             # a small read the page cache can serve is cheaper than handing the GIL to another thread
             # and taking it back: try it without blocking (RWF_NOWAIT) while holding the GIL; anything
             # else (not cached, short, unsupported) takes the normal path below
@@ -270,13 +269,13 @@ cdef class FileIO:
                 self.nowait = False
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and length <= _NOWAIT_MAX)
+            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and length <= _SMALL_IO)
         finally:
             iov.c_unpin()
         if err:
             raise BlockError(err, f"file: read of {length} bytes at {offset} failed: {_strerror(err)}", self.path)
         if done < length:
-            _zero_tail(iov, done)
+            iov.memset(done, 0, length - done)  # past EOF reads as zeroes
         return None
 
     cpdef pwritev(self, long long offset, long long length, IOVector iov, int flags=0):
@@ -284,7 +283,7 @@ cdef class FileIO:
         cdef int err = 0
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and length <= _NOWAIT_MAX)
+            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and length <= _SMALL_IO)
         finally:
             iov.c_unpin()
         if err:
@@ -302,18 +301,6 @@ cdef class FileIO:
 cdef str _strerror(int err):
     import os
     return os.strerror(err)
-
-
-cdef void _zero_tail(IOVector iov, Py_ssize_t done):
-    cdef Py_ssize_t i = 0
-    cdef size_t skip = done, elen
-    for i in range(iov.n):
-        elen = iov.iov[i].iov_len
-        if skip >= elen:
-            skip -= elen
-            continue
-        memset(<char *>iov.iov[i].iov_base + skip, 0, elen - skip)
-        skip = 0
 
 
 cdef Py_ssize_t _xfer(int fd, IOVector iov, long long offset, bint write, int *err, bint keep_gil=False):

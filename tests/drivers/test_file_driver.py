@@ -90,3 +90,13 @@ def test_memory_file_systems_are_detected(tmp_path):
         finally:
             os.unlink(path)
     assert shutil.which("stat")
+
+
+def test_reads_past_the_end_of_the_file_are_zeroes(tmp_path):
+    path = tmp_path / "short.raw"
+    path.write_bytes(b"\xff" * 1000)
+    # a raw window longer than its file: the tail of the read lies past EOF
+    with pyrep.open_backend({"driver": "raw", "size": 8192, "file": {"driver": "file", "filename": str(path)}}) as blk:
+        buf = bytearray(b"\xaa" * 8192)
+        blk.preadv(0, pyrep.IOVector(buf))
+        assert bytes(buf) == b"\xff" * 1000 + bytes(7192)
