@@ -92,6 +92,9 @@ def med(xs):
     return statistics.median(xs)
 
 
+MEM_CLUSTER = "4K"      # memory active/hidden cluster size (--mem-cluster); also the COW granularity
+
+
 def build(tmp, size, overlays="memory", sd_fmt="qcow2", primary=True, sd_path=None, chain_files=False):
     """Secondary: top -> replication -> active -> hidden -> secondary disk (backend 'colo-disk');
     primary (optional): quorum(p_local raw, replication(primary) -> secondary disk)."""
@@ -102,8 +105,8 @@ def build(tmp, size, overlays="memory", sd_fmt="qcow2", primary=True, sd_path=No
                              "file": {"driver": "file", "filename": sd_path}})
     colo = pyrep.open_backend(sd, name="colo-disk", share_rw=True)
     if overlays == "memory":
-        hidden = {"driver": "memory", "node-name": "hidden", "backing": "s_disk"}
-        active = {"driver": "memory", "node-name": "active", "backing": hidden}
+        hidden = {"driver": "memory", "node-name": "hidden", "backing": "s_disk", "cluster-size": MEM_CLUSTER}
+        active = {"driver": "memory", "node-name": "active", "backing": hidden, "cluster-size": MEM_CLUSTER}
     else:
         hp, ap = os.path.join(tmp, "hidden.qcow2"), os.path.join(tmp, "active.qcow2")
         if chain_files:     # headers name their backing files (relative), so qemu-img sees the same chain
@@ -185,14 +188,14 @@ def bench_throughput(tmp, size, reps, data, log, profile=None):
                 replication.do_checkpoint_all()
                 if kind == "copied":       # one pass over every cluster first: nothing left to copy
                     for c in range(size // CL):
-                        colo.pwrite(c * CL, bufs[4 * K])
-                c0 = job.clusters_copied
+                        colo.pwrite(c * CL, bufs[CL])
+                c0 = job.bytes_copied
                 if profile is not None and target == "quorum" and kind == "fresh" and bs == 4 * K:
                     profile.enable()
                 times.append(timed_writes(blk, o, bufs[bs]))
                 if profile is not None:
                     profile.disable()
-                fresh_frac.append((job.clusters_copied - c0) / len(o))
+                fresh_frac.append((job.bytes_copied - c0) / len(o) / K)   # KiB copied before write, per write
             res[(target, bs, kind)] = times
             res[(target, bs, kind, "fresh")] = med(fresh_frac)
     replication.get_error_all()
@@ -208,7 +211,7 @@ def bench_throughput(tmp, size, reps, data, log, profile=None):
                              "base_iops": n / b, "repl_iops": n / t, "ratio": b / t,
                              "first_writes": res[(target, bs, kind, "fresh")]})
                 log(f"  (a) {bs // K:>2} KiB {kind:<6} via {target:<6}: no replication {n / b:9,.0f} IOPS, "
-                    f"replicating {n / t:9,.0f} IOPS → {b / t:.2f}×  (first writes {res[(target, bs, kind, 'fresh')]:.0%})")
+                    f"replicating {n / t:9,.0f} IOPS → {b / t:.2f}×  (copied before write: {res[(target, bs, kind, 'fresh')]:.1f} KiB/write)")
     return rows
 
 
@@ -387,7 +390,7 @@ def report(cmd, when, a_rows, ckpt, com, qcost, args, elapsed):
             r = next(x for x in a_rows if x["bs"] == bs and x["kind"] == kind and x["target"] == "quorum")
             tag = " **(headline)**" if r is head else ""
             tgt = f"≥ 0.5× {verdict(r['ratio'] >= 0.5)}"
-            L.append(f"| (a) {bs // K} KiB random writes, {kind} ({r['first_writes']:.0%} first writes), primary quorum "
+            L.append(f"| (a) {bs // K} KiB random writes, {kind} ({r['first_writes']:.1f} KiB copied per write), primary quorum "
                      f"with replication{tag} | {r['repl_iops']:,.0f} IOPS ({r['repl_iops'] * bs / M:,.1f} MiB/s) | "
                      f"{r['base_iops']:,.0f} IOPS ({r['base_iops'] * bs / M:,.1f} MiB/s) straight to the secondary disk, "
                      f"no replication | {r['ratio']:.2f}× | {tgt} |")
@@ -432,7 +435,9 @@ def main():
                                                "(bench/RESULTS.md holds the recorded results)")
     ap.add_argument("--profile", action="store_true", help="cProfile (a) 4K fresh via quorum and (c); print hot spots")
     ap.add_argument("--only", default="abc", help="which parts to run (subset of 'abc')")
+    ap.add_argument("--mem-cluster", default="4K", help="cluster size of memory active/hidden disks")
     args = ap.parse_args()
+    globals()["MEM_CLUSTER"] = args.mem_cluster
     size, dirty, cdirty = (parse_size(args.size, "--size"), parse_size(args.dirty, "--dirty"),
                            parse_size(args.commit_dirty, "--commit-dirty"))
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])

@@ -1,13 +1,35 @@
-"""``memory``: a sparse in-RAM disk that stores clusters compressed with blosc.
+"""``memory``: a sparse in-RAM disk; clusters are stored raw, compressed with blosc when idle.
 
 The recommended home of COLO active and hidden disks: it can have a backing
-(so it serves as an overlay), ``make_empty`` is one dict clear, and block
+(so it serves as an overlay), ``make_empty`` is one dict swap, and block
 status says which clusters this layer holds. Reads of clusters it does not
 hold fall through to the backing (or read zeroes). Its real memory use
-(compressed payload plus per-cluster overhead) is ``memory_used``.
+(payload plus per-cluster overhead) is ``memory_used``.
+
+Storage, and why:
+
+- The write path never compresses (``compress=background``, the default): a
+  cluster is copied into a cluster-sized buffer, and once more than
+  ``compress-above`` bytes are stored raw a background thread compresses
+  them. Copy-before-write into a hidden disk sits on the primary's write
+  path, where compressing costs more than the write; and a small overlay
+  (one checkpoint interval of a hidden disk) is not worth compressing at
+  all. ``compress=inline`` compresses in the write path (least memory at any
+  time); ``codec=none`` never compresses.
+- Raw buffers are recycled: ``make_empty`` keeps the emptied layer's raw
+  buffers as the pool for the next interval (only the last emptied layer's,
+  so the pool never holds more than one interval's worth), and the
+  compressor recycles the buffers it compressed. Fresh memory costs a page
+  fault per 4 KiB; a hidden disk refilled at every checkpoint should not pay
+  that again and again.
+- A partial write into a raw cluster changes it in place; into a compressed
+  or absent one it builds a raw buffer first.
+- The hot paths are C (``_memstore.MemStore``), atomic under the GIL: no
+  lock. ``make_empty`` requires that no request is in flight (the
+  replication checkpoint drains first).
 """
+import collections
 import errno
-import sys
 import threading
 
 import blosc
@@ -15,6 +37,7 @@ import blosc
 from pyrep._core.iovec import IOVector
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
 from pyrep.driver import BlockDriver
+from pyrep.drivers._memstore import MemStore
 from pyrep.errors import BlockError, OptionError
 from pyrep.options import Opt
 
@@ -26,7 +49,6 @@ blosc.set_releasegil(True)
 blosc.set_nthreads(1)
 _ZERO = b""                      # a cluster this layer holds that reads as zeroes
 _PROBE = 4096                    # bytes compressed to decide whether a cluster is worth compressing
-_ENTRY_OVERHEAD = sys.getsizeof(b"") + 2 * 8 + 56  # bytes object + dict slot, roughly
 _CODECS = ("blosclz", "lz4", "lz4hc", "zlib", "zstd", "none")
 
 
@@ -42,16 +64,26 @@ class MemoryDriver(BlockDriver):
     format_name = "memory"
     protocol_name = "memory"
     supports_backing = True
+    # copying a cluster costs a memcpy, not a metadata update: a backup into this node may use
+    # clusters as small as this node's own (see pyrep.jobs.backup)
+    cheap_small_clusters = True
     options = (
         Opt("size", "size", help="the disk's length (default: the backing's length)"),
         Opt("cluster-size", "size", default=65536, help="allocation unit, a power of two from 512 to 2M"),
         Opt("codec", "enum", default="lz4", choices=_CODECS, help="blosc codec for stored clusters"),
         Opt("level", "number", default=1, min=0, max=9, help="blosc compression level"),
         Opt("shuffle", "bool", default=True, help="blosc byte shuffle"),
+        Opt("compress", "enum", default="background", choices=("background", "inline"),
+            help="compress stored clusters in a background thread, or in the write path"),
+        Opt("compress-above", "size", default=64 << 20,
+            help="compress=background: start compressing once this many bytes are stored raw"),
         Opt("backing", "child", help="the overlay's backing node (a dict of options or a node name)"),
     )
 
     def open(self, opts):
+        self._wake = threading.Event()    # first: close() runs after a failed open too
+        self._closing = False
+        self._compressor = None
         cs = opts["cluster-size"]
         if cs & (cs - 1) or not 512 <= cs <= 2 << 20:
             raise OptionError(f"memory: option '{self.node._path}cluster-size' must be a power of two from 512 "
@@ -62,6 +94,8 @@ class MemoryDriver(BlockDriver):
         self._codec = opts["codec"]
         self._level = int(opts["level"])
         self._shuffle = blosc.SHUFFLE if opts["shuffle"] else blosc.NOSHUFFLE
+        self._inline = opts["compress"] == "inline" and self._codec != "none"
+        background = opts["compress"] == "background" and self._codec != "none"
         self.backing = self.node.open_backing(opts)
         size = opts.get("size")
         if size is None:
@@ -69,68 +103,57 @@ class MemoryDriver(BlockDriver):
                 raise OptionError(f"memory: option '{self.node._path}size' is required when there is no backing")
             size = self.backing.node.length
         self.size = size
-        self._clusters = {}
-        self._lock = threading.Lock()
-        self._used = 0
+        self._queue = collections.deque()   # clusters stored raw, for the compressor
+        self._store = store = MemStore(self, cs, self.backing is not None, background, self._queue)
+        store.wake_bytes = opts["compress-above"]
+        self._lock = threading.Lock()       # only the slow, rare paths (truncate) take it
+        # the node layer calls these directly (C)
+        self.preadv = store.preadv
+        self.pwritev = self._pwritev_inline if self._inline else store.pwritev
 
     def close(self):
-        self._clusters = {}
-        self._used = 0
+        self._closing = True
+        self._wake.set()
+        t = self._compressor
+        if t is not None and t is not threading.current_thread():
+            t.join()
+        if hasattr(self, "_store"):
+            self._store.empty()
+            self._store.pool = {}
 
     def getlength(self):
         return self.size
 
     @property
+    def _clusters(self):
+        return self._store.clusters
+
+    @property
     def memory_used(self):
-        """Bytes of RAM the stored clusters take (compressed payload plus bookkeeping)."""
-        return self._used
+        """Bytes of RAM the stored clusters take (payload plus bookkeeping; pooled buffers not counted)."""
+        return self._store.used
 
     def get_info(self):
-        return {"memory-used": self._used, "allocated-clusters": len(self._clusters),
-                "cluster-size": self.cluster_size, "codec": self._codec}
+        st = self._store
+        return {"memory-used": st.used, "allocated-clusters": len(st.clusters),
+                "cluster-size": self.cluster_size, "codec": self._codec, "raw-bytes": st.raw_bytes,
+                "pooled-buffers": len(st.pool)}
 
     # ------------------------------------------------------------ storage
-    # A stored cluster is ``bytes`` (blosc-compressed) or ``bytearray`` (kept as is: it did not compress).
     def _compress(self, buf):
-        if self._codec == "none":
-            return bytearray(buf)
+        """``buf`` compressed, or None if that does not pay."""
         if len(buf) >= 4 * _PROBE:
             # probe the first and last 4 KiB: incompressible data (encrypted, already compressed) is
             # common on disks and would cost a full compression attempt for nothing
             view = memoryview(buf)
             if self._incompressible(view[:_PROBE]) and self._incompressible(view[-_PROBE:]):
-                return bytearray(buf)
+                return None
         out = blosc.compress(buf, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
-        return out if len(out) < len(buf) else bytearray(buf)
+        return out if len(out) < len(buf) else None
 
     def _incompressible(self, view):
         out = blosc.compress(view, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
         return len(out) > len(view) * 15 // 16
-
-    @staticmethod
-    def _decompress(entry):
-        if type(entry) is bytearray:
-            return entry
-        return blosc.decompress(entry)
-
-    def _store(self, idx, iov):
-        """Keep cluster ``idx`` holding ``iov`` (cluster_size bytes); caller holds the lock."""
-        if iov.is_zero():
-            entry = _ZERO if self.backing is not None else None
-        else:
-            bufs = iov.buffers()
-            entry = self._compress(bufs[0] if len(bufs) == 1 else iov.to_bytes())
-        old = self._clusters.pop(idx, None)
-        if old is not None:
-            self._used -= len(old) + _ENTRY_OVERHEAD
-        if entry is not None:
-            self._clusters[idx] = entry
-            self._used += len(entry) + _ENTRY_OVERHEAD
-
-    def _drop(self, idx):
-        old = self._clusters.pop(idx, None)
-        if old is not None:
-            self._used -= len(old) + _ENTRY_OVERHEAD
 
     def _read_backing(self, offset, length, iov, at):
         """Fill ``iov[at:at+length]`` with what the backing holds at ``offset`` (zeroes past its end)."""
@@ -145,82 +168,94 @@ class MemoryDriver(BlockDriver):
         if n < length:
             iov.memset(at + n, 0, length - n)
 
-    def _cluster_bytes(self, idx):
-        """The full current content of cluster ``idx`` as a bytearray."""
-        entry = self._clusters.get(idx)
-        cs = self.cluster_size
+    def _read_compressed(self, entry, start, n, iov, at):
+        iov.copy_from(at, memoryview(blosc.decompress(entry))[start:start + n])
+
+    def _fill(self, idx, entry, buf):
+        """Put the content of cluster ``idx`` (currently ``entry``) into the private buffer ``buf``."""
         if entry is None:
-            buf = bytearray(cs)
-            self._read_backing(idx << self._shift, cs, IOVector(buf), 0)
-            return buf
-        if entry is _ZERO or not entry:
-            return bytearray(cs)
-        return bytearray(self._decompress(entry))
+            self._read_backing(idx << self._shift, self.cluster_size, IOVector(buf), 0)
+        elif not entry:
+            buf[:] = bytes(self.cluster_size)
+        else:
+            buf[:] = blosc.decompress(entry)
+
+    def _write_partial(self, idx, start, n, iov, at):
+        """Part of a cluster this layer holds compressed, as zeroes, or not at all: build the raw
+        cluster in a private buffer, then install it if nobody changed the cluster meanwhile."""
+        store = self._store
+        while True:
+            entry = store.clusters.get(idx)
+            if type(entry) is bytearray:            # became raw meanwhile: the in-place path
+                return store.pwritev((idx << self._shift) + start, n, iov.slice(at, n))
+            buf = store.buffer()
+            self._fill(idx, entry, buf)
+            if store.patch_install(idx, entry, buf, start, n, iov, at):
+                return
+
+    def _pwritev_inline(self, offset, length, iov, flags=0):
+        """compress=inline: write, then compress the clusters written (before returning)."""
+        self._store.pwritev(offset, length, iov, flags)
+        store = self._store
+        for idx in range(offset >> self._shift, ((offset + length - 1) >> self._shift) + 1):
+            raw = store.clusters.get(idx)
+            if type(raw) is bytearray:
+                packed = self._compress(raw)
+                if packed is not None:
+                    store.replace_if(idx, raw, packed)
+
+    # --------------------------------------------------------- compressor
+    def _start_compressor(self):
+        t = self._compressor
+        if t is None and not self._closing:
+            t = threading.Thread(target=self._compress_loop, name=f"pyrep-memory-compress-{self.node.name}",
+                                 daemon=True)
+            self._compressor = t
+            t.start()
+        self._wake.set()
+
+    def _compress_loop(self):
+        while not self._closing:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if not self._closing and self._store.raw_bytes >= self._store.wake_bytes:
+                self.compact()
+
+    def compact(self):
+        """Compress every cluster stored raw so far that compresses (the background compressor's
+        work, done now); return how many were compressed."""
+        done = 0
+        queue, store = self._queue, self._store
+        while queue and not self._closing:
+            try:
+                idx = queue.popleft()
+            except IndexError:
+                break
+            raw = store.take_for_compression(idx)
+            if raw is None:
+                continue
+            # compress outside any lock (blosc releases the GIL); a cluster written meanwhile
+            # (in place, or replaced) is not replaced by this now stale copy
+            packed = self._compress(raw)
+            if packed is not None and store.replace_if(idx, raw, packed, True):
+                done += 1
+        return done
 
     # ----------------------------------------------------------------- I/O
-    def preadv(self, offset, length, iov):
-        clusters, shift, mask, cs = self._clusters, self._shift, self._mask, self.cluster_size
-        pos, end, done = offset, offset + length, 0
-        while pos < end:
-            idx = pos >> shift
-            entry = clusters.get(idx)
-            if entry is None:
-                # coalesce a run of clusters this layer does not hold into one backing read
-                run_end = min(end, (idx + 1) << shift)
-                while run_end < end and (run_end >> shift) not in clusters:
-                    run_end = min(end, run_end + cs)
-                n = run_end - pos
-                self._read_backing(pos, n, iov, done)
-            else:
-                n = min(cs - (pos & mask), end - pos)
-                if not entry:
-                    iov.memset(done, 0, n)
-                else:
-                    data = self._decompress(entry)
-                    start = pos & mask
-                    iov.copy_from(done, memoryview(data)[start:start + n])
-            pos += n
-            done += n
-
-    def pwritev(self, offset, length, iov, flags=0):
-        shift, mask, cs = self._shift, self._mask, self.cluster_size
-        pos, end, done = offset, offset + length, 0
-        with self._lock:
-            while pos < end:
-                idx = pos >> shift
-                start = pos & mask
-                n = min(cs - start, end - pos)
-                if n == cs:
-                    self._store(idx, iov.slice(done, cs))
-                else:
-                    buf = self._cluster_bytes(idx)
-                    buf[start:start + n] = iov.copy_to(done, n)
-                    self._store(idx, IOVector(buf))
-                pos += n
-                done += n
+    # preadv/pwritev: MemStore's (bound in open)
 
     def pwrite_zeroes(self, offset, length, flags=0):
-        shift, mask, cs = self._shift, self._mask, self.cluster_size
+        shift, mask, cs, store = self._shift, self._mask, self.cluster_size, self._store
         pos, end = offset, offset + length
-        with self._lock:
-            while pos < end:
-                idx = pos >> shift
-                start = pos & mask
-                n = min(cs - start, end - pos)
-                if start == 0 and (n == cs or pos + n >= self.size):
-                    if self.backing is None:
-                        self._drop(idx)
-                    else:
-                        old = self._clusters.pop(idx, None)
-                        if old is not None:
-                            self._used -= len(old) + _ENTRY_OVERHEAD
-                        self._clusters[idx] = _ZERO
-                        self._used += _ENTRY_OVERHEAD
-                else:
-                    buf = self._cluster_bytes(idx)
-                    buf[start:start + n] = bytes(n)
-                    self._store(idx, IOVector(buf))
-                pos += n
+        while pos < end:
+            idx = pos >> shift
+            start = pos & mask
+            n = min(cs - start, end - pos)
+            if start == 0 and (n == cs or pos + n >= self.size):
+                store.put(idx, _ZERO if self.backing is not None else None)
+            elif not store.zero_part(idx, start, n):
+                self._write_partial(idx, start, n, IOVector(bytes(n)), 0)
+            pos += n
 
     def pdiscard(self, offset, length):
         # only whole clusters can be dropped; their content then comes from the backing
@@ -229,36 +264,33 @@ class MemoryDriver(BlockDriver):
         last = (offset + length) >> shift
         if offset + length >= self.size:
             last = (self.size + cs - 1) >> shift
-        with self._lock:
-            for idx in range(first, last):
-                self._drop(idx)
+        for idx in range(first, last):
+            self._store.put(idx, None)
 
     def flush(self):
         pass
 
     def truncate(self, length):
+        store = self._store
         with self._lock:
             if length < self.size:
                 first_gone = (length + self.cluster_size - 1) >> self._shift
-                for idx in [i for i in self._clusters if i >= first_gone]:
-                    self._drop(idx)
+                for idx in [i for i in list(store.clusters) if i >= first_gone]:
+                    store.put(idx, None)
                 tail = length & self._mask
-                if tail and (length >> self._shift) in self._clusters:
-                    buf = self._cluster_bytes(length >> self._shift)
-                    buf[tail:] = bytes(self.cluster_size - tail)
-                    self._store(length >> self._shift, IOVector(buf))
+                if tail and (length >> self._shift) in store.clusters:
+                    self.pwrite_zeroes(length, self.cluster_size - tail)
             self.size = length
 
     def make_empty(self):
-        with self._lock:
-            old, self._clusters = self._clusters, {}
-            self._used = 0
-        if len(old) > 1024:
-            # freeing many clusters takes milliseconds: a checkpoint should not wait for it
-            threading.Thread(target=_free_slowly, args=(old,), name="pyrep-memory-free", daemon=True).start()
+        """Drop every cluster (no request may be in flight). The raw buffers become the pool."""
+        stale = self._store.empty()
+        if len(stale) > 1024:
+            # freeing many buffers takes milliseconds: a checkpoint should not wait for it
+            threading.Thread(target=_free_slowly, args=(stale,), name="pyrep-memory-free", daemon=True).start()
 
     def block_status(self, offset, length):
-        clusters, shift, cs = self._clusters, self._shift, self.cluster_size
+        clusters, shift, cs = self._store.clusters, self._shift, self.cluster_size
         end = offset + length
         idx = offset >> shift
 

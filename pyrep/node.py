@@ -338,12 +338,13 @@ class Node(NodeIO):
     # --------------------------------------------------------- I/O layer
     def _refresh_paths(self):
         """Recompute the fast-path flags after a state change."""
-        slow = (self.closed or self.inactive or self.align > 1 or self._track_users > 0
-                or not self._ops_bound)
-        self._rslow = slow
-        self._wslow = (slow or self.read_only or bool(self._write_notifiers) or self.detect_zeroes != "off")
-        only_skippable = (not slow and not self.read_only and self.detect_zeroes == "off"
-                          and len(self._write_notifiers) == 1)
+        base = self.closed or self.inactive or self.align > 1 or not self._ops_bound
+        self._rslow = base or self._track_users > 0
+        self._rc = not base
+        self._wslow = (self._rslow or self.read_only or bool(self._write_notifiers) or self.detect_zeroes != "off")
+        only_skippable = len(self._write_notifiers) == 1 and self._notifier_skips[0] is not None
+        self._wc = (not base and not self.read_only and self.detect_zeroes == "off"
+                    and (not self._write_notifiers or only_skippable))
         self._set_notifier_skip(self._notifier_skips[0] if only_skippable else None)
 
     def _check_access(self, write):
@@ -540,7 +541,9 @@ class Node(NodeIO):
 
         ``skip`` (a Bitmap over this node) promises that ``fn`` does nothing for a data write lying
         wholly in set granules; such writes then keep the C fast path. The owner changes ``skip``
-        only while the node is drained, or by setting bits."""
+        only while the node is drained, or by setting bits. ``skip`` may instead be a
+        :class:`pyrep._core.fastpath.CowGate` whose ``copied`` bitmap is the skip bitmap: the C path
+        then also makes the copies itself, calling ``fn`` only for what it cannot finish."""
         self._write_notifiers = self._write_notifiers + [fn]
         self._notifier_skips = self._notifier_skips + [skip]
         self._refresh_paths()
@@ -577,27 +580,40 @@ class Node(NodeIO):
         """Register a request (waiting as ``tracked`` says); None when nothing is tracked."""
         if not self._track_users and not serialising:
             return None
-        req = (offset, offset + length, serialising)
+        end = offset + length
+        req = self._track_try(offset, end, serialising)
+        if req is not None:
+            return req
         cond = self._track_cond
         with cond:
-            while any(r[0] < req[1] and req[0] < r[1] and (serialising or r[2]) for r in self._tracked):
-                cond.wait()
-            self._tracked.append(req)
-        return req
+            self._track_waiters += 1        # before trying again: a request ending now must wake us
+            try:
+                while True:
+                    req = self._track_try(offset, end, serialising)
+                    if req is not None:
+                        return req
+                    cond.wait()
+            finally:
+                self._track_waiters -= 1
 
     def _track_end(self, req):
-        cond = self._track_cond
-        with cond:
-            self._tracked.remove(req)
-            cond.notify_all()
+        self._track_done(req)
+
+    def _track_wake(self):
+        with self._track_cond:
+            self._track_cond.notify_all()
 
     def wait_for_overlaps(self, offset, length):
         """Block until no tracked request overlaps the range."""
         cond = self._track_cond
         end = offset + length
         with cond:
-            while any(r[0] < end and offset < r[1] for r in self._tracked):
-                cond.wait()
+            self._track_waiters += 1
+            try:
+                while any(r[0] < end and offset < r[1] for r in list(self._tracked)):
+                    cond.wait()
+            finally:
+                self._track_waiters -= 1
 
     # ------------------------------------------------------------- close
     def close(self):

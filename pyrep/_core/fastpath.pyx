@@ -8,6 +8,7 @@ a cached length, an in-flight count, and one call per layer.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.buffer cimport PyBUF_WRITABLE
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 
 from posix.types cimport off_t
 from posix.uio cimport iovec
@@ -32,6 +33,7 @@ cdef enum:
     _SMALL_IO = 65536       # transfers up to this size may run with the GIL held (RWF_NOWAIT, memory fs)
     REQ_FUA = 0x1           # pyrep.constants.REQ_FUA
     REQ_SERIALISING = 0x10  # pyrep.constants.REQ_SERIALISING
+    REQ_WRITE_UNCHANGED = 0x8  # pyrep.constants.REQ_WRITE_UNCHANGED
 from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM, EOPNOTSUPP, ENOSYS
 
 from pyrep._core.iovec cimport IOVector
@@ -80,43 +82,256 @@ cdef class NodeIO:
     """Base of ``pyrep.node.Node``: the read/write fast path.
 
     ``_rslow``/``_wslow`` are set by the Python side whenever a request may
-    need more than a straight call into the driver (closed, inactive,
-    read-only, alignment, write notifiers, tracking); the slow paths are
-    Python methods ``_preadv_slow``/``_pwritev_slow``."""
+    need more than a straight call into the driver. Some of those reasons are
+    handled here in C too (``_rc``/``_wc``): request tracking (a serialising
+    request, or users that need tracking) and one write notifier that is a
+    :class:`CowGate` or declared a skip bitmap. Anything else, and any case
+    the C path cannot finish (a conflicting tracked request to wait for, a
+    cluster another request is copying), goes to the Python slow paths
+    ``_preadv_slow``/``_pwritev_slow``.
+
+    Tracked requests are ``(start, end, serialising)`` tuples in ``_tracked``;
+    the list is changed only by ``_track_try``/``_track_done``, which run with
+    the GIL held and call nothing that could release it, so C and Python
+    users see a consistent list without a lock. Whoever waits for a conflict
+    counts itself in ``_track_waiters`` first and then waits on the node's
+    condition; ``_track_done`` wakes waiters only when there are some."""
     cdef public bint _rslow
     cdef public bint _wslow
+    cdef public bint _rc            # reads: tracking is the only reason for the slow path
+    cdef public bint _wc            # writes: tracking / one gate or skip notifier are the only reasons
+    cdef public int _track_users
+    cdef public int _track_waiters
+    cdef public list _tracked
     cdef object _drv_preadv
     cdef object _drv_pwritev
-    # When the only reason writes are slow is one write notifier that declared a
-    # "skip" bitmap (a backup's copied clusters), a write wholly inside set
-    # granules goes straight to the driver: the notifier would do nothing.
+    # When the only write notifier is a skip-declaring one (a backup's copied clusters), a
+    # write wholly inside set granules goes straight to the driver: the notifier would do nothing.
     cdef Bitmap _notifier_skip
+    cdef CowGate _cow
 
     def _set_notifier_skip(self, skip):
-        self._notifier_skip = skip
+        if isinstance(skip, CowGate):
+            self._cow = skip
+            self._notifier_skip = (<CowGate>skip).copied
+        else:
+            self._cow = None
+            self._notifier_skip = skip
 
     def _bind_driver_ops(self, driver):
         """Cache the driver's read/write callables (after open, which may replace them)."""
         self._drv_preadv = driver.preadv
         self._drv_pwritev = driver.pwritev
 
+    cpdef _track_try(self, long long start, long long end, bint serialising):
+        """Register ``[start, end)`` unless it conflicts with a tracked request (then None)."""
+        cdef tuple r
+        cdef list lst = self._tracked
+        for r in lst:
+            if <long long>r[0] < end and start < <long long>r[1] and (serialising or r[2]):
+                return None
+        req = (start, end, serialising)
+        lst.append(req)
+        return req
+
+    cpdef _track_done(self, req):
+        self._tracked.remove(req)
+        if self._track_waiters:
+            self._track_wake()
+
     cpdef preadv(self, long long offset, long long length, iov, int flags=0):
         """Read ``length`` bytes at ``offset`` into ``iov``."""
-        if not self._rslow and length > 0 and offset >= 0:
-            return self._drv_preadv(offset, length, iov)
+        if length > 0 and offset >= 0:
+            if not self._rslow:
+                return self._drv_preadv(offset, length, iov)
+            if self._rc:
+                req = self._track_try(offset, offset + length, False)
+                if req is not None:
+                    try:
+                        return self._drv_preadv(offset, length, iov)
+                    finally:
+                        self._track_done(req)
         return self._preadv_slow(offset, length, iov)
 
     cpdef pwritev(self, long long offset, long long length, iov, int flags=0):
         """Write ``iov`` (``length`` bytes) at ``offset``."""
         cdef int64_t nc
-        if length > 0 and offset >= 0 and not flags & REQ_SERIALISING:
-            if not self._wslow:
+        cdef bint ser = flags & REQ_SERIALISING
+        cdef bint ok
+        if length > 0 and offset >= 0:
+            if not self._wslow and not ser:
                 return self._drv_pwritev(offset, length, iov, flags)
-            if self._notifier_skip is not None and <uint64_t>(offset + length) <= self._notifier_skip._length:
-                nc = self._notifier_skip.c_next_clear(offset)
-                if nc < 0 or nc >= offset + length:
-                    return self._drv_pwritev(offset, length, iov, flags)
+            if self._wc:
+                req = None
+                if self._track_users or ser:
+                    req = self._track_try(offset, offset + length, ser)
+                    if req is None:
+                        return self._pwritev_slow(offset, length, iov, flags)
+                try:
+                    if self._cow is not None:
+                        ok = self._cow.c_before_write(offset, length, flags)
+                    elif self._notifier_skip is not None:
+                        nc = self._notifier_skip.c_next_clear(offset)
+                        ok = (<uint64_t>(offset + length) <= self._notifier_skip._length and
+                              (nc < 0 or nc >= offset + length))
+                    else:
+                        ok = True
+                    if ok:
+                        return self._drv_pwritev(offset, length, iov, flags & ~REQ_SERIALISING)
+                finally:
+                    if req is not None:
+                        self._track_done(req)
         return self._pwritev_slow(offset, length, iov, flags)
+
+
+cdef class CowGate:
+    """Copy-before-write in C: the state a backup job shares with the node layer.
+
+    ``copied`` has a bit per cluster copied in this interval; ``claimed`` a bit
+    per cluster some request is copying now. Both change only with the GIL
+    held and without releasing it between test and set, which makes a claim
+    atomic for C and Python callers alike (``claim``/``release``).
+
+    ``c_before_write`` is the whole copy for the common case: claim every
+    uncopied cluster the write touches, read them from the source's driver
+    (untracked: the write that triggered the copy is itself in flight),
+    write them to the target as a serialising request, mark them copied. It
+    returns False — "take the Python path" — when a cluster is claimed by
+    someone else (the Python notifier waits for it). A copy error goes to
+    ``on_error(exc, pending_clusters)`` (the job's policy; it releases the
+    claims and may raise). ``on_wake()`` is called after claims are released
+    if anyone counted itself in ``waiters`` (the job's condition)."""
+    cdef readonly Bitmap copied
+    cdef readonly Bitmap claimed
+    cdef NodeIO source
+    cdef NodeIO target
+    cdef readonly long long cluster_size
+    cdef readonly long long length
+    cdef public int waiters
+    cdef readonly int active
+    cdef public bint stopped
+    cdef public object on_error
+    cdef public object on_wake
+    cdef readonly long long bytes_copied
+    cdef readonly long long clusters_copied
+
+    def __init__(self, NodeIO source, NodeIO target, long long length, long long cluster_size):
+        self.source, self.target = source, target
+        self.length, self.cluster_size = length, cluster_size
+        self.copied = Bitmap(length, cluster_size)
+        self.claimed = Bitmap(length, cluster_size)
+
+    def enter(self):
+        self.active += 1
+
+    def leave(self):
+        self.active -= 1
+        if self.waiters:
+            self.on_wake()
+
+    def claim(self, long long first, long long last):
+        """Claim the uncopied, unclaimed clusters in ``[first, last]``; return (mine, others):
+        the indices claimed now and those someone else is copying."""
+        cdef long long idx, cs = self.cluster_size
+        mine, others = [], []
+        for idx in range(first, last + 1):
+            if self.copied.c_get(idx * cs):
+                continue
+            if self.claimed.c_get(idx * cs):
+                others.append(idx)
+            else:
+                self.claimed.c_set(idx * cs, cs)
+                mine.append(idx)
+        return mine, others
+
+    def claim_run(self, long long first, long long max_count):
+        """Claim up to ``max_count`` clusters from ``first`` on, stopping at the first one copied or
+        claimed; return how many were claimed."""
+        cdef long long cs = self.cluster_size, count = 0
+        cdef long long nclusters = (self.length + cs - 1) // cs
+        while (count < max_count and first + count < nclusters and not self.copied.c_get((first + count) * cs)
+               and not self.claimed.c_get((first + count) * cs)):
+            self.claimed.c_set((first + count) * cs, cs)
+            count += 1
+        return count
+
+    def claimed_any(self, idxs):
+        cdef long long cs = self.cluster_size
+        for idx in idxs:
+            if self.claimed.c_get(<long long>idx * cs):
+                return True
+        return False
+
+    def release(self, idxs, bint mark):
+        """Drop the claims on ``idxs``; ``mark``: they count as copied."""
+        cdef long long cs = self.cluster_size
+        for idx in idxs:
+            self.claimed.c_reset(<long long>idx * cs, cs)
+            if mark:
+                self.copied.c_set(<long long>idx * cs, cs)
+        if self.waiters:
+            self.on_wake()
+
+    def copy_run(self, long long first, long long count):
+        """Copy claimed clusters ``[first, first+count)`` source → target, then mark them copied and
+        release them. Raises on error (the claims are still held then)."""
+        cdef long long cs = self.cluster_size
+        cdef long long off = first * cs
+        cdef long long n = min(count * cs, self.length - off)
+        cdef bytearray buf = PyByteArray_FromStringAndSize(NULL, n)   # fully overwritten by the read
+        cdef IOVector iov = IOVector(buf)
+        self.source._drv_preadv(off, n, iov)
+        self.target.pwritev(off, n, iov, REQ_SERIALISING)
+        self.copied.c_set(off, n)
+        self.claimed.c_reset(off, n)
+        self.bytes_copied += n
+        self.clusters_copied += count
+        if self.waiters:
+            self.on_wake()
+
+    cdef bint c_before_write(self, long long offset, long long length, int flags) except -1:
+        cdef long long end = min(offset + length, self.length)
+        cdef long long cs = self.cluster_size
+        cdef long long first, last, idx, run
+        cdef int64_t nc
+        if flags & REQ_WRITE_UNCHANGED or self.stopped or offset >= end:
+            return True
+        first = offset // cs
+        last = (end - 1) // cs
+        nc = self.copied.c_next_clear(first * cs)
+        if nc < 0 or nc >= (last + 1) * cs:
+            return True
+        for idx in range(first, last + 1):
+            if not self.copied.c_get(idx * cs) and self.claimed.c_get(idx * cs):
+                return False                        # someone is copying it: the Python path waits
+        for idx in range(first, last + 1):
+            if not self.copied.c_get(idx * cs):
+                self.claimed.c_set(idx * cs, cs)
+        self.active += 1
+        try:
+            idx = first
+            while idx <= last:
+                if self.copied.c_get(idx * cs):
+                    idx += 1
+                    continue
+                run = 1
+                while idx + run <= last and not self.copied.c_get((idx + run) * cs):
+                    run += 1
+                try:
+                    self.copy_run(idx, run)
+                except BlockError as e:
+                    pending = [i for i in range(idx, last + 1) if not self.copied.c_get(i * cs)]
+                    self.on_error(e, pending)
+                    return True
+                except BaseException:
+                    self.release([i for i in range(idx, last + 1) if not self.copied.c_get(i * cs)], False)
+                    raise
+                idx += run
+        finally:
+            self.active -= 1
+            if self.waiters:
+                self.on_wake()
+        return True
 
 
 cdef class BackendCore:

@@ -40,6 +40,9 @@ cdef class IOVector:
     cdef int c_check_mutable(self) except -1
     cdef int c_check_writable(self, size_t offset, size_t length) except -1
     cdef void c_gather(self, size_t offset, size_t length, char *dst) noexcept
+    # Same, GIL held throughout (an atomic copy as far as other Python threads can tell).
+    cdef void c_gather_held(self, size_t offset, size_t length, char *dst) noexcept
+    cdef void c_scatter_held(self, size_t offset, size_t length, const char *src) noexcept
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef int _append(self, void *base, size_t length, PyObject *owner, bint readonly) except -1
     cdef inline void c_pin(self) noexcept:

@@ -43,12 +43,11 @@ Cancel is the normal end of a sync=none job: ``cancelled`` is True and
 """
 import threading
 
-from .._core.bitmap import Bitmap
-from .._core.iovec import IOVector
+from .._core.fastpath import CowGate
 from ..constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED)
 from ..errors import BlockError, OptionError
 from ..node import is_allocated, skip_filters
-from .job import Job, read_direct, resolve_pair, write_serialising
+from .job import Job, resolve_pair
 
 __all__ = ["BackupJob", "backup"]
 
@@ -66,7 +65,12 @@ class BackupJob(Job):
         source, target = resolve_pair("backup", source, target)
         length = source.length
         if cluster_size is None:
-            cluster_size = max(65536, getattr(skip_filters(target).driver, "cluster_size", 0) or 0)
+            # QEMU's rule (64 KiB, or the target's cluster if larger) amortises a copy's metadata work;
+            # a target whose clusters cost only a memcpy (memory) is copied in its own clusters, so a
+            # small guest write copies little
+            tdrv = skip_filters(target).driver
+            tcs = getattr(tdrv, "cluster_size", 0) or 0
+            cluster_size = max(4096 if getattr(tdrv, "cheap_small_clusters", False) else 65536, tcs)
         if cluster_size < 512 or cluster_size & (cluster_size - 1):
             raise OptionError(f"backup: cluster_size must be a power of two >= 512, got {cluster_size}")
         source.check_op("backup-source")
@@ -77,13 +81,12 @@ class BackupJob(Job):
         self.cluster_size = cluster_size
         self.length = length
         self._lock = threading.Condition()
-        self._copied = Bitmap(length, cluster_size)
-        self._inflight = set()
-        self._cow_active = 0
-        self._stopped = False          # the notifier no longer copies (job ending)
+        # copied/claimed bitmaps and the copy itself live in C (CowGate), shared with the node layer
+        self._gate = gate = CowGate(source, target, length, cluster_size)
+        gate.on_error = self._cow_failed
+        gate.on_wake = self._wake
+        self._copied = gate.copied
         self._fatal = None             # a copy-before-write error that ended the job ("report")
-        self.bytes_copied = 0          # over the job's life
-        self.clusters_copied = 0       # over the job's life
         self.checkpoints = 0
         self._tracking = False
         self._notifier_on = False
@@ -98,7 +101,7 @@ class BackupJob(Job):
             self._tracking = True
             from ..graph import drained
             with drained(source):       # no write may be past the notifier hook without a copy
-                source.add_write_notifier(self._before_write, skip=self._copied)
+                source.add_write_notifier(self._before_write, skip=gate)
                 self._notifier_on = True
         except BaseException:
             self._teardown()
@@ -106,6 +109,16 @@ class BackupJob(Job):
             raise
 
     # ---------------------------------------------------------------- info
+    @property
+    def bytes_copied(self):
+        """Bytes copied over the job's life."""
+        return self._gate.bytes_copied
+
+    @property
+    def clusters_copied(self):
+        """Clusters copied over the job's life."""
+        return self._gate.clusters_copied
+
     @property
     def progress(self):
         with self._lock:
@@ -135,11 +148,20 @@ class BackupJob(Job):
             self._reset_copied()
 
     def _reset_copied(self):
+        gate = self._gate
         with self._lock:
-            while self._inflight:
-                self._lock.wait()
+            gate.waiters += 1
+            try:
+                while not gate.claimed.is_empty():
+                    self._lock.wait()
+            finally:
+                gate.waiters -= 1
             self._copied.reset_all()
             self.checkpoints += 1
+
+    def _wake(self):
+        with self._lock:
+            self._lock.notify_all()
 
     # ---------------------------------------------------------------- setup
     def _skip_unallocated(self):
@@ -156,13 +178,18 @@ class BackupJob(Job):
             pos += n
 
     def _teardown(self):
+        gate = self._gate
         with self._lock:
-            self._stopped = True
+            gate.stopped = True
             if self._notifier_on:
                 self.source.remove_write_notifier(self._before_write)
                 self._notifier_on = False
-            while self._cow_active:
-                self._lock.wait()
+            gate.waiters += 1
+            try:
+                while gate.active:
+                    self._lock.wait(0.05)
+            finally:
+                gate.waiters -= 1
         if self._tracking:
             self.target.disable_tracking()
             self._tracking = False
@@ -172,36 +199,13 @@ class BackupJob(Job):
         super().cleanup()
 
     # ---------------------------------------------------------------- copying
-    def _copy_run(self, first, count):
-        """Copy clusters ``[first, first+count)`` (claimed by the caller) source → target; on success
-        mark them copied and release the claims. Raises on error (claims still held)."""
-        cs = self.cluster_size
-        off = first * cs
-        n = min(count * cs, self.length - off)
-        buf = bytearray(n)
-        iov = IOVector(buf)
-        read_direct(self.source, off, n, iov)
-        write_serialising(self.target, off, n, iov)
-        with self._lock:
-            self._copied.set(off, n)
-            for idx in range(first, first + count):
-                self._inflight.discard(idx)
-            self.bytes_copied += n
-            self.clusters_copied += count
-            self._lock.notify_all()
-
-    def _release(self, idxs, mark):
-        with self._lock:
-            cs = self.cluster_size
-            for idx in idxs:
-                self._inflight.discard(idx)
-                if mark:
-                    self._copied.set(idx * cs, cs)
-            self._lock.notify_all()
-
+    # The common case runs in C (CowGate.c_before_write, called by the node layer). This Python
+    # notifier runs when the C path cannot finish: another request is copying a touched cluster,
+    # or the write takes the node's slow path for another reason.
     def _before_write(self, node, offset, length, flags):
         """The write notifier: copy the old content of the touched clusters first."""
-        if flags & REQ_WRITE_UNCHANGED or self._stopped:
+        gate = self._gate
+        if flags & REQ_WRITE_UNCHANGED or gate.stopped:
             return
         end = min(offset + length, self.length)
         if offset >= end:
@@ -211,36 +215,24 @@ class BackupJob(Job):
         nxt = self._copied.next_clear(first * cs)
         if nxt < 0 or nxt > (last + 1) * cs - 1:
             return  # every touched cluster was copied in this interval (a checkpoint drains writes first)
-        with self._lock:
-            if self._stopped:
-                return
-            self._cow_active += 1
+        gate.enter()
         try:
-            while True:
-                mine, others = [], []
-                with self._lock:
-                    if self._stopped:
-                        return
-                    for idx in range(first, last + 1):
-                        if self._copied.get(idx * cs):
-                            continue
-                        if idx in self._inflight:
-                            others.append(idx)
-                        else:
-                            self._inflight.add(idx)
-                            mine.append(idx)
+            while not gate.stopped:
+                mine, others = gate.claim(first, last)
                 if mine:
                     self._cow(mine)
                 if not others:
                     return
                 with self._lock:
-                    while any(i in self._inflight for i in others):
-                        self._lock.wait()
+                    gate.waiters += 1
+                    try:
+                        while gate.claimed_any(others):
+                            self._lock.wait()
+                    finally:
+                        gate.waiters -= 1
                 # loop: a cluster another write failed to copy (on_error=stop) is ours to try now
         finally:
-            with self._lock:
-                self._cow_active -= 1
-                self._lock.notify_all()
+            gate.leave()
 
     def _cow(self, idxs):
         runs, start = [], 0
@@ -250,25 +242,25 @@ class BackupJob(Job):
                 start = i
         for k, (first, count) in enumerate(runs):
             try:
-                self._copy_run(first, count)
+                self._gate.copy_run(first, count)
             except BlockError as e:
                 pending = [idx for f, c in runs[k:] for idx in range(f, f + c)]
                 self._cow_failed(e, pending)
                 return
             except BaseException:
                 pending = [idx for f, c in runs[k:] for idx in range(f, f + c)]
-                self._release(pending, mark=False)
+                self._gate.release(pending, False)
                 raise
 
     def _cow_failed(self, e, pending):
         policy = self.on_error
         if policy == "ignore":
-            self._release(pending, mark=True)
+            self._gate.release(pending, True)
             with self._cond:
                 self.errors_ignored += 1
                 self.last_error = e
             return
-        self._release(pending, mark=False)
+        self._gate.release(pending, False)
         if policy == "stop":
             with self._cond:
                 self.io_error = e
@@ -276,7 +268,7 @@ class BackupJob(Job):
             raise e
         # report: the job ends with the error; the guest write proceeds
         with self._lock:
-            self._stopped = True
+            self._gate.stopped = True
             if self._fatal is None:
                 self._fatal = e
         with self._cond:
@@ -294,46 +286,42 @@ class BackupJob(Job):
         self._background()
 
     def _background(self):
-        cs = self.cluster_size
+        cs, gate = self.cluster_size, self._gate
         max_run = max(1, _MAX_RUN // cs)
         pos = 0
         while True:
             self.pause_point()
             if self._fatal is not None:
                 return
-            with self._lock:
-                nxt = self._copied.next_clear(pos)
-                if nxt < 0 and pos > 0:
-                    pos = 0
-                    nxt = self._copied.next_clear(0)
-                if nxt < 0:
-                    # everything copied; wait for copies in flight (they may fail and leave holes)
-                    if not self._inflight:
-                        return
+            nxt = self._copied.next_clear(pos)
+            if nxt < 0 and pos > 0:
+                pos = 0
+                nxt = self._copied.next_clear(0)
+            if nxt < 0:
+                # everything copied; wait for copies in flight (they may fail and leave holes)
+                if gate.claimed.is_empty():
+                    return
+                with self._lock:
                     self._lock.wait(0.05)
-                    continue
-                first = nxt // cs
-                if first in self._inflight:
-                    pos = (first + 1) * cs
-                    if pos >= self.length:
-                        pos = 0
+                continue
+            first = nxt // cs
+            count = gate.claim_run(first, max_run)
+            if not count:               # a write is copying it
+                pos = (first + 1) * cs
+                if pos >= self.length:
+                    pos = 0
+                    with self._lock:
                         self._lock.wait(0.01)
-                    continue
-                count = 0
-                nclusters = (self.length + cs - 1) // cs
-                while (count < max_run and first + count < nclusters and first + count not in self._inflight
-                       and not self._copied.get((first + count) * cs)):
-                    self._inflight.add(first + count)
-                    count += 1
+                continue
             try:
-                self._copy_run(first, count)
+                gate.copy_run(first, count)
             except BlockError as e:
-                self._release(range(first, first + count), mark=False)
+                gate.release(range(first, first + count), False)
                 self._handle_error(e)
                 pos = first * cs
                 continue
             except BaseException:
-                self._release(range(first, first + count), mark=False)
+                gate.release(range(first, first + count), False)
                 raise
             pos = (first + count) * cs
             if pos >= self.length:

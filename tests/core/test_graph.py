@@ -354,11 +354,18 @@ def test_write_notifier_skip_bitmap_keeps_fast_path_only_inside_set_granules():
     blk.pwrite(65000, b"y" * 1000)       # crosses into a clear granule: it must run
     blk.pwrite(200000, b"z")
     assert calls == [(65000, 1000), (200000, 1)]
-    blk.node.enable_tracking()           # another reason for the slow path: every write notifies
+    blk.node.enable_tracking()           # tracking is handled in C too: the skip still applies...
     blk.pwrite(100, b"x")
+    blk.pwrite(70000, b"t")              # ...and a write outside set granules still notifies
     blk.node.disable_tracking()
+    assert calls[-1] == (70000, 1) and len(calls) == 3
+    blk.node.detect_zeroes = "on"        # a reason the C path does not handle: every write notifies
+    blk.node._refresh_paths()
+    blk.pwrite(100, b"x")
+    blk.node.detect_zeroes = "off"
+    blk.node._refresh_paths()
     assert calls[-1] == (100, 1)
     blk.node.remove_write_notifier(notifier)
     blk.pwrite(300000, b"w")
-    assert len(calls) == 3
+    assert len(calls) == 4
     assert blk.pread(100, 100) == b"x" + b"x" * 99 and blk.pread(300000, 1) == b"w"

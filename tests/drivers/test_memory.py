@@ -1,5 +1,8 @@
 """The memory driver: compression, sparseness, memory use, overlay behaviour, make_empty."""
 import os
+import random
+import threading
+import time
 
 import pytest
 
@@ -22,9 +25,12 @@ def test_memory_use_is_real_and_sparse():
         drv = blk.node.driver
         assert drv.memory_used == 0
         blk.pwrite(0, b"a" * MiB)                     # very compressible
+        assert drv.memory_used >= MiB                 # stored raw first (the write path never compresses)
+        assert drv.compact() == 16                    # what the background compressor does
         compressible = drv.memory_used
         assert 0 < compressible < MiB // 20
         blk.pwrite(8 * MiB, os.urandom(MiB))          # incompressible
+        assert drv.compact() == 0
         assert drv.memory_used > compressible + MiB * 0.9
         assert blk.node.driver.get_info()["allocated-clusters"] == 32
         blk.pwrite_zeroes(0, MiB)                     # no backing: zeroes are simply dropped
@@ -77,10 +83,104 @@ def test_incompressible_clusters_are_kept_as_is_and_compressible_ones_compressed
         assert MiB <= drv.memory_used < MiB * 1.05
         text = (b"replicated disk block " * 50000)[:MiB]
         blk.pwrite(MiB, text)
+        drv.compact()
         assert sum(1 for e in drv._clusters.values() if type(e) is bytes) == 16
         assert blk.pread(0, MiB) == noise and blk.pread(MiB, MiB) == text
         # a cluster that starts with noise and ends with text is still compressed, and read back exactly
         mixed = os.urandom(40960) + text[:65536 - 40960]
         blk.pwrite(2 * MiB, mixed)
+        drv.compact()
         assert type(drv._clusters[(2 * MiB) // 65536]) is bytes
         assert blk.pread(2 * MiB, 65536) == mixed
+
+
+def test_inline_compression_compresses_in_the_write_path():
+    with pyrep.open_backend({"driver": "memory", "size": "4M", "compress": "inline"}) as blk:
+        drv = blk.node.driver
+        blk.pwrite(0, b"z" * MiB)
+        assert all(type(e) is bytes for e in drv._clusters.values()) and drv.memory_used < MiB // 20
+        assert drv.compact() == 0 and blk.pread(0, MiB) == b"z" * MiB
+
+
+def test_background_compressor_runs_by_itself():
+    with pyrep.open_backend({"driver": "memory", "size": "16M", "compress-above": "4M"}) as blk:
+        drv = blk.node.driver
+        blk.pwrite(0, b"q" * (3 * MiB))               # below compress-above: stays raw, no thread
+        time.sleep(0.1)
+        assert drv._compressor is None and drv.memory_used > 3 * MiB
+        blk.pwrite(0, b"q" * (8 * MiB))               # above: the compressor wakes and compresses
+        deadline = time.monotonic() + 10
+        while drv.memory_used > MiB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert drv.memory_used < MiB
+        assert blk.pread(0, 8 * MiB) == b"q" * (8 * MiB)
+    assert not drv._compressor.is_alive()         # close stops it
+
+
+def test_make_empty_recycles_raw_buffers_without_leaking_old_data():
+    base = pyrep.blockdev_add({"driver": "memory", "size": "1M", "node-name": "base", "codec": "none"})
+    base.pwrite(0, b"B" * MiB)
+    top = pyrep.blockdev_add({"driver": "memory", "backing": "base", "node-name": "top", "codec": "none",
+                              "cluster-size": "64K"})
+    top.pwrite(0, os.urandom(MiB))
+    bufs = {id(e) for e in top.driver._clusters.values()}
+    top.make_empty()
+    assert top.driver.get_info()["pooled-buffers"] == 16
+    top.pwrite(65536, b"x" * 65536)                  # a full cluster: a pooled buffer, wholly overwritten
+    top.pwrite(3 * 65536 + 10, b"yy")                # a partial one: the rest comes from the backing
+    assert id(top.driver._clusters[1]) in bufs and id(top.driver._clusters[3]) in bufs
+    assert top.pread(0, 4 * 65536) == (b"B" * 65536 + b"x" * 65536 + b"B" * 65536 +
+                                        b"B" * 10 + b"yy" + b"B" * (65536 - 12))
+
+
+def test_partial_writes_change_raw_clusters_in_place_and_compressed_ones_correctly():
+    with pyrep.open_backend({"driver": "memory", "size": "1M", "cluster-size": "64K"}) as blk:
+        drv = blk.node.driver
+        model = bytearray(b"m" * MiB)
+        blk.pwrite(0, bytes(model))
+        assert drv.compact() == 16                    # now every cluster is compressed
+        for off, data in ((5, b"abc"), (65530, b"0123456789"), (70000, os.urandom(5000))):
+            blk.pwrite(off, data)
+            model[off:off + len(data)] = data
+        raw = drv._clusters[1]
+        blk.pwrite(65536 + 100, b"in place")           # raw now: changed in place, same buffer
+        model[65636:65644] = b"in place"
+        assert drv._clusters[1] is raw
+        blk.pwrite_zeroes(200, 300)
+        model[200:500] = bytes(300)
+        assert blk.pread(0, MiB) == bytes(model)
+        drv.compact()
+        assert blk.pread(0, MiB) == bytes(model)
+
+
+def test_compaction_racing_with_writes_and_reads_loses_nothing():
+    """Writers change clusters in place and whole while the compressor compresses them outside the
+    lock; a cluster changed meanwhile must not be replaced by its stale compressed copy."""
+    size = 4 * MiB
+    with pyrep.open_backend({"driver": "memory", "size": size, "cluster-size": "16K"}) as blk:
+        drv = blk.node.driver
+        model = bytearray(size)
+        stop = threading.Event()
+
+        def compactor():
+            while not stop.is_set():
+                drv.compact()
+
+        t = threading.Thread(target=compactor)
+        t.start()
+        rng = random.Random(7)
+        try:
+            for i in range(3000):
+                off = rng.randrange(0, size - 20000)
+                n = rng.choice((7, 512, 4096, 16384, 20000))
+                data = bytes([i % 251 + 1]) * n if i % 3 else os.urandom(n)
+                blk.pwrite(off, data)
+                model[off:off + n] = data
+                if i % 50 == 0:
+                    r = rng.randrange(0, size - 65536)
+                    assert blk.pread(r, 65536) == model[r:r + 65536]
+        finally:
+            stop.set()
+            t.join()
+        drv.compact()
+        assert blk.pread(0, size) == bytes(model)
