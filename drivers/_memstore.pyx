@@ -175,6 +175,23 @@ cdef class MemStore:
             pos += n
             done += n
 
+    def lend(self, long long count):
+        """``count`` private cluster buffers (pooled when possible) to fill and hand back to ``adopt``."""
+        return [self.buffer() for _ in range(count)]
+
+    cpdef adopt(self, long long offset, list bufs):
+        """Install the filled buffers ``bufs`` (from ``lend``) as the clusters from ``offset`` (cluster
+        aligned) on: a whole-cluster write without a copy."""
+        cdef long long idx = offset >> self.shift
+        cdef bytearray buf
+        for buf in bufs:
+            if _all_zero(PyByteArray_AS_STRING(buf), self.cluster_size):
+                self.recycle(buf)
+                self.put(idx, b"" if self.has_backing else None)
+            else:
+                self.put(idx, buf)
+            idx += 1
+
     cpdef bint patch_install(self, long long idx, expected, bytearray buf, long long start, long long n,
                              IOVector iov, long long at):
         """Copy ``iov[at:at+n]`` into ``buf`` at ``start`` and install ``buf`` as cluster ``idx`` — if the

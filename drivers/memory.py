@@ -193,6 +193,16 @@ class MemoryDriver(BlockDriver):
             if store.patch_install(idx, entry, buf, start, n, iov, at):
                 return
 
+    # Whole-cluster writes without a copy (CowGate reads the source straight into these buffers).
+    def lend_clusters(self, count):
+        """``count`` private cluster-sized buffers to fill, then pass to ``adopt_clusters``; None when
+        this node cannot adopt (compress=inline)."""
+        return None if self._inline else self._store.lend(count)
+
+    def adopt_clusters(self, offset, bufs):
+        """Make the buffers from ``lend_clusters`` the clusters from ``offset`` (aligned) on."""
+        self._store.adopt(offset, bufs)
+
     def _pwritev_inline(self, offset, length, iov, flags=0):
         """compress=inline: write, then compress the clusters written (before returning)."""
         self._store.pwritev(offset, length, iov, flags)

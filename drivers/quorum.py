@@ -165,7 +165,21 @@ class QuorumDriver(BlockDriver):
 
     def _vote_writes(self, op, offset, length, fn):
         children = list(self._children)
-        results = self._run_all(children, fn)
+        if not self.parallel:
+            # the common case, sequential: no per-child result list unless a child fails
+            failed = None
+            for c in children:
+                try:
+                    fn(c)
+                except Exception as e:  # noqa: BLE001 - reported per child
+                    failed = [] if failed is None else failed
+                    failed.append((c, None, e))
+            if failed is None:
+                return
+            bad = {id(c) for c, _, _ in failed}
+            results = [(c, None, None) for c in children if id(c) not in bad] + failed
+        else:
+            results = self._run_all(children, fn)
         ok = 0
         first_err = None
         for c, _, exc in results:

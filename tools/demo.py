@@ -99,8 +99,9 @@ def run(size=64 * M, seed=None, checkpoints=5, writes_per_round=40, fmt="qcow2",
         # ---- the secondary: top -> replication -> active (memory) -> hidden (memory) -> secondary disk
         top = pyrep.open_backend({
             "driver": "replication", "mode": "secondary", "top-id": "s_top", "node-name": "s_rep",
-            "file": {"driver": "memory", "node-name": "s_active",
-                     "backing": {"driver": "memory", "node-name": "s_hidden", "backing": "s_disk"}}},
+            "file": {"driver": "memory", "node-name": "s_active", "cluster-size": "4K",
+                     "backing": {"driver": "memory", "node-name": "s_hidden", "cluster-size": "4K",
+                                 "backing": "s_disk"}}},
             name="s_top")
         # ---- the primary: quorum(local disk, replication(primary) -> the secondary disk)
         prim = pyrep.open_backend({

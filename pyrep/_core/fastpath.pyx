@@ -214,6 +214,16 @@ cdef class CowGate:
     cdef public object on_wake
     cdef readonly long long bytes_copied
     cdef readonly long long clusters_copied
+    # a target driver that lends and adopts cluster buffers (lend_clusters/adopt_clusters), if any
+    cdef object lend
+    cdef object adopt
+    cdef long long adopt_cluster
+
+    def set_adopting_target(self, driver):
+        """Copy into ``driver`` (the target node's) through lend_clusters/adopt_clusters."""
+        self.lend = driver.lend_clusters
+        self.adopt = driver.adopt_clusters
+        self.adopt_cluster = driver.cluster_size
 
     def __init__(self, NodeIO source, NodeIO target, long long length, long long cluster_size):
         self.source, self.target = source, target
@@ -278,16 +288,48 @@ cdef class CowGate:
         cdef long long cs = self.cluster_size
         cdef long long off = first * cs
         cdef long long n = min(count * cs, self.length - off)
-        cdef bytearray buf = PyByteArray_FromStringAndSize(NULL, n)   # fully overwritten by the read
-        cdef IOVector iov = IOVector(buf)
-        self.source._drv_preadv(off, n, iov)
-        self.target.pwritev(off, n, iov, REQ_SERIALISING)
+        cdef bytearray buf
+        cdef IOVector iov
+        if not self._copy_adopted(off, n):
+            buf = PyByteArray_FromStringAndSize(NULL, n)   # fully overwritten by the read
+            iov = IOVector(buf)
+            self.source._drv_preadv(off, n, iov)
+            self.target.pwritev(off, n, iov, REQ_SERIALISING)
         self.copied.c_set(off, n)
         self.claimed.c_reset(off, n)
         self.bytes_copied += n
         self.clusters_copied += count
         if self.waiters:
             self.on_wake()
+
+    cdef bint _copy_adopted(self, long long off, long long n) except -1:
+        """The copy without an intermediate buffer, into a target that lends its own cluster buffers
+        (memory): read the source straight into them and hand them back. The target's request
+        tracking is kept (a serialising request, as target.pwritev would make). False: not possible
+        here, copy the ordinary way."""
+        cdef NodeIO t = self.target
+        cdef IOVector iov
+        cdef long long tcs
+        if self.adopt is None or not t._wc or t._cow is not None or t._notifier_skip is not None:
+            return False
+        tcs = self.adopt_cluster
+        if off % tcs or (n % tcs and off + n != self.length) or n % tcs:
+            return False
+        bufs = self.lend(n // tcs)
+        if bufs is None:
+            return False
+        iov = IOVector()
+        for b in bufs:
+            iov.c_add(b)
+        req = t._track_try(off, off + n, True)
+        if req is None:
+            return False                      # an overlapping request in flight: the ordinary path waits
+        try:
+            self.source._drv_preadv(off, n, iov)
+            self.adopt(off, bufs)
+        finally:
+            t._track_done(req)
+        return True
 
     cdef bint c_before_write(self, long long offset, long long length, int flags) except -1:
         cdef long long end = min(offset + length, self.length)
