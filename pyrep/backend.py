@@ -9,7 +9,6 @@ writes with others, as a QEMU guest device or qemu-img does; pass
 NBD export of a replicated disk does.
 """
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from . import graph
 from ._core.fastpath import BackendCore
@@ -30,6 +29,8 @@ def _pool():
     if _executor is None:
         with _executor_lock:
             if _executor is None:
+                # imported on first use: concurrent.futures pulls in logging (~7 ms of start-up)
+                from concurrent.futures import ThreadPoolExecutor
                 _executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="pyrep-io")
     return _executor
 

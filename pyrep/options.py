@@ -10,7 +10,6 @@ Each driver declares its options as a tuple of :class:`Opt`; :func:`validate`
 converts and checks a nested dict against it, and every error names the
 driver, the full key path and what was expected.
 """
-import json
 import re
 
 from .errors import OptionError
@@ -200,6 +199,7 @@ def parse_drive(text):
     if not isinstance(text, str):
         raise OptionError(f"drive string: expected a string, got {type(text).__name__}")
     if text.startswith("json:"):
+        import json     # only json: filenames need it: not imported at start-up
         try:
             nested = json.loads(text[5:])
         except ValueError as e:
