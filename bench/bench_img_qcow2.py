@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """pyrep-img vs qemu-img on qcow2 images in tmpfs: the command-line tools side by side (issue 3).
 
-    python bench/bench_img_qcow2.py [--reps 5] [--quick] [--size BYTES]
+    python bench/bench_img_qcow2.py [--reps 5] [--quick] [--size BYTES] [--only convert|bench]
 
 (bench/bench_qcow2.py is the driver-level, in-process benchmark; this one runs the two CLI tools.)
 Points, identical arguments for both tools (cache=writeback; tmpfs has no O_DIRECT):
@@ -11,7 +11,8 @@ Points, identical arguments for both tools (cache=writeback; tmpfs has no O_DIRE
     5th), step 4 KiB, depth 1 and 16 (and depth 16 with pyrep capped at 2 worker threads);
   - 1 MiB sequential reads and (re)writes of an allocated qcow2, depth 1;
   - convert throughput: qcow2 chain → raw and raw → qcow2, wall clock of the whole command
-    (process start-up included for both tools).
+    (process start-up included for both tools; pyrep's modules are byte-compiled first, as an
+    installed pyrep is: see ensure_bytecode).
 Targets: 4 KiB points ≥ 3×, 1 MiB sequential ≥ 1.0×, convert ≥ 1.0×. Medians of alternating runs.
 """
 import argparse
@@ -66,6 +67,21 @@ class FreshOverlay(bc.Point):
         return self
 
 
+def ensure_bytecode():
+    """Byte-compile pyrep's modules (what ``pip install`` does, and any Python run without
+    PYTHONDONTWRITEBYTECODE on its first run): with the editable install in an environment that sets
+    PYTHONDONTWRITEBYTECODE=1, every ``python -m pyrep.tools.img`` would otherwise compile ~15 modules
+    from source (~40 ms), a cost no installed pyrep-img pays. Stale .pyc files are ignored by Python
+    (their source mtime differs), so this never runs old code."""
+    import compileall
+
+    import pyrep
+    import pyrep.drivers
+    import pyrep.tools
+    for pkg in (pyrep, pyrep.drivers, pyrep.tools):
+        compileall.compile_dir(os.path.dirname(pkg.__file__), quiet=1)
+
+
 def wall(cmd):
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
@@ -101,47 +117,35 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", type=int, default=1 << 30)
+    ap.add_argument("--only", choices=("bench", "convert"),
+                    help="run only the 'bench' points (4K/1M) or only the convert points")
     a = ap.parse_args()
     div = 10 if a.quick else 1
+    ensure_bytecode()
     d = os.path.join(bc.SHM, f"pyrep-bench-img-qcow2-{os.getpid()}")
     os.makedirs(d)
     size = a.size
     try:
         base, mid, top = make_chain(d, size)
-        n_alloc = min(size // CL, 8192 // div)
-        rows = []
-        pts = [FreshOverlay("4K alloc write d1", ["-f", "qcow2", "-w", "-d", "1", "-s", "4096", "-S", str(CL)],
-                            n_alloc, 4096),
-               FreshOverlay("4K alloc write d16", ["-f", "qcow2", "-w", "-d", "16", "-s", "4096", "-S", str(CL)],
-                            n_alloc, 4096)]
-        for p in pts:
-            p.measure(base, reps=a.reps)
-            rows.append(p.row())
-            print(f"{p.name}: ratio {rows[-1]['ratio']:.2f}x", flush=True)
-        n4k = 50000 // div
-        for p in (bc.Point("4K read 3-chain d1", ["-f", "qcow2", "-d", "1", "-s", "4096"], n4k, 4096),
-                  bc.Point("4K read 3-chain d16", ["-f", "qcow2", "-d", "16", "-s", "4096"], n4k, 4096),
-                  bc.Point("4K read 3-chain d16 (pyrep --threads 2)", ["-f", "qcow2", "-d", "16", "-s", "4096"],
-                           n4k, 4096, extra_pyrep=["--threads", "2"])):
-            p.measure(top, reps=a.reps)
-            rows.append(p.row())
-            print(f"{p.name}: ratio {rows[-1]['ratio']:.2f}x", flush=True)
-        n1m = 1000 // div
-        for p in (bc.Point("1M seq read d1", ["-f", "qcow2", "-d", "1", "-s", "1M"], n1m, 1 << 20),
-                  bc.Point("1M seq write d1", ["-f", "qcow2", "-d", "1", "-s", "1M", "-w"], n1m, 1 << 20)):
-            p.measure(base, reps=a.reps)
-            rows.append(p.row())
-            print(f"{p.name}: ratio {rows[-1]['ratio']:.2f}x", flush=True)
-        sh("qemu-img", "check", base)
-        conv, st_q, st_p = convert_points(d, top, size, max(1, a.reps // 2 + 1))
+        rows, conv = [], None
+        if a.only != "convert":
+            rows = bench_points(a, base, top, size, div)
+        if a.only != "bench":
+            conv_reps = a.reps if a.only == "convert" else max(1, a.reps // 2 + 1)
+            conv, st_q, st_p = convert_points(d, top, size, conv_reps)
     finally:
         subprocess.run(["rm", "-rf", d])
     qv = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     print()
     print(f"Machine: {bc.cpu_info()}; {qv}; Python {sys.version.split()[0]}; qcow2 images of {size >> 20} MiB "
           f"(64 KiB clusters) on tmpfs; {a.reps} alternating runs per point, median")
+    if rows:
+        print()
+        print(bc.table(rows, TARGETS))
+    if conv is None:
+        return
     print()
-    print(bc.table(rows, TARGETS))
+    print(f"Convert points: {conv_reps} alternating runs of each tool, median.")
     print()
     print("| convert (wall clock, whole command) | qemu-img MiB/s | pyrep-img MiB/s | qemu-img s | pyrep-img s "
           "| ratio (median) | ratio (best) | target |")
@@ -152,6 +156,36 @@ def main():
     print()
     print(f"Process start-up (no-op command, median of 5): qemu-img {st_q * 1000:.0f} ms, "
           f"pyrep-img {st_p * 1000:.0f} ms.")
+
+
+def bench_points(a, base, top, size, div):
+    """The ``bench`` points (4 KiB and 1 MiB requests, times reported by the tools themselves)."""
+    n_alloc = min(size // CL, 8192 // div)
+    rows = []
+    pts = [FreshOverlay("4K alloc write d1", ["-f", "qcow2", "-w", "-d", "1", "-s", "4096", "-S", str(CL)],
+                        n_alloc, 4096),
+           FreshOverlay("4K alloc write d16", ["-f", "qcow2", "-w", "-d", "16", "-s", "4096", "-S", str(CL)],
+                        n_alloc, 4096)]
+    for p in pts:
+        p.measure(base, reps=a.reps)
+        rows.append(p.row())
+        print(f"{p.name}: ratio {rows[-1]['ratio']:.2f}x", flush=True)
+    n4k = 50000 // div
+    for p in (bc.Point("4K read 3-chain d1", ["-f", "qcow2", "-d", "1", "-s", "4096"], n4k, 4096),
+              bc.Point("4K read 3-chain d16", ["-f", "qcow2", "-d", "16", "-s", "4096"], n4k, 4096),
+              bc.Point("4K read 3-chain d16 (pyrep --threads 2)", ["-f", "qcow2", "-d", "16", "-s", "4096"],
+                       n4k, 4096, extra_pyrep=["--threads", "2"])):
+        p.measure(top, reps=a.reps)
+        rows.append(p.row())
+        print(f"{p.name}: ratio {rows[-1]['ratio']:.2f}x", flush=True)
+    n1m = 1000 // div
+    for p in (bc.Point("1M seq read d1", ["-f", "qcow2", "-d", "1", "-s", "1M"], n1m, 1 << 20),
+              bc.Point("1M seq write d1", ["-f", "qcow2", "-d", "1", "-s", "1M", "-w"], n1m, 1 << 20)):
+        p.measure(base, reps=a.reps)
+        rows.append(p.row())
+        print(f"{p.name}: ratio {rows[-1]['ratio']:.2f}x", flush=True)
+    sh("qemu-img", "check", base)
+    return rows
 
 
 if __name__ == "__main__":

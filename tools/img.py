@@ -13,7 +13,6 @@ Images are opened format-agnostically as ``{"driver": fmt, "file": {"driver":
 unless ``-f`` names it.
 """
 import argparse
-import json
 import mmap
 import os
 import sys
@@ -33,7 +32,6 @@ from .progress import Progress
 
 PROG = "pyrep-img"
 IO_BUF_SIZE = 2 << 20          # qemu-img's convert/compare buffer
-CONVERT_BUF_SIZE = 8 << 20     # convert's read/write chunk (uncompressed output)
 SECTOR = 512
 
 
@@ -205,6 +203,7 @@ def qdict_order(obj):
 
 
 def jdump(obj):
+    import json     # only --output json needs it
     print(json.dumps(qdict_order(obj), indent=4))
 
 
@@ -759,6 +758,8 @@ def cmd_convert(a):
         raise UsageError("Expecting one image file name (and an output file)")
     if len(a.filenames) > 2:
         raise UsageError("pyrep-img convert takes exactly one source image")
+    if a.num_coroutines is not None and not 1 <= a.num_coroutines <= 16:
+        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
     src_name, out_name = a.filenames
     out_fmt = a.out_fmt or "raw"
     opts = parse_o(a.options)
@@ -815,204 +816,20 @@ def cmd_convert(a):
 
 
 def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
-    """Copy ``src`` to ``dst``: zero/unallocated ranges are skipped (the fresh target reads zeroes), data
-    extents are gathered into 2 MiB buffers that a writer thread writes while the next one is read."""
-    snode, dnode = src.node, dst.node
+    """Copy ``src`` to ``dst`` with the copy engine of tools/convert.py: zero/unallocated ranges are
+    skipped (the fresh target reads zeroes), data is read and written by a few worker threads."""
+    from .convert import Copier
     prog = Progress(a.progress)
     min_sparse = size_arg(a.min_sparse) if a.min_sparse is not None else 4096
-    # target is fresh (reads zero) unless -n or target has a backing file
-    fresh = not a.no_create and not target_has_backing
     cs = 0
     if cwrite is not None:
-        info = dnode.driver.get_info() or {}
+        info = dst.node.driver.get_info() or {}
         cs = info.get("cluster-size") or 65536
-    # big chunks: fewer Python round trips per GiB (the writer thread overlaps them with the reads)
-    chunk_max = CONVERT_BUF_SIZE if not cs else max(cs, (IO_BUF_SIZE // cs) * cs)
-    rd = snode.preadv
-    wr = dnode.pwritev
-    pool = _Writer(wr, dst, nbufs=4, bufsize=chunk_max)
-    state = {"buf": None, "start": 0, "fill": 0}
-
-    def flush_pending():
-        buf, fill, start = state["buf"], state["fill"], state["start"]
-        if buf is None or not fill:
-            return
-        state["buf"], state["fill"] = None, 0
-        mv = memoryview(buf)[:fill]
-        if cwrite is not None:
-            pool.call(_write_compressed, cwrite, dst, start, mv, cs, size, buf)
-        elif not any_nonzero(mv):
-            if not fresh:
-                pool.zero(start, fill, buf)
-            else:
-                pool.release(buf)
-        else:
-            if not (fresh and min_sparse) or buf.find(memoryview(_ZEROS)[:min_sparse], 0, fill) < 0:
-                runs = [(0, fill)]      # no zero run as long as a granule: one write (one C scan)
-            else:
-                runs = _nonzero_runs(mv, fill, min_sparse)
-            pool.write(start, runs, mv, buf)
-
-    off = 0
-    try:
-        while off < size:
-            if target_has_backing:
-                st = skip_filters(snode).block_status(off, size - off)
-                flags, n = st.flags, st.length
-                if not flags & (BS_ALLOCATED | BS_ZERO):
-                    flush_pending()
-                    off += n            # left to the backing file
-                    prog.update(off * 100.0 / size)
-                    continue
-            else:
-                flags, n = status_above(snode, off, size - off)
-            if flags & BS_ZERO:
-                flush_pending()
-                if not fresh:
-                    pool.zero(off, n, None)
-                off += n
-                prog.update(off * 100.0 / size)
-                continue
-            end = off + n
-            while off < end:
-                if state["buf"] is not None and state["start"] + state["fill"] != off:
-                    flush_pending()
-                if state["buf"] is None:
-                    state["buf"], state["start"], state["fill"] = pool.get_buffer(), off, 0
-                fill = state["fill"]
-                c = min(chunk_max - fill, end - off)
-                if cs and not fill and off % cs:
-                    c = min(cs - off % cs, c)  # compressed output: buffers start on a cluster boundary
-                rd(off, c, IOVector(memoryview(state["buf"])[fill:fill + c]))
-                state["fill"] = fill + c
-                off += c
-                if state["fill"] == chunk_max or (cs and not off % cs and state["fill"] % cs):
-                    flush_pending()
-                prog.update(off * 100.0 / size)
-        flush_pending()
-        pool.finish()
-    finally:
-        pool.close()
+    # the target reads zeroes unless -n or it has a backing file
+    Copier(src, dst, size, status=status_above, fresh=not a.no_create and not target_has_backing,
+           min_sparse=min_sparse, top_only=target_has_backing, cwrite=cwrite, cs=cs, readers=a.num_coroutines,
+           ordered=not a.unordered, progress=lambda off: prog.update(off * 100.0 / size) if size else None).run()
     prog.done()
-
-
-def _write_compressed(cwrite, dst, off, mv, cs, size):
-    pos = 0
-    n = len(mv)
-    while pos < n:
-        c = min(cs, n - pos)
-        part = mv[pos:pos + c]
-        if any_nonzero(part):
-            if c < cs and off + pos + c < size:
-                dst.pwritev(off + pos, IOVector(part))
-            else:
-                cwrite(off + pos, c, IOVector(part))
-        pos += c
-
-
-def _nonzero_runs(mv, n, gran):
-    """[(start, length)] of the parts of ``mv`` that are not zero, at ``gran`` granularity."""
-    runs = []
-    start = None
-    pos = 0
-    while pos < n:
-        c = min(gran, n - pos)
-        nz = not IOVector(mv[pos:pos + c]).is_zero()
-        if nz and start is None:
-            start = pos
-        elif not nz and start is not None:
-            runs.append((start, pos - start))
-            start = None
-        pos += c
-    if start is not None:
-        runs.append((start, n - start))
-    return runs
-
-
-class _Writer:
-    """A writer thread fed through a queue, with a fixed set of buffers (``get_buffer`` blocks until
-    the thread has finished with one): reading the next buffer overlaps writing the previous ones."""
-
-    def __init__(self, wr, blk, nbufs=4, bufsize=IO_BUF_SIZE, nthreads=1):
-        import queue
-        self._wr, self._blk = wr, blk
-        self._free = queue.Queue()
-        for _ in range(nbufs):
-            self._free.put(bytearray(bufsize))
-        self._jobs = queue.Queue()
-        self._err = None
-        self._threads = [threading.Thread(target=self._run, daemon=True, name="pyrep-img-writer")
-                         for _ in range(nthreads)]
-        for t in self._threads:
-            t.start()
-
-    def _run(self):
-        jobs, free = self._jobs, self._free
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            kind, buf = job[0], job[-1]
-            if kind == "f":
-                job[1]()                # finish(): always answered, even after an error
-                continue
-            if self._err is None:
-                try:
-                    if kind == "w":
-                        _, off, runs, mv, _ = job
-                        wr = self._wr
-                        for st, n in runs:
-                            wr(off + st, n, IOVector(mv[st:st + n]))
-                    elif kind == "z":
-                        self._blk.pwrite_zeroes(job[1], job[2])
-                    else:
-                        job[1](*job[2])
-                except BaseException as e:  # noqa: BLE001
-                    self._err = e
-            if buf is not None:
-                free.put(buf)
-
-    def _check(self):
-        if self._err is not None:
-            e, self._err = self._err, None
-            raise e
-
-    def get_buffer(self):
-        self._check()
-        buf = self._free.get()
-        self._check()
-        return buf
-
-    def release(self, buf):
-        self._free.put(buf)
-
-    def write(self, off, runs, mv, buf):
-        self._jobs.put(("w", off, runs, mv, buf))
-
-    def zero(self, off, n, buf):
-        self._jobs.put(("z", off, n, buf))
-
-    def call(self, fn, *args):
-        buf = args[-1]
-        self._jobs.put(("c", fn, args[:-1], buf))
-
-    def finish(self):
-        """Wait until every queued job is done; raise the first error."""
-        n = len(self._threads)
-        done = threading.Event()
-        # every thread takes one of these (a thread waits at the barrier until all have theirs), so
-        # when the event is set, all jobs queued before are finished
-        bar = threading.Barrier(n, action=done.set)
-        for _ in range(n):
-            self._jobs.put(("f", bar.wait, None))
-        done.wait()
-        self._check()
-
-    def close(self):
-        for _ in self._threads:
-            self._jobs.put(None)
-        for t in self._threads:
-            t.join()
 
 
 # ------------------------------------------------------------------- commit
@@ -1282,6 +1099,8 @@ class _NoBarrier:
 
 
 # --------------------------------------------------------------------- main
+_COMMANDS = ("create", "info", "check", "map", "compare", "convert", "commit", "rebase", "bench")
+
 def _int(text):
     return int(text, 0)
 
@@ -1294,12 +1113,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: {message}\n")
 
 
-def build_parser():
+class _Unused:
+    """Stands for the sub-parser of a command that is not being run: it is not built."""
+
+    def add_argument(self, *args, **kw):
+        pass
+
+
+def build_parser(cmd=None):
+    """The argument parser; with ``cmd`` (the command being run), only that command's sub-parser is
+    built (all of them cost ~4 ms of every start-up)."""
     p = _Parser(prog=PROG, description="pyrep disk image utility (qemu-img compatible)")
     sub = p.add_subparsers(dest="cmd", metavar="command", parser_class=_Parser)
     sub.required = True
 
     def add(name, fn, help_):
+        if cmd is not None and cmd != name:
+            return _Unused()
         s = sub.add_parser(name, help=help_)
         s.set_defaults(func=fn)
         return s
@@ -1412,7 +1242,8 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
