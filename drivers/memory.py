@@ -24,7 +24,7 @@ Storage, and why:
   that again and again.
 - A partial write into a raw cluster changes it in place; into a compressed
   or absent one it builds a raw buffer first.
-- The hot paths are C (``_memstore.MemStore``), atomic under the GIL: no
+- The hot paths are C (``pyrep._core.memstore.MemStore``), atomic under the GIL: no
   lock. ``make_empty`` requires that no request is in flight (the
   replication checkpoint drains first).
 """
@@ -32,21 +32,32 @@ import collections
 import errno
 import threading
 
-import blosc
-
 from pyrep._core.iovec import IOVector
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
 from pyrep.driver import BlockDriver
-from pyrep.drivers._memstore import MemStore
+from pyrep._core.memstore import MemStore
 from pyrep.errors import BlockError, OptionError
 from pyrep.options import Opt
 
 __all__ = ["MemoryDriver"]
 
-blosc.set_releasegil(True)
-# clusters are small (64 KiB): blosc's own worker threads cost more than they save, and
-# pyrep's I/O threads already compress in parallel with the GIL released
-blosc.set_nthreads(1)
+_blosc_mod = None
+
+
+def _blosc():
+    """blosc, imported on first use: most overlays never compress (compress-above), and blosc
+    imports numpy, whose BLAS threads cost start-up time and, on small machines, CPU."""
+    global _blosc_mod
+    if _blosc_mod is None:
+        import blosc
+        blosc.set_releasegil(True)
+        # clusters are small: blosc's own worker threads cost more than they save, and pyrep's
+        # I/O threads already compress in parallel with the GIL released
+        blosc.set_nthreads(1)
+        _blosc_mod = blosc
+    return _blosc_mod
+
+
 _ZERO = b""                      # a cluster this layer holds that reads as zeroes
 _PROBE = 4096                    # bytes compressed to decide whether a cluster is worth compressing
 _CODECS = ("blosclz", "lz4", "lz4hc", "zlib", "zstd", "none")
@@ -93,7 +104,7 @@ class MemoryDriver(BlockDriver):
         self._mask = cs - 1
         self._codec = opts["codec"]
         self._level = int(opts["level"])
-        self._shuffle = blosc.SHUFFLE if opts["shuffle"] else blosc.NOSHUFFLE
+        self._shuffle = 1 if opts["shuffle"] else 0      # blosc.SHUFFLE / blosc.NOSHUFFLE
         self._inline = opts["compress"] == "inline" and self._codec != "none"
         background = opts["compress"] == "background" and self._codec != "none"
         self.backing = self.node.open_backing(opts)
@@ -148,11 +159,11 @@ class MemoryDriver(BlockDriver):
             view = memoryview(buf)
             if self._incompressible(view[:_PROBE]) and self._incompressible(view[-_PROBE:]):
                 return None
-        out = blosc.compress(buf, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
+        out = _blosc().compress(buf, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
         return out if len(out) < len(buf) else None
 
     def _incompressible(self, view):
-        out = blosc.compress(view, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
+        out = _blosc().compress(view, typesize=8, clevel=self._level, shuffle=self._shuffle, cname=self._codec)
         return len(out) > len(view) * 15 // 16
 
     def _read_backing(self, offset, length, iov, at):
@@ -169,7 +180,7 @@ class MemoryDriver(BlockDriver):
             iov.memset(at + n, 0, length - n)
 
     def _read_compressed(self, entry, start, n, iov, at):
-        iov.copy_from(at, memoryview(blosc.decompress(entry))[start:start + n])
+        iov.copy_from(at, memoryview(_blosc().decompress(entry))[start:start + n])
 
     def _fill(self, idx, entry, buf):
         """Put the content of cluster ``idx`` (currently ``entry``) into the private buffer ``buf``."""
@@ -178,7 +189,7 @@ class MemoryDriver(BlockDriver):
         elif not entry:
             buf[:] = bytes(self.cluster_size)
         else:
-            buf[:] = blosc.decompress(entry)
+            buf[:] = _blosc().decompress(entry)
 
     def _write_partial(self, idx, start, n, iov, at):
         """Part of a cluster this layer holds compressed, as zeroes, or not at all: build the raw
@@ -193,15 +204,10 @@ class MemoryDriver(BlockDriver):
             if store.patch_install(idx, entry, buf, start, n, iov, at):
                 return
 
-    # Whole-cluster writes without a copy (CowGate reads the source straight into these buffers).
-    def lend_clusters(self, count):
-        """``count`` private cluster-sized buffers to fill, then pass to ``adopt_clusters``; None when
-        this node cannot adopt (compress=inline)."""
-        return None if self._inline else self._store.lend(count)
-
-    def adopt_clusters(self, offset, bufs):
-        """Make the buffers from ``lend_clusters`` the clusters from ``offset`` (aligned) on."""
-        self._store.adopt(offset, bufs)
+    def cow_store(self):
+        """The MemStore a copy-before-write gate may fill directly (whole clusters, no bounce
+        buffer); None with compress=inline, whose clusters must pass through the write path."""
+        return None if self._inline else self._store
 
     def _pwritev_inline(self, offset, length, iov, flags=0):
         """compress=inline: write, then compress the clusters written (before returning)."""

@@ -111,6 +111,12 @@ class BlockDriver:
         """Drop every allocation of this layer (overlays); reads then fall through to the backing."""
         raise BlockError(errno.ENOTSUP, f"{self.format_name}: make_empty not supported")
 
+    def cow_store(self):
+        """A ``pyrep._core.memstore.MemStore`` that copy-before-write may fill with whole clusters
+        directly, bypassing ``pwritev`` (the node's request tracking is still honoured), or None.
+        Only in-RAM cluster stores (the memory driver) have one."""
+        return None
+
     # ---------------------------------------------------------- reopen
     def reopen_prepare(self, read_only):
         """Check that the node can switch to ``read_only``; raise to refuse. Nothing may change yet."""

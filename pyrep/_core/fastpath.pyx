@@ -38,6 +38,7 @@ from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM, EOPNOTSUP
 
 from pyrep._core.iovec cimport IOVector
 from pyrep._core.bitmap cimport Bitmap
+from pyrep._core.memstore cimport MemStore
 from libc.stdint cimport int64_t, uint64_t
 from pyrep._core.fileio cimport _xfer_one, _xfer_vec
 
@@ -123,8 +124,7 @@ cdef class NodeIO:
         self._drv_preadv = driver.preadv
         self._drv_pwritev = driver.pwritev
 
-    cpdef _track_try(self, long long start, long long end, bint serialising):
-        """Register ``[start, end)`` unless it conflicts with a tracked request (then None)."""
+    cdef object _c_track_try(self, long long start, long long end, bint serialising):
         cdef tuple r
         cdef list lst = self._tracked
         for r in lst:
@@ -134,10 +134,18 @@ cdef class NodeIO:
         lst.append(req)
         return req
 
-    cpdef _track_done(self, req):
+    cdef int _c_track_done(self, req) except -1:
         self._tracked.remove(req)
         if self._track_waiters:
             self._track_wake()
+        return 0
+
+    def _track_try(self, long long start, long long end, bint serialising):
+        """Register ``[start, end)`` unless it conflicts with a tracked request (then None)."""
+        return self._c_track_try(start, end, serialising)
+
+    def _track_done(self, req):
+        self._c_track_done(req)
 
     cpdef preadv(self, long long offset, long long length, iov, int flags=0):
         """Read ``length`` bytes at ``offset`` into ``iov``."""
@@ -145,12 +153,12 @@ cdef class NodeIO:
             if not self._rslow:
                 return self._drv_preadv(offset, length, iov)
             if self._rc:
-                req = self._track_try(offset, offset + length, False)
+                req = self._c_track_try(offset, offset + length, False)
                 if req is not None:
                     try:
                         return self._drv_preadv(offset, length, iov)
                     finally:
-                        self._track_done(req)
+                        self._c_track_done(req)
         return self._preadv_slow(offset, length, iov)
 
     cpdef pwritev(self, long long offset, long long length, iov, int flags=0):
@@ -164,7 +172,7 @@ cdef class NodeIO:
             if self._wc:
                 req = None
                 if self._track_users or ser:
-                    req = self._track_try(offset, offset + length, ser)
+                    req = self._c_track_try(offset, offset + length, ser)
                     if req is None:
                         return self._pwritev_slow(offset, length, iov, flags)
                 try:
@@ -180,7 +188,7 @@ cdef class NodeIO:
                         return self._drv_pwritev(offset, length, iov, flags & ~REQ_SERIALISING)
                 finally:
                     if req is not None:
-                        self._track_done(req)
+                        self._c_track_done(req)
         return self._pwritev_slow(offset, length, iov, flags)
 
 
@@ -214,16 +222,12 @@ cdef class CowGate:
     cdef public object on_wake
     cdef readonly long long bytes_copied
     cdef readonly long long clusters_copied
-    # a target driver that lends and adopts cluster buffers (lend_clusters/adopt_clusters), if any
-    cdef object lend
-    cdef object adopt
-    cdef long long adopt_cluster
+    # a memory target's cluster store: copies are read straight into its buffers, if set
+    cdef MemStore store
 
-    def set_adopting_target(self, driver):
-        """Copy into ``driver`` (the target node's) through lend_clusters/adopt_clusters."""
-        self.lend = driver.lend_clusters
-        self.adopt = driver.adopt_clusters
-        self.adopt_cluster = driver.cluster_size
+    def set_target_store(self, MemStore store):
+        """Copy into the target through ``store`` (the target node's memory driver's MemStore)."""
+        self.store = store
 
     def __init__(self, NodeIO source, NodeIO target, long long length, long long cluster_size):
         self.source, self.target = source, target
@@ -285,6 +289,9 @@ cdef class CowGate:
     def copy_run(self, long long first, long long count):
         """Copy claimed clusters ``[first, first+count)`` source → target, then mark them copied and
         release them. Raises on error (the claims are still held then)."""
+        self._copy_run(first, count)
+
+    cdef int _copy_run(self, long long first, long long count) except -1:
         cdef long long cs = self.cluster_size
         cdef long long off = first * cs
         cdef long long n = min(count * cs, self.length - off)
@@ -301,6 +308,7 @@ cdef class CowGate:
         self.clusters_copied += count
         if self.waiters:
             self.on_wake()
+        return 0
 
     cdef bint _copy_adopted(self, long long off, long long n) except -1:
         """The copy without an intermediate buffer, into a target that lends its own cluster buffers
@@ -308,27 +316,37 @@ cdef class CowGate:
         tracking is kept (a serialising request, as target.pwritev would make). False: not possible
         here, copy the ordinary way."""
         cdef NodeIO t = self.target
+        cdef MemStore store = self.store
         cdef IOVector iov
-        cdef long long tcs
-        if self.adopt is None or not t._wc or t._cow is not None or t._notifier_skip is not None:
+        cdef long long tcs, k
+        cdef list bufs
+        if store is None or not t._wc or t._cow is not None or t._notifier_skip is not None:
             return False
-        tcs = self.adopt_cluster
-        if off % tcs or (n % tcs and off + n != self.length) or n % tcs:
+        tcs = store.cluster_size
+        if off % tcs or n % tcs:
             return False
-        bufs = self.lend(n // tcs)
-        if bufs is None:
-            return False
-        iov = IOVector()
+        bufs = [store.buffer() for k in range(n // tcs)]
+        iov = IOVector.__new__(IOVector)
         for b in bufs:
             iov.c_add(b)
-        req = t._track_try(off, off + n, True)
-        if req is None:
-            return False                      # an overlapping request in flight: the ordinary path waits
         try:
+            # read first, then the serialising write (as copy_run's ordinary path): readers of the
+            # target that fall through to the source meanwhile still find the old data there
             self.source._drv_preadv(off, n, iov)
-            self.adopt(off, bufs)
+            req = t._c_track_try(off, off + n, True)
+            if req is None:                   # overlapping requests in flight: the ordinary write waits
+                t.pwritev(off, n, iov, REQ_SERIALISING)
+                for b in bufs:
+                    store.recycle(b)
+                return True
+        except BaseException:
+            for b in bufs:
+                store.recycle(b)
+            raise
+        try:
+            store.adopt(off, bufs)
         finally:
-            t._track_done(req)
+            t._c_track_done(req)
         return True
 
     cdef bint c_before_write(self, long long offset, long long length, int flags) except -1:
@@ -360,7 +378,7 @@ cdef class CowGate:
                 while idx + run <= last and not self.copied.c_get((idx + run) * cs):
                     run += 1
                 try:
-                    self.copy_run(idx, run)
+                    self._copy_run(idx, run)
                 except BlockError as e:
                     pending = [i for i in range(idx, last + 1) if not self.copied.c_get(i * cs)]
                     self.on_error(e, pending)

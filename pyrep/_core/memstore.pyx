@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""The memory driver's cluster store: the hot paths of ``drivers/memory.py`` in C.
+"""The memory driver's cluster store: the hot paths of ``drivers/memory.py`` in C (a core type: the
+copy-before-write gate in fastpath.pyx hands it buffers directly).
 
 Thread safety without a lock: every operation here that looks at a cluster
 and changes it (or copies out of a raw buffer) runs with the GIL held and
@@ -28,20 +29,6 @@ cdef inline bint _all_zero(const char *p, Py_ssize_t n) noexcept:
 
 
 cdef class MemStore:
-    cdef public dict clusters
-    cdef public dict pool           # raw buffers to reuse (keys are meaningless)
-    cdef public object queue        # collections.deque: clusters stored raw, for the compressor
-    cdef public set touched         # clusters written since the compressor queued them
-    cdef public bint background     # a compressor may be working on raw buffers
-    cdef public bint has_backing    # an all-zero cluster is kept as b"" (else dropped)
-    cdef readonly long long cluster_size
-    cdef readonly long long used
-    cdef readonly long long raw_bytes
-    cdef public long long wake_bytes  # raw bytes from which the driver's compressor is woken
-    cdef int shift
-    cdef object driver              # slow paths: _read_backing, _write_partial_slow, _decompress_into
-    cdef long long _pool_key
-
     def __init__(self, driver, long long cluster_size, bint has_backing, bint background, queue):
         self.driver = driver
         self.cluster_size = cluster_size
@@ -175,12 +162,8 @@ cdef class MemStore:
             pos += n
             done += n
 
-    def lend(self, long long count):
-        """``count`` private cluster buffers (pooled when possible) to fill and hand back to ``adopt``."""
-        return [self.buffer() for _ in range(count)]
-
     cpdef adopt(self, long long offset, list bufs):
-        """Install the filled buffers ``bufs`` (from ``lend``) as the clusters from ``offset`` (cluster
+        """Install the filled buffers ``bufs`` (from ``buffer()``) as the clusters from ``offset`` (cluster
         aligned) on: a whole-cluster write without a copy."""
         cdef long long idx = offset >> self.shift
         cdef bytearray buf

@@ -84,9 +84,9 @@ class BackupJob(Job):
         # copied/claimed bitmaps and the copy itself live in C (CowGate), shared with the node layer
         self._gate = gate = CowGate(source, target, length, cluster_size)
         gate.on_error = self._cow_failed
-        tdrv = target.driver
-        if hasattr(tdrv, "adopt_clusters") and cluster_size % tdrv.cluster_size == 0:
-            gate.set_adopting_target(tdrv)
+        store = target.driver.cow_store()
+        if store is not None and cluster_size % store.cluster_size == 0:
+            gate.set_target_store(store)        # copies go straight into the memory target's buffers
         gate.on_wake = self._wake
         self._copied = gate.copied
         self._fatal = None             # a copy-before-write error that ended the job ("report")
