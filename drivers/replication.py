@@ -39,6 +39,7 @@ import threading
 import time
 
 from pyrep import replication as _registry
+from pyrep._core.fastpath import Forwarder
 from pyrep.constants import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError, ReplicationError
@@ -55,12 +56,6 @@ DONE = "done"
 _SHARED = PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE
 
 
-
-def _reraise(exc):
-    """A callable that raises ``exc`` (hands an error already caught to _forward)."""
-    def fn():
-        raise exc
-    return fn
 
 class ReplicationDriver(BlockDriver):
     format_name = "replication"
@@ -87,7 +82,7 @@ class ReplicationDriver(BlockDriver):
                               f"or backend name of the root node that contains this replication node)")
         self.mode = mode
         self.top_id = top_id
-        self.stage = NONE
+        self._stage = NONE
         self._ctl = threading.RLock()
         self._error = None            # message of the first error since start, or None
         self._error_errno = None
@@ -101,10 +96,11 @@ class ReplicationDriver(BlockDriver):
         self._stopping = False
         self._active = self._hidden = self._secondary = None
         self._closing = False
-        self.stats = {"bytes_forwarded": 0, "writes_forwarded": 0, "forward_errors": 0,
-                      "bytes_copied_before_write": 0, "checkpoints": 0, "checkpoint_durations": [],
-                      "failover_time": None, "failover_started": None}
+        self._stats = {"forward_errors": 0, "bytes_copied_before_write": 0, "checkpoints": 0,
+                       "checkpoint_durations": [], "failover_time": None, "failover_started": None}
         self.file = self.node.open_child(opts, "file", role="file")
+        # the primary's writes while RUNNING: forwarded and counted in C (see the stage setter)
+        self._fwd = Forwarder(self.file, self._forward_failed)
         _registry._register(self)
 
     def close(self):
@@ -168,14 +164,7 @@ class ReplicationDriver(BlockDriver):
         if self.mode == "primary":
             if stage != RUNNING:
                 raise self._eio("write")
-            try:    # _forward, inlined: this is every primary write
-                self.node.children["file"].pwritev(offset, length, iov, flags)
-            except BlockError as e:
-                return self._forward("write", offset, length, _reraise(e))
-            stats = self.stats
-            stats["bytes_forwarded"] += length
-            stats["writes_forwarded"] += 1
-            return None
+            return self._fwd(offset, length, iov, flags)
         if stage == NONE:
             raise self._eio("write")
         if stage == FAILOVER_FAILED:
@@ -217,14 +206,37 @@ class ReplicationDriver(BlockDriver):
         try:
             fn()
         except BlockError as e:
-            self.stats["forward_errors"] += 1
-            self._set_error(f"forwarding a {op} at {offset} (+{length}) to '{self.node.file.name}' failed: {e}",
-                            e.errno)
+            self._forward_failed(op, offset, length, e)
             return None
         if length:
-            self.stats["bytes_forwarded"] += length
-            self.stats["writes_forwarded"] += 1
+            self._fwd.count(length)
         return None
+
+    def _forward_failed(self, op, offset, length, e):
+        self._stats["forward_errors"] += 1
+        self._set_error(f"forwarding a {op} at {offset} (+{length}) to '{self.node.file.name}' failed: {e}",
+                        e.errno)
+
+    @property
+    def stage(self):
+        return self._stage
+
+    @stage.setter
+    def stage(self, value):
+        self._stage = value
+        if self.mode == "primary":
+            # RUNNING: the node layer calls the C forwarder directly; otherwise pwritev refuses
+            if value == RUNNING:
+                self.pwritev = self._fwd
+            else:
+                self.__dict__.pop("pwritev", None)
+            if self.node._ops_bound:
+                self.node._bind_driver_ops(self)
+
+    @property
+    def stats(self):
+        """Counters of this node's replication: what was forwarded, copied, checkpointed, failed over."""
+        return dict(self._stats, bytes_forwarded=self._fwd.bytes, writes_forwarded=self._fwd.writes)
 
     def _split_write(self, offset, length, write):
         """Failover failed: write to active where active/hidden hold the range, else to the secondary disk."""
@@ -362,7 +374,7 @@ class ReplicationDriver(BlockDriver):
                                 getattr(job.error, "errno", errno.EIO) or errno.EIO)
             else:
                 self._set_error(f"the backup job '{job.id}' was cancelled unexpectedly")
-        self.stats["bytes_copied_before_write"] += getattr(job, "bytes_copied", 0)
+        self._stats["bytes_copied_before_write"] += getattr(job, "bytes_copied", 0)
 
     def _stop_backup(self):
         job = self._backup
@@ -415,8 +427,8 @@ class ReplicationDriver(BlockDriver):
                                     getattr(e, "errno", errno.EIO) or errno.EIO)
                     raise ReplicationError(f"{who}: cannot make the {what} disk '{n.name}' empty: {e}") from e
         dt = time.perf_counter() - t0
-        self.stats["checkpoints"] += 1
-        self.stats["checkpoint_durations"].append(dt)
+        self._stats["checkpoints"] += 1
+        self._stats["checkpoint_durations"].append(dt)
         return dt
 
     def do_checkpoint(self):
@@ -457,7 +469,7 @@ class ReplicationDriver(BlockDriver):
         import pyrep.jobs as jobs
         who = self._who()
         self.stage = FAILOVER
-        self.stats["failover_started"] = time.perf_counter()
+        self._stats["failover_started"] = time.perf_counter()
         self._stop_backup()
         self._release(restore=False)    # hidden and secondary stay writable: the commit writes them
         self._commit_done.clear()
@@ -481,7 +493,7 @@ class ReplicationDriver(BlockDriver):
         # runs in the job's thread
         t = self.stats.get("failover_started")
         if t is not None:
-            self.stats["failover_time"] = time.perf_counter() - t
+            self._stats["failover_time"] = time.perf_counter() - t
         if job.error is None and not getattr(job, "cancelled", False):
             self.stage = DONE
             self._error = None
