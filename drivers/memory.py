@@ -31,6 +31,7 @@ Storage, and why:
 import collections
 import errno
 import threading
+import time
 
 from pyrep._core.iovec import IOVector
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
@@ -64,11 +65,14 @@ _CODECS = ("blosclz", "lz4", "lz4hc", "zlib", "zstd", "none")
 
 
 def _free_slowly(clusters):
-    """Drop ``clusters`` item by item: a Python loop gives the GIL back to the I/O threads
-    (one dict.clear() of thousands of buffers would hold it for milliseconds)."""
+    """Drop ``clusters`` in small batches, yielding the GIL between them: one dict.clear() of
+    thousands of buffers would hold it for milliseconds, and so would a plain loop until the
+    interpreter's switch interval (5 ms) forced it out — a checkpoint or I/O thread waits that long."""
     pop = clusters.popitem
     while clusters:
-        pop()
+        for _ in range(min(256, len(clusters))):
+            pop()
+        time.sleep(0)
 
 
 class MemoryDriver(BlockDriver):
