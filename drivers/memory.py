@@ -28,7 +28,6 @@ Storage, and why:
   lock. ``make_empty`` requires that no request is in flight (the
   replication checkpoint drains first).
 """
-import collections
 import errno
 import threading
 import time
@@ -118,9 +117,10 @@ class MemoryDriver(BlockDriver):
                 raise OptionError(f"memory: option '{self.node._path}size' is required when there is no backing")
             size = self.backing.node.length
         self.size = size
-        self._queue = collections.deque()   # clusters stored raw, for the compressor
-        self._store = store = MemStore(self, cs, self.backing is not None, background, self._queue)
-        store.wake_bytes = opts["compress-above"]
+        self._compress_above = opts["compress-above"]
+        self._compact_lock = threading.Lock()   # one compaction pass at a time
+        self._store = store = MemStore(self, cs, self.backing is not None, background)
+        store.wake_bytes = self._compress_above
         self._lock = threading.Lock()       # only the slow, rare paths (truncate) take it
         # the node layer calls these directly (C)
         self.preadv = store.preadv
@@ -236,29 +236,42 @@ class MemoryDriver(BlockDriver):
 
     def _compress_loop(self):
         while not self._closing:
-            self._wake.wait(0.5)
-            self._wake.clear()
-            if not self._closing and self._store.raw_bytes >= self._store.wake_bytes:
+            if not self._store.wake_pending:
+                self._wake.wait(0.5)
+                self._wake.clear()
+            if not self._closing and self._store.wake_pending:
                 self.compact()
 
     def compact(self):
-        """Compress every cluster stored raw so far that compresses (the background compressor's
-        work, done now); return how many were compressed."""
-        done = 0
-        queue, store = self._queue, self._store
-        while queue and not self._closing:
+        """Compress every cluster stored raw that compresses (a background pass, done now); return
+        how many were compressed. Writes go on meanwhile: a cluster written during the pass keeps
+        its new raw content (the store notes what writes touch while ``compacting``)."""
+        done = skipped = 0
+        store = self._store
+        with self._compact_lock:
+            store.touched.clear()
+            store.compacting = True
             try:
-                idx = queue.popleft()
-            except IndexError:
-                break
-            raw = store.take_for_compression(idx)
-            if raw is None:
-                continue
-            # compress outside any lock (blosc releases the GIL); a cluster written meanwhile
-            # (in place, or replaced) is not replaced by this now stale copy
-            packed = self._compress(raw)
-            if packed is not None and store.replace_if(idx, raw, packed, True):
-                done += 1
+                for idx in list(store.clusters):
+                    if self._closing:
+                        break
+                    raw = store.take_for_compression(idx)
+                    if raw is None:
+                        continue
+                    # compress outside any lock (blosc releases the GIL); a cluster written meanwhile
+                    # (in place, or replaced) is not replaced by this now stale copy
+                    packed = self._compress(raw)
+                    if packed is None:
+                        skipped += len(raw)
+                    elif store.replace_if(idx, raw, packed, True):
+                        done += 1
+            finally:
+                store.compacting = False
+                store.touched.clear()
+                # what did not compress stays raw: count it below the threshold, so the next pass
+                # comes only when a good deal more is stored raw
+                store.wake_bytes = self._compress_above + skipped
+                store.wake_pending = store.raw_bytes >= store.wake_bytes    # written during the pass
         return done
 
     # ----------------------------------------------------------------- I/O

@@ -6,8 +6,9 @@ from pyrep._core.iovec cimport IOVector
 cdef class MemStore:
     cdef public dict clusters
     cdef public dict pool           # raw buffers to reuse (keys are meaningless)
-    cdef public object queue        # collections.deque: clusters stored raw, for the compressor
-    cdef public set touched         # clusters written since the compressor queued them
+    cdef public set touched         # clusters written while a compaction pass runs
+    cdef public bint compacting     # a compaction pass is running: writes note what they touch
+    cdef public bint wake_pending   # the driver's compressor was asked to run a pass
     cdef public bint background     # a compressor may be working on raw buffers
     cdef public bint has_backing    # an all-zero cluster is kept as b"" (else dropped)
     cdef readonly long long cluster_size

@@ -29,13 +29,12 @@ cdef inline bint _all_zero(const char *p, Py_ssize_t n) noexcept:
 
 
 cdef class MemStore:
-    def __init__(self, driver, long long cluster_size, bint has_backing, bint background, queue):
+    def __init__(self, driver, long long cluster_size, bint has_backing, bint background):
         self.driver = driver
         self.cluster_size = cluster_size
         self.shift = cluster_size.bit_length() - 1
         self.clusters = {}
         self.pool = {}
-        self.queue = queue
         self.touched = set()
         self.background = background
         self.has_backing = has_backing
@@ -71,11 +70,11 @@ cdef class MemStore:
             self.used += self._size(entry)
             if type(entry) is bytearray:
                 self.raw_bytes += self.cluster_size
-                if self.background:
-                    self.queue.append(idx)
+                if self.compacting:
                     self.touched.add(idx)
-                    if self.raw_bytes >= self.wake_bytes and len(self.queue) % 64 == 0:
-                        self.driver._start_compressor()
+                elif self.background and self.raw_bytes >= self.wake_bytes and not self.wake_pending:
+                    self.wake_pending = True
+                    self.driver._start_compressor()
 
     cpdef bint replace_if(self, long long idx, expected, entry, bint untouched=False):
         """``put(idx, entry)`` if cluster ``idx`` is still ``expected`` (and, with ``untouched``, was not
@@ -89,7 +88,7 @@ cdef class MemStore:
 
     def take_for_compression(self, long long idx):
         """The raw buffer of cluster ``idx`` (or None), marked untouched; compress it, then
-        ``replace_if(idx, raw, packed, untouched=True)``."""
+        ``replace_if(idx, raw, packed, untouched=True)``. Only while ``compacting``."""
         e = self.clusters.get(idx)
         if type(e) is not bytearray:
             return None
@@ -103,7 +102,6 @@ cdef class MemStore:
         self.clusters = {}
         self.used = 0
         self.raw_bytes = 0
-        self.queue.clear()
         self.touched.clear()
         return old_pool
 
@@ -155,7 +153,7 @@ cdef class MemStore:
                 entry = self.clusters.get(idx)
                 if type(entry) is bytearray:
                     iov.c_gather_held(done, n, PyByteArray_AS_STRING(entry) + start)
-                    if self.background:
+                    if self.compacting:
                         self.touched.add(idx)
                 else:
                     self.driver._write_partial(idx, start, n, iov, done)
@@ -192,6 +190,6 @@ cdef class MemStore:
         if type(entry) is not bytearray:
             return False
         memset(PyByteArray_AS_STRING(entry) + start, 0, n)
-        if self.background:
+        if self.compacting:
             self.touched.add(idx)
         return True
