@@ -25,7 +25,7 @@ from libc.stdint cimport uint64_t
 from libc.string cimport memset
 
 from pyrep._core.iovec cimport IOVector
-from pyrep._core.fileio cimport _xfer_one, _xfer_vec
+from pyrep._core.fileio cimport _xfer_one, _xfer_vec, io_keep_gil
 
 from pyrep._core.fastpath import FileIO
 
@@ -70,6 +70,7 @@ cdef extern from "pthread.h" nogil:
 # sleeping on the condition variable: a wake-up costs tens of microseconds, a 512 KiB half about 50.
 cdef enum:
     SPLIT_MIN = 512 * 1024
+    _SMALL_MEMFS_IO = 65536     # FileIO's threshold for keeping the GIL on tmpfs/ramfs
     SPIN = 4000
 
 cdef struct _Helper:
@@ -228,6 +229,7 @@ cdef class Qcow2Core:
     cdef object _fdrv
     cdef object _fio
     cdef object _fpre
+    cdef bint _fmemfs           # that FileIO is on tmpfs/ramfs
     # direct backing access cache: the backing node seen last and its Qcow2Core driver (or None)
     cdef object _bnode
     cdef Qcow2Core _bcore
@@ -321,6 +323,7 @@ cdef class Qcow2Core:
             fio = getattr(drv, "_io", None)
             if isinstance(fio, FileIO):
                 self._fdrv, self._fio, self._fpre = drv, fio, getattr(drv, "preadv", None)
+                self._fmemfs = fio.memfs
             else:
                 self._fdrv = self._fio = self._fpre = None
         if (self._fio is None or fn._rslow or type(iov) is not IOVector
@@ -334,13 +337,19 @@ cdef class Qcow2Core:
             return 0
         v.c_pin()
         cdef bint split = v.n == 1 and length >= SPLIT_MIN and _helper_ready()
-        with nogil:
-            if split:
-                r = _split_read(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, &err)
-            elif v.n == 1:
-                r = _xfer_one(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, False, &err)
-            else:
-                r = _xfer_vec(fd, v.iov, v.n, pos, False, &err)
+        if not split and length <= _SMALL_MEMFS_IO and self._fmemfs and io_keep_gil():
+            # as FileIO: a small read from tmpfs/ramfs is a memory copy that never waits for a device,
+            # cheaper done with the GIL held than paying a GIL hand-over to another thread and back
+            r = _xfer_one(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, False, &err) if v.n == 1 \
+                else _xfer_vec(fd, v.iov, v.n, pos, False, &err)
+        else:
+            with nogil:
+                if split:
+                    r = _split_read(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, &err)
+                elif v.n == 1:
+                    r = _xfer_one(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, False, &err)
+                else:
+                    r = _xfer_vec(fd, v.iov, v.n, pos, False, &err)
         v.c_unpin()
         if err:
             f.preadv(pos, length, iov)     # again through the node layer: it raises the proper error

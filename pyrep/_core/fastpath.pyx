@@ -40,7 +40,7 @@ from pyrep._core.iovec cimport IOVector
 from pyrep._core.bitmap cimport Bitmap
 from pyrep._core.memstore cimport MemStore
 from libc.stdint cimport int64_t, uint64_t
-from pyrep._core.fileio cimport _xfer_one, _xfer_vec
+from pyrep._core.fileio cimport _xfer_one, _xfer_vec, io_enter, io_leave, io_keep_gil
 
 import errno as _errno
 
@@ -463,10 +463,12 @@ cdef class BackendCore:
         if self._quiesce or self._closed:
             self._wait_unquiesced()
         self._in_flight += 1
+        io_enter()
         return 0
 
     cdef inline void _leave(self):
         self._in_flight -= 1
+        io_leave()
         if self._quiesce and self._in_flight == 0:
             self._wake_drainer()
 
@@ -574,7 +576,7 @@ cdef class FileIO:
                 self.nowait = False
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and length <= _SMALL_IO)
+            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and length <= _SMALL_IO and io_keep_gil())
         finally:
             iov.c_unpin()
         if err:
@@ -588,7 +590,7 @@ cdef class FileIO:
         cdef int err = 0
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and length <= _SMALL_IO)
+            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and length <= _SMALL_IO and io_keep_gil())
         finally:
             iov.c_unpin()
         if err:

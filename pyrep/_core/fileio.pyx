@@ -52,6 +52,41 @@ FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE
 MAX_IOV = IOV_MAX
 
 
+cdef int _io_active = 0
+cdef int _io_ncpu = 1
+
+
+def _init_ncpu():
+    global _io_ncpu
+    import os
+    try:
+        _io_ncpu = max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        _io_ncpu = max(1, os.cpu_count() or 1)
+
+
+_init_ncpu()
+
+
+cdef void io_enter() noexcept:
+    global _io_active
+    _io_active += 1
+
+
+cdef void io_leave() noexcept:
+    global _io_active
+    _io_active -= 1
+
+
+cdef bint io_keep_gil() noexcept:
+    return _io_active > _io_ncpu
+
+
+def io_active():
+    """Requests in flight through backends right now (for tests and diagnostics)."""
+    return _io_active
+
+
 cdef int _raise(int err) except -1:
     raise OSError(err, strerror(err).decode("utf-8", "replace"))
 
