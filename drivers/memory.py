@@ -10,11 +10,12 @@ Storage, and why:
 
 - The write path never compresses (``compress=background``, the default): a
   cluster is copied into a cluster-sized buffer, and once more than
-  ``compress-above`` bytes are stored raw a background thread compresses
-  them. Copy-before-write into a hidden disk sits on the primary's write
-  path, where compressing costs more than the write; and a small overlay
-  (one checkpoint interval of a hidden disk) is not worth compressing at
-  all. ``compress=inline`` compresses in the write path (least memory at any
+  ``compress-above`` bytes are stored raw and have stayed for
+  ``compress-delay`` seconds without a ``make_empty``, a background thread
+  compresses them, throttled so it never holds the GIL for long.
+  Copy-before-write into a hidden disk sits on the primary's write path,
+  where compressing costs more than the write; and an overlay emptied at
+  every checkpoint is usually emptied before compressing it would pay. ``compress=inline`` compresses in the write path (least memory at any
   time); ``codec=none`` never compresses.
 - Raw buffers are recycled: ``make_empty`` keeps the emptied layer's raw
   buffers as the pool for the next interval (only the last emptied layer's,
@@ -61,6 +62,7 @@ def _blosc():
 _ZERO = b""                      # a cluster this layer holds that reads as zeroes
 _PROBE = 4096                    # bytes compressed to decide whether a cluster is worth compressing
 _CODECS = ("blosclz", "lz4", "lz4hc", "zlib", "zstd", "none")
+_COMPACT_BATCH = 32              # clusters a throttled compaction pass compresses between pauses
 
 
 def _free_slowly(clusters):
@@ -91,6 +93,9 @@ class MemoryDriver(BlockDriver):
             help="compress stored clusters in a background thread, or in the write path"),
         Opt("compress-above", "size", default=64 << 20,
             help="compress=background: start compressing once this many bytes are stored raw"),
+        Opt("compress-delay", "number", default=5, min=0,
+            help="compress=background: seconds to wait before a pass; a make_empty meanwhile "
+                 "(a replication checkpoint) cancels it"),
         Opt("backing", "child", help="the overlay's backing node (a dict of options or a node name)"),
     )
 
@@ -118,6 +123,7 @@ class MemoryDriver(BlockDriver):
             size = self.backing.node.length
         self.size = size
         self._compress_above = opts["compress-above"]
+        self._compress_delay = float(opts["compress-delay"])
         self._compact_lock = threading.Lock()   # one compaction pass at a time
         self._store = store = MemStore(self, cs, self.backing is not None, background)
         store.wake_bytes = self._compress_above
@@ -235,26 +241,43 @@ class MemoryDriver(BlockDriver):
         self._wake.set()
 
     def _compress_loop(self):
+        store = self._store
         while not self._closing:
-            if not self._store.wake_pending:
+            if not store.wake_pending:
                 self._wake.wait(0.5)
                 self._wake.clear()
-            if not self._closing and self._store.wake_pending:
-                self.compact()
+                continue
+            # let the data settle first: an overlay emptied at every checkpoint (hidden and active
+            # disks) is usually emptied before compressing it could pay
+            emptied = store.empties
+            deadline = time.monotonic() + self._compress_delay
+            while not self._closing and store.empties == emptied and time.monotonic() < deadline:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            if not self._closing and store.empties == emptied and store.wake_pending:
+                self.compact(throttle=True)
 
-    def compact(self):
+    def compact(self, throttle=False):
         """Compress every cluster stored raw that compresses (a background pass, done now); return
         how many were compressed. Writes go on meanwhile: a cluster written during the pass keeps
-        its new raw content (the store notes what writes touch while ``compacting``)."""
+        its new raw content (the store notes what writes touch while ``compacting``).
+
+        ``throttle`` (the background thread's passes): after every batch of clusters, sleep four times
+        as long as the batch took, so the pass holds the GIL at most ~20 % of the time and the I/O
+        threads keep their pace (compressing is for memory, not urgent)."""
         done = skipped = 0
         store = self._store
         with self._compact_lock:
             store.touched.clear()
             store.compacting = True
             try:
-                for idx in list(store.clusters):
+                t0 = time.perf_counter()
+                for n, idx in enumerate(list(store.clusters)):
                     if self._closing:
                         break
+                    if throttle and n % _COMPACT_BATCH == _COMPACT_BATCH - 1:
+                        t1 = time.perf_counter()
+                        time.sleep(4 * (t1 - t0))
+                        t0 = time.perf_counter()
                     raw = store.take_for_compression(idx)
                     if raw is None:
                         continue

@@ -9,6 +9,7 @@ cdef class MemStore:
     cdef public set touched         # clusters written while a compaction pass runs
     cdef public bint compacting     # a compaction pass is running: writes note what they touch
     cdef public bint wake_pending   # the driver's compressor was asked to run a pass
+    cdef readonly long long empties # times the store was emptied (make_empty)
     cdef public bint background     # a compressor may be working on raw buffers
     cdef public bint has_backing    # an all-zero cluster is kept as b"" (else dropped)
     cdef readonly long long cluster_size

@@ -103,6 +103,8 @@ cdef class MemStore:
         self.used = 0
         self.raw_bytes = 0
         self.touched.clear()
+        self.wake_pending = False
+        self.empties += 1
         return old_pool
 
     # ------------------------------------------------------------ I/O

@@ -103,7 +103,8 @@ def test_inline_compression_compresses_in_the_write_path():
 
 
 def test_background_compressor_runs_by_itself():
-    with pyrep.open_backend({"driver": "memory", "size": "16M", "compress-above": "4M"}) as blk:
+    with pyrep.open_backend({"driver": "memory", "size": "16M", "compress-above": "4M",
+                             "compress-delay": 0.2}) as blk:
         drv = blk.node.driver
         blk.pwrite(0, b"q" * (3 * MiB))               # below compress-above: stays raw, no thread
         time.sleep(0.1)
@@ -184,3 +185,23 @@ def test_compaction_racing_with_writes_and_reads_loses_nothing():
             t.join()
         drv.compact()
         assert blk.pread(0, size) == bytes(model)
+
+
+def test_make_empty_cancels_a_pending_compression_pass():
+    """A hidden disk emptied at every checkpoint is not compressed: the pass waits compress-delay,
+    and a make_empty meanwhile cancels it."""
+    with pyrep.open_backend({"driver": "memory", "size": "16M", "compress-above": "1M",
+                             "compress-delay": 0.5}) as blk:
+        drv = blk.node.driver
+        blk.pwrite(0, b"c" * (4 * MiB))
+        time.sleep(0.1)
+        blk.node.make_empty()                         # within the delay: the pass is dropped
+        blk.pwrite(0, b"d" * (512 * 1024))            # below compress-above: nothing new to wake it
+        time.sleep(1.0)
+        assert drv.get_info()["raw-bytes"] == 512 * 1024 and drv.memory_used > 512 * 1024
+        blk.pwrite(MiB, b"e" * (4 * MiB))             # above again, and left alone: compressed
+        deadline = time.monotonic() + 10
+        while drv.memory_used > MiB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert drv.memory_used < MiB
+        assert blk.pread(0, 512 * 1024) == b"d" * (512 * 1024) and blk.pread(MiB, 4 * MiB) == b"e" * (4 * MiB)
