@@ -70,7 +70,7 @@ cdef extern from "pthread.h" nogil:
 # sleeping on the condition variable: a wake-up costs tens of microseconds, a 512 KiB half about 50.
 cdef enum:
     SPLIT_MIN = 512 * 1024
-    _SMALL_MEMFS_IO = 65536     # FileIO's threshold for keeping the GIL on tmpfs/ramfs
+    _SMALL_MEMFS_IO = 16384     # FileIO's threshold for keeping the GIL on tmpfs/ramfs (_KEEP_GIL_IO)
     SPIN = 4000
 
 cdef struct _Helper:
