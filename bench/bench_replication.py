@@ -6,17 +6,18 @@
 (a) Throughput of the primary's writes into the secondary disk with the backup (copy-before-write)
     running vs the same writes with replication off: 4 KiB and 64 KiB random writes sent to the
     primary's replication(primary) node (which forwards them into the secondary disk: the
-    HEADLINE rows) and straight to the secondary disk's backend with the backup running, each
-    against the same writes (same offsets, sizes, buffers) into the same secondary-disk qcow2
-    image with no replication at all. The whole primary graph ``quorum(p_local raw,
-    replication(primary) -> secondary disk)`` is measured too, against the same quorum writes
-    while the secondary's backup is not running (so only copy-before-write differs). Memory
-    active/hidden disks with --mem-cluster (default 4K, as the recommended config; the backup
-    copies in the hidden disk's clusters). Cases: "fresh" = one write per 64 KiB cluster in random
-    order after a checkpoint (every write copies: the worst case); "mix" = uniform random offsets
-    after a checkpoint, 2 writes per 64 KiB cluster on average; "copied" = every cluster already
-    copied in this interval (no copy left, only the extra hops). The KiB copied per write is shown.
-    4 KiB mix into the secondary disk is the headline. Target ≥ 0.5×.
+    HEADLINE rows) and straight to the secondary disk's backend; the reference is the same writes
+    (same offsets, sizes, buffers) into a byte copy of the secondary disk through the same kind of
+    path with no secondary at all, measured interleaved with them (alternating which goes first),
+    since this VM's speed drifts within a minute. The whole primary graph ``quorum(p_local raw,
+    replication(primary) -> secondary disk)`` is measured the same way against a twin quorum over
+    copies of both disks. Memory active/hidden disks with --mem-cluster (default 4K, as the
+    recommended config; the backup copies in the hidden disk's clusters). Cases: "fresh" = one
+    write per 64 KiB cluster in random order after a checkpoint (every write copies: the worst
+    case); "mix" = uniform random offsets after a checkpoint, 2 writes per 64 KiB cluster on
+    average; "copied" = every cluster already copied in this interval (no copy left, only the
+    extra hops). The KiB copied per write is shown. 4 KiB mix into the secondary disk is the
+    headline. Target ≥ 0.5×.
 (b) Checkpoint latency with --dirty (default 1 GiB) dirty in active+hidden: half copied into
     hidden by copy-before-write (writes to the secondary disk's backend, where the primary's
     forwarded writes land), half written by the secondary into active; then
@@ -171,37 +172,52 @@ def bench_throughput(tmp, size, reps, data, log, profile=None):
     # the secondary disk image, fully allocated with real data (so nobody pays qcow2 allocation)
     colo, top, prim = build(tmp, size, "memory", sd_path=sd_path)
     fill(colo, 0, size, data)
+    colo.flush()
     with open(pl, "r+b") as f:          # the primary's local disk: real pages too
         for i in range(size // M):
             f.write(data.chunk(i))
-    res = {}
-    # baseline: the same writes straight to the secondary disk, replication not started (no notifier)
-    for (bs, kind), offs in cases.items():
-        res[("base", bs, kind)] = [timed_writes(colo, o, bufs[bs]) for o in offs]
-    # the quorum's own baseline: the primary replicating (local disk + forward into the secondary disk)
-    # while the secondary's backup is not running, so only copy-before-write differs
-    replication.start_all("primary")
-    for (bs, kind), offs in cases.items():
-        res[("qbase", bs, kind)] = [timed_writes(prim, o, bufs[bs]) for o in offs]
+    # the reference: twins of both disks (byte copies) with the same primary graph but no secondary,
+    # so no backup: "the same writes with replication off", measured interleaved with the real ones
+    # (this VM's speed drifts by tens of percent within a minute)
+    twin_sd, twin_pl = os.path.join(tmp, "sd_twin.qcow2"), os.path.join(tmp, "p_twin.raw")
+    shutil.copyfile(sd_path, twin_sd)
+    shutil.copyfile(pl, twin_pl)
+    pyrep.blockdev_add({"driver": "qcow2", "node-name": "t_disk", "file": {"driver": "file", "filename": twin_sd}})
+    twin = pyrep.open_backend("t_disk", name="twin-disk", share_rw=True)
+    prim_twin = pyrep.open_backend({
+        "driver": "quorum", "node-name": "t_quorum", "vote-threshold": 1, "read-pattern": "fifo",
+        "children": [{"driver": "raw", "node-name": "t_local", "file": {"driver": "file", "filename": twin_pl}},
+                     {"driver": "replication", "mode": "primary", "node-name": "t_rep", "file": "t_disk"}]},
+        name="primary-twin")
+    replication.start_all("primary")    # both primaries forward; only s_disk has a secondary (a backup)
     replication.start_all("secondary")
     job = pyrep.lookup("s_rep").driver._backup
-    prep = pyrep.lookup("p_rep")        # the replication(primary) filter: node-level writes, no quorum fan-out
-    for target, blk in (("quorum", prim), ("p_rep", prep), ("colo", colo)):
+    pairs = (("quorum", prim, prim_twin),                                   # the whole primary graph
+             ("p_rep", pyrep.lookup("p_rep"), pyrep.lookup("t_rep")),       # its forward, node level
+             ("colo", colo, twin))                                          # the secondary disk's backend
+    res = {}
+    for target, blk, ref in pairs:
         for (bs, kind), offs in cases.items():
-            times, fresh_frac = [], []
-            for o in offs:
+            times, base_times, fresh_frac = [], [], []
+            for i, o in enumerate(offs):
                 replication.do_checkpoint_all()
                 if kind == "copied":       # one pass over every cluster first: nothing left to copy
                     for c in range(size // CL):
                         colo.pwrite(c * CL, bufs[CL])
+                        twin.pwrite(c * CL, bufs[CL])
                 c0 = job.bytes_copied
+                if i % 2:                  # alternate which side goes first
+                    base_times.append(timed_writes(ref, o, bufs[bs]))
                 if profile is not None and target == "quorum" and kind == "fresh" and bs == 4 * K:
                     profile.enable()
                 times.append(timed_writes(blk, o, bufs[bs]))
                 if profile is not None:
                     profile.disable()
                 fresh_frac.append((job.bytes_copied - c0) / len(o) / K)   # KiB copied before write, per write
+                if not i % 2:
+                    base_times.append(timed_writes(ref, o, bufs[bs]))
             res[(target, bs, kind)] = times
+            res[(target, "base", bs, kind)] = base_times
             res[(target, bs, kind, "fresh")] = med(fresh_frac)
     replication.get_error_all()
     pyrep.close_all()
@@ -210,7 +226,7 @@ def bench_throughput(tmp, size, reps, data, log, profile=None):
         for kind in ("fresh", "mix", "copied"):
             n = len(cases[(bs, kind)][0])
             for target in ("quorum", "p_rep", "colo"):
-                b = med(res[("qbase" if target == "quorum" else "base", bs, kind)])
+                b = med(res[(target, "base", bs, kind)])
                 t = med(res[(target, bs, kind)])
                 rows.append({"bs": bs, "kind": kind, "target": target, "n": n, "base_s": b, "repl_s": t,
                              "base_iops": n / b, "repl_iops": n / t, "ratio": b / t,
@@ -412,18 +428,17 @@ def report(cmd, when, a_rows, ckpt, com, qcost, args, elapsed):
     L.append("")
     L.append("Details (all writes use the same offsets and buffers for both sides; medians of "
              f"{args.reps} passes):\n")
-    L.append("| (a) case | writes | secondary disk, replication off, IOPS | via replication(primary) node, "
-             "backup running, IOPS | ratio | via secondary-disk backend, backup running, IOPS | ratio | "
-             "primary quorum, backup not running, IOPS | primary quorum, backup running, IOPS | ratio |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("| (a) case | writes | via replication(primary) node: off / backup running, IOPS | ratio | "
+             "secondary-disk backend: off / backup running, IOPS | ratio | "
+             "primary quorum: no backup / backup running, IOPS | ratio |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for bs in (4 * K, 64 * K):
         for kind in ("fresh", "mix", "copied"):
-            q = next(x for x in a_rows if x["bs"] == bs and x["kind"] == kind and x["target"] == "quorum")
-            r = next(x for x in a_rows if x["bs"] == bs and x["kind"] == kind and x["target"] == "p_rep")
-            c = next(x for x in a_rows if x["bs"] == bs and x["kind"] == kind and x["target"] == "colo")
-            L.append(f"| {bs // K} KiB {kind} | {q['n']} | {r['base_iops']:,.0f} | {r['repl_iops']:,.0f} | "
-                     f"{r['ratio']:.2f}× | {c['repl_iops']:,.0f} | {c['ratio']:.2f}× | {q['base_iops']:,.0f} | "
-                     f"{q['repl_iops']:,.0f} | {q['ratio']:.2f}× |")
+            cells = []
+            for target in ("p_rep", "colo", "quorum"):
+                x = next(y for y in a_rows if y["bs"] == bs and y["kind"] == kind and y["target"] == target)
+                cells.append(f"{x['base_iops']:,.0f} / {x['repl_iops']:,.0f} | {x['ratio']:.2f}×")
+            L.append(f"| {bs // K} KiB {kind} | {x['n']} | " + " | ".join(cells) + " |")
     L.append("")
     L.append(f"(c) pyrep's figure is the wall time of `stop_all(failover=True, wait=True)` (the commit job itself: "
              f"{com['job_s'] * 1e3:.0f} ms); qemu-img's is the wall time of the command, including process start "
