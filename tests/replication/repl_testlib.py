@@ -4,7 +4,7 @@ Kinds of secondary graphs (``KINDS``):
 
 - ``qcow2``: secondary, active and hidden disks are 64 MiB qcow2 images made by
   ``qemu-img create -f qcow2`` (QEMU's tests/unit/test-replication.c);
-- ``qcow2+memory``: qcow2 secondary disk, memory active/hidden (the recommended config);
+- ``qcow2+memory``: qcow2 secondary disk, memory active/hidden with 4K clusters (the recommended config);
 - ``raw+memory``: raw secondary disk (``qemu-img create -f raw``), memory active/hidden;
 - ``memory``: everything in memory.
 """
@@ -46,12 +46,14 @@ def new_image(path, fmt, size=IMG_SIZE):
     return str(path)
 
 
-def disk_opts(tmp_path, name, fmt, size=IMG_SIZE, debug=None, backing=None):
+def disk_opts(tmp_path, name, fmt, size=IMG_SIZE, debug=None, backing=None, cluster_size=None):
     """Options of a disk node ``name``: fmt is qcow2/raw (an image file) or memory.
     ``debug``: put a blkdebug node of that name between the format and its file (image files only)."""
     if fmt == "memory":
         assert not debug, "blkdebug goes under an image format"
         opts = {"driver": "memory", "size": size, "node-name": name}
+        if cluster_size:
+            opts["cluster-size"] = cluster_size
         if backing is not None:
             opts["backing"] = backing
         return opts
@@ -82,8 +84,11 @@ class Secondary:
         self.local = pyrep.open_backend(sd, name=S_LOCAL_BLK, share_rw=True)
         if fill is not None:
             self.local.pwrite(0, bytes([fill]) * size)
-        hidden = disk_opts(tmp_path, "hidden", ofmt, size, debug=hidden_debug, backing=S_LOCAL)
-        active = disk_opts(tmp_path, "active", ofmt, size, debug=active_debug, backing=hidden)
+        # the recommended config's overlays have 4K clusters (a 4K write copies 4K); the other memory
+        # kinds keep the 64K default, so both copy granularities are exercised
+        ocs = "4K" if kind == "qcow2+memory" else None
+        hidden = disk_opts(tmp_path, "hidden", ofmt, size, debug=hidden_debug, backing=S_LOCAL, cluster_size=ocs)
+        active = disk_opts(tmp_path, "active", ofmt, size, debug=active_debug, backing=hidden, cluster_size=ocs)
         self.top = pyrep.open_backend({"driver": "replication", "mode": "secondary", "top-id": top_id,
                                        "node-name": REP, "file": active}, name=S_ID)
         self.rep = pyrep.lookup(REP)
