@@ -10,6 +10,8 @@ from pyrep._core.fileio import (fallocate, fdatasync, lseek_data, lseek_hole, pr
                                 pwrite_from, pwritev)
 from pyrep._core.iovec import IOVector
 
+from threadlib import run_in_threads  # noqa: E402
+
 
 @pytest.fixture
 def fd(tmp_path):
@@ -250,26 +252,16 @@ def test_lseek_data_none_in_trailing_hole(tmp_path):
 
 def test_releases_gil_threads_make_progress(tmp_path):
     # Many threads doing I/O concurrently must all complete correctly.
-    import threading
     f = os.open(tmp_path / "mt", os.O_RDWR | os.O_CREAT)
-    errors = []
 
     def worker(i):
-        try:
-            data = bytes([i]) * 4096
-            for k in range(50):
-                pwrite_from(f, data, (i * 50 + k) * 4096)
-            for k in range(50):
-                b = bytearray(4096)
-                assert pread_into(f, b, (i * 50 + k) * 4096) == 4096
-                assert b == data
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+        data = bytes([i]) * 4096
+        for k in range(50):
+            pwrite_from(f, data, (i * 50 + k) * 4096)
+        for k in range(50):
+            b = bytearray(4096)
+            assert pread_into(f, b, (i * 50 + k) * 4096) == 4096
+            assert b == data
+    errors = run_in_threads(worker, [(i,) for i in range(8)])
     os.close(f)
     assert not errors

@@ -9,6 +9,8 @@ import pytest
 import pyrep
 from pyrep._core.fileio import io_active
 
+from threadlib import run_in_threads  # noqa: E402
+
 
 def test_requests_in_flight_are_counted_and_always_uncounted(tmp_path):
     img = tmp_path / "d.raw"
@@ -45,18 +47,12 @@ def test_many_threads_on_tmpfs_read_correct_data(tmp_path):
         with open(path, "wb") as f:
             f.write(data)
         blk = pyrep.open_backend({"driver": "file", "filename": path})
-        errors = []
 
         def reader(seed):
             for i in range(300):
                 off = ((seed * 7919 + i * 104729) % 255) * 4096
-                if blk.pread(off, 4096) != data[off:off + 4096]:
-                    errors.append(off)
-        threads = [threading.Thread(target=reader, args=(s,)) for s in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+                assert blk.pread(off, 4096) == data[off:off + 4096], f"wrong data at {off}"
+        errors = run_in_threads(reader, [(s,) for s in range(8)])
         blk.close()
         assert not errors and io_active() == 0
     finally:

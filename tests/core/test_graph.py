@@ -8,6 +8,8 @@ import pytest
 import pyrep
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
 
+from threadlib import run_in_threads  # noqa: E402
+
 
 def raw(tmp_path, name="d.raw", size=1 << 20, **extra):
     path = tmp_path / name
@@ -240,22 +242,13 @@ def test_backend_names_and_lookup(tmp_path):
 
 def test_backend_usable_from_many_threads():
     blk = pyrep.open_backend({"driver": "memory", "size": "8M"})
-    errors = []
 
     def worker(t):
-        try:
-            for i in range(50):
-                off = (t * 50 + i) * 4096
-                blk.pwrite(off, bytes([t]) * 4096)
-                assert blk.pread(off, 4096) == bytes([t]) * 4096
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors
+        for i in range(50):
+            off = (t * 50 + i) * 4096
+            blk.pwrite(off, bytes([t]) * 4096)
+            assert blk.pread(off, 4096) == bytes([t]) * 4096
+    assert not run_in_threads(worker, [(t,) for t in range(8)])
 
 
 def test_close_all_closes_everything(tmp_path):

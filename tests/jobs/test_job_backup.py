@@ -11,6 +11,7 @@ import pyrep.jobs
 from pyrep.errors import BlockError, OptionError
 
 from jobs_testlib import CS, SIZE  # noqa: E402  (also registers the 'slowtest' filter)
+from threadlib import run_in_threads  # noqa: E402
 
 
 def pattern(tag, n=CS):
@@ -345,22 +346,13 @@ def test_writes_racing_for_one_cluster_copy_it_once_and_keep_old_data(tmp_path):
     blk = pyrep.open_backend(src, share_rw=True)
     job = pyrep.jobs.backup(src, hidden, sync="none")
     nclusters = 64
-    errors = []
 
     def writer(seed):
         rng = random.Random(seed)
-        try:
-            for _ in range(400):
-                c = rng.randrange(nclusters)
-                blk.pwrite(c * 4096 + rng.randrange(0, 4000), bytes([seed + 1]) * 64)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+        for _ in range(400):
+            c = rng.randrange(nclusters)
+            blk.pwrite(c * 4096 + rng.randrange(0, 4000), bytes([seed + 1]) * 64)
+    assert not run_in_threads(writer, [(i,) for i in range(6)])
     assert job.clusters_copied == nclusters and job.bytes_copied == nclusters * 4096
     assert hidden.pread(0, SIZE) == old
     job.cancel(sync=True)

@@ -10,6 +10,7 @@ from pyrep.drivers.qcow2._fast import Qcow2Core
 from pyrep.errors import BlockError
 
 from qcow2_testutil import needs_qemu, open_q, qcheck, qimg, qio
+from threadlib import run_in_threads  # noqa: E402
 
 MB = 1 << 20
 CS = 65536
@@ -130,24 +131,13 @@ def test_large_reads_split_concurrent_and_after_fork(tmp_path):
     blk = open_q(img)
     for i in range(16):
         blk.pwrite(i * MB, bytes([i + 1]) * MB)
-    errors = []
 
     def reader(seed):
         rng = random.Random(seed)
-        try:
-            for _ in range(200):
-                i = rng.randrange(16)
-                if blk.pread(i * MB, MB) != bytes([i + 1]) * MB:
-                    errors.append(i)
-        except Exception as ex:   # pragma: no cover
-            errors.append(ex)
-
-    ths = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    assert not errors
+        for _ in range(200):
+            i = rng.randrange(16)
+            assert blk.pread(i * MB, MB) == bytes([i + 1]) * MB, f"cluster run {i} read wrong"
+    assert not run_in_threads(reader, [(s,) for s in range(3)])
     assert blk.pread(MB - 4096, 2 * MB) == b"\1" * 4096 + b"\2" * MB + b"\3" * (MB - 4096)
     pid = os.fork()
     if pid == 0:   # child: the parent's helper thread does not exist here
