@@ -356,3 +356,21 @@ def test_writes_racing_for_one_cluster_copy_it_once_and_keep_old_data(tmp_path):
     assert job.clusters_copied == nclusters and job.bytes_copied == nclusters * 4096
     assert hidden.pread(0, SIZE) == old
     job.cancel(sync=True)
+
+
+def test_cow_into_a_memory_target_the_c_path_cannot_take_directly(tmp_path):
+    """A memory target whose node needs its Python write path (detect-zeroes) is written the ordinary
+    way, not through its lent buffers; the old data, zero clusters included, still lands in it."""
+    src = pyrep.blockdev_add(dict(raw_file(tmp_path, "src.raw", fill=lambda i: pattern(i) if i % 2 else bytes(CS)),
+                                  **{"node-name": "src"}))
+    old = src.pread(0, SIZE)
+    hidden = pyrep.blockdev_add({"driver": "memory", "node-name": "hid", "backing": "src", "cluster-size": "4K",
+                                 "detect-zeroes": "on"})
+    blk = pyrep.open_backend(src, share_rw=True)
+    job = pyrep.jobs.backup(src, hidden, sync="none")
+    for c in range(4):
+        blk.pwrite(c * CS + 512, b"new" * 100)
+    assert job.bytes_copied == 4 * 4096
+    assert hidden.pread(0, SIZE) == old
+    assert pyrep.is_allocated(hidden, 0, 4096)[0] and pyrep.is_allocated(hidden, CS, 4096)[0]
+    job.cancel(sync=True)
