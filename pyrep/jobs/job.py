@@ -34,7 +34,6 @@ import threading
 import time
 import warnings
 
-from ..constants import REQ_SERIALISING
 from ..errors import BlockError, OptionError
 from ..node import Child, Node
 
@@ -399,17 +398,6 @@ def resolve_pair(kind, source, target):
         raise OptionError(f"{kind}: target node '{target.name}' ({target.length} bytes) is smaller than "
                           f"source node '{source.name}' ({source.length} bytes)")
     return source, target
-
-
-def read_direct(node, offset, length, iov):
-    """Read without a tracked request (inside a write notifier); see Node.preadv_untracked."""
-    return node.preadv_untracked(offset, length, iov)
-
-
-def write_serialising(node, offset, length, iov, flags=0):
-    """Write as a serialising request: wait for overlapping tracked requests (readers of the
-    node included) and hold new ones off until the write is done."""
-    return node.pwritev(offset, length, iov, flags | REQ_SERIALISING)
 
 
 def move_parents(old, new, keep=()):

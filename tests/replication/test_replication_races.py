@@ -113,9 +113,9 @@ def test_secondary_read_in_flight_when_primary_write_copies(tmp_path):
     hidden tracks requests, so the copy — and the primary write behind it — waits for the read:
     the read returns the checkpoint content, never the primary's new data.
 
-    Catches: the copy written to hidden as an ordinary request (``write_serialising`` →
-    ``target.pwritev`` without REQ_SERIALISING, or no ``target.enable_tracking()``), and a copy made
-    after the guest write instead of before."""
+    Catches: the copy written to hidden as an ordinary request (CowGate's target write or its
+    adopted copy without a serialising tracked request, or no ``target.enable_tracking()``), and a
+    copy made after the guest write instead of before."""
     s, p = setup(tmp_path)
     rule = hold("read")
     reader = Run(s.top.pread, C * CL, CL)
