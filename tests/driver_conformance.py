@@ -12,12 +12,13 @@ import asyncio
 import errno
 import os
 import random
-import threading
 
 import pytest
 
 import pyrep
 from pyrep.constants import BS_ZERO
+
+from threadlib import run_in_threads  # noqa: E402
 
 MiB = 1 << 20
 
@@ -128,11 +129,7 @@ class Conformance:
             for i in range(64):
                 off = (i * n_threads + t) * piece
                 blk.pwrite(off, bytes([t + 1]) * piece)
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        assert not run_in_threads(worker, [(t,) for t in range(n_threads)])
         data = blk.pread(0, span)
         for i in range(64 * n_threads):
             assert data[i * piece:(i + 1) * piece] == bytes([i % n_threads + 1]) * piece, i

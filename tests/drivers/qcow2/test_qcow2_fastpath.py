@@ -1,7 +1,6 @@
 """The C hot paths of the qcow2 driver (drivers/qcow2/_fast.pyx): allocating writes, multi-cluster reads,
 chain reads handed to the backing node's C path, direct file reads, and their fallbacks."""
 import random
-import threading
 
 import pytest
 
@@ -57,23 +56,13 @@ def test_concurrent_allocating_writes_same_clusters(tmp_path):
     qimg("create", "-q", "-f", "qcow2", img, 128 * MB)
     blk = open_q(img)
     nthreads, nclusters = 4, 200
-    errors = []
 
     def worker(t):
-        try:
-            for c in range(nclusters):
-                blk.pwrite(c * CS + t * 4096, bytes([t + 1]) * 4096)
-                if c % 7 == 0:   # multi-cluster allocating write into a region of its own
-                    blk.pwrite(32 * MB + (t * nclusters + c) * CS, bytes([t + 1]) * (2 * CS))
-        except Exception as ex:   # pragma: no cover - reported below
-            errors.append(ex)
-
-    ths = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    assert not errors
+        for c in range(nclusters):
+            blk.pwrite(c * CS + t * 4096, bytes([t + 1]) * 4096)
+            if c % 7 == 0:   # multi-cluster allocating write into a region of its own
+                blk.pwrite(32 * MB + (t * nclusters + c) * CS, bytes([t + 1]) * (2 * CS))
+    assert not run_in_threads(worker, [(t,) for t in range(nthreads)])
     for c in range(nclusters):
         data = blk.pread(c * CS, CS)
         for t in range(nthreads):
@@ -189,21 +178,11 @@ def test_cow_allocating_writes_in_c_match_qemu_io(tmp_path, monkeypatch):
     assert calls == [14 * MB + 4096]
     # concurrent 4 KiB writers into the same fresh clusters (one allocates, the others wait for it)
     nthreads = 4
-    errors = []
 
     def worker(t):
-        try:
-            for c in range(8 * MB // CS, 8 * MB // CS + 30):
-                blk.pwrite(c * CS + t * 8192, bytes([200 + t]) * 4096)
-        except Exception as ex:   # pragma: no cover
-            errors.append(ex)
-
-    ths = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    assert not errors
+        for c in range(8 * MB // CS, 8 * MB // CS + 30):
+            blk.pwrite(c * CS + t * 8192, bytes([200 + t]) * 4096)
+    assert not run_in_threads(worker, [(t,) for t in range(nthreads)])
     for c in range(8 * MB // CS, 8 * MB // CS + 30):
         data = blk.pread(c * CS, CS)
         pat = bytes([(c % 250) + 1])

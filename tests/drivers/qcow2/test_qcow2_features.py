@@ -1,6 +1,5 @@
 """make_empty, check/repair, dirty bit, resize, backing override, concurrency, info."""
 import struct
-import threading
 import time
 
 import pytest
@@ -9,6 +8,7 @@ import pyrep
 from pyrep.errors import BlockError
 
 from qcow2_testutil import needs_qemu, open_q, qcheck, qimg, qio
+from threadlib import run_in_threads  # noqa: E402
 
 pytestmark = needs_qemu
 
@@ -157,23 +157,14 @@ def test_concurrent_allocating_writes_same_cluster(tmp_path):
     pyrep.create_image(str(img), "qcow2", 8 << 20, backing_file="cb.qcow2", backing_fmt="qcow2")
     blk = open_q(img)
     nthreads, per = 8, 64
-    errors = []
 
     def worker(t):
-        try:
-            for i in range(per):
-                # every thread writes its own 512-byte sector of the same clusters
-                cl = i % 16
-                off = cl * 65536 + (t * 16 + i // 16) * 512
-                blk.pwrite(off, bytes([t + 1]) * 512)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    ths = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
+        for i in range(per):
+            # every thread writes its own 512-byte sector of the same clusters
+            cl = i % 16
+            off = cl * 65536 + (t * 16 + i // 16) * 512
+            blk.pwrite(off, bytes([t + 1]) * 512)
+    errors = run_in_threads(worker, [(t,) for t in range(nthreads)])
     assert not errors, errors
     model = bytearray(b"\x5a" * (16 * 65536))
     for t in range(nthreads):

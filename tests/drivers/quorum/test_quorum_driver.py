@@ -1,10 +1,11 @@
 """The quorum driver: voting reads, fifo reads, rewrite-corrupted, write thresholds, options, run-time children."""
-import threading
 
 import pytest
 
 import pyrep
 from pyrep.drivers.quorum import child_errors, clear_child_errors
+
+from threadlib import run_in_threads  # noqa: E402
 
 M = 1 << 20
 
@@ -122,9 +123,7 @@ def test_concurrent_writes_parallel_children():
         for j in range(20):
             q.pwrite((i * 20 + j) * 4096, bytes([i + 1]) * 4096)
 
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
+    assert not run_in_threads(worker, [(i,) for i in range(8)])
     assert pyrep.lookup("a").pread(0, 4 * M) == pyrep.lookup("b").pread(0, 4 * M)
     assert q.pread(0, 4096) == b"\x01" * 4096
 
