@@ -293,16 +293,9 @@ Data.shifted = staticmethod(_shifted)
 
 
 def _allocated(node):
-    from pyrep.node import is_allocated
-    pos, total, length = 0, 0, node.length
-    while pos < length:
-        alloc, n = is_allocated(node, pos, length - pos)
-        if n <= 0:
-            break
-        if alloc:
-            total += n
-        pos += n
-    return total
+    from pyrep.node import allocation_extents, is_allocated
+    return sum(n for _, n, alloc in allocation_extents(lambda p, n: is_allocated(node, p, n), 0, node.length)
+               if alloc)
 
 
 # ----------------------------------------------------------------------------- (c) failover commit
@@ -362,17 +355,10 @@ def bench_commit(tmp, dirty, reps, data, log, profile=None):
 
 
 def _allocated_above():
-    from pyrep.node import is_allocated_above
+    from pyrep.node import allocation_extents, is_allocated_above
     top, base = pyrep.lookup("active"), pyrep.lookup("s_disk")
-    pos, total, length = 0, 0, top.length
-    while pos < length:
-        alloc, n = is_allocated_above(top, base, pos, length - pos)
-        if n <= 0:
-            break
-        if alloc:
-            total += n
-        pos += n
-    return total
+    return sum(n for _, n, alloc in allocation_extents(lambda p, n: is_allocated_above(top, base, p, n), 0,
+                                                        top.length) if alloc)
 
 
 def qemu_commit_start_cost(tmp):

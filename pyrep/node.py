@@ -23,7 +23,7 @@ from .constants import (BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_RECUR
                         REQ_MAY_UNMAP, REQ_SERIALISING, perm_names)
 from .errors import BlockError, OptionError, PermissionConflict
 
-__all__ = ["Node", "Child", "BlockStatus", "skip_filters", "is_allocated", "is_allocated_above"]
+__all__ = ["Node", "Child", "BlockStatus", "skip_filters", "is_allocated", "is_allocated_above", "allocation_extents"]
 
 BlockStatus = namedtuple("BlockStatus", "flags length offset file")
 
@@ -754,3 +754,17 @@ def is_allocated_above(top, base, offset, length, include_base=False):
             return True, n
         node = nxt
     return False, n
+
+
+def allocation_extents(probe, offset, end):
+    """Walk ``[offset, end)`` with ``probe(pos, n) -> (allocated, pnum)`` (``is_allocated`` or
+    ``is_allocated_above`` bound to their nodes); yield ``(pos, pnum, allocated)`` for each extent
+    in order. Stops early if the probe makes no progress."""
+    pos = offset
+    while pos < end:
+        alloc, n = probe(pos, end - pos)
+        if n <= 0:
+            return
+        n = min(n, end - pos)
+        yield pos, n, alloc
+        pos += n

@@ -46,7 +46,7 @@ import threading
 from .._core.fastpath import CowGate
 from ..constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED)
 from ..errors import BlockError, OptionError
-from ..node import is_allocated, skip_filters
+from ..node import allocation_extents, is_allocated, skip_filters
 from .job import Job, resolve_pair
 
 __all__ = ["BackupJob", "backup"]
@@ -171,14 +171,9 @@ class BackupJob(Job):
         """sync=top: only clusters allocated in the source's top layer are copied."""
         bm = self._copied
         bm.set_all()
-        pos = 0
-        while pos < self.length:
-            alloc, n = is_allocated(self.source, pos, self.length - pos)
-            if n <= 0:
-                break
+        for pos, n, alloc in allocation_extents(lambda p, n: is_allocated(self.source, p, n), 0, self.length):
             if alloc:
                 bm.reset(pos, n)
-            pos += n
 
     def _teardown(self):
         gate = self._gate

@@ -35,7 +35,7 @@ import time
 import warnings
 
 from ..errors import BlockError, OptionError
-from ..node import Child, Node
+from ..node import Child, Node, allocation_extents
 
 __all__ = ["Job", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES"]
 
@@ -207,16 +207,12 @@ class Job:
     def mark_allocated(self, bitmap, lock, allocated):
         """Set in ``bitmap`` every range for which ``allocated(pos, n)`` → ``(True, pnum)``,
         scanning the job's length with pause points between extents."""
-        pos = 0
-        while pos < self.length:
-            self.pause_point()
-            alloc, n = allocated(pos, self.length - pos)
-            if n <= 0:
-                break
+        self.pause_point()
+        for pos, n, alloc in allocation_extents(allocated, 0, self.length):
             if alloc:
                 with lock:
                     bitmap.set(pos, n)
-            pos += n
+            self.pause_point()
 
     def pause_point(self):
         """Called by the job thread between chunks: stop while paused or drained; raise on cancel."""

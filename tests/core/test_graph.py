@@ -362,3 +362,20 @@ def test_write_notifier_skip_bitmap_keeps_fast_path_only_inside_set_granules():
     blk.pwrite(300000, b"w")
     assert len(calls) == 4
     assert blk.pread(100, 100) == b"x" + b"x" * 99 and blk.pread(300000, 1) == b"w"
+
+
+def test_allocation_extents_walks_a_layer_in_order():
+    from pyrep.node import allocation_extents
+    base = pyrep.blockdev_add({"driver": "memory", "size": "1M", "node-name": "xb"})
+    top = pyrep.blockdev_add({"driver": "memory", "backing": "xb", "node-name": "xt", "cluster-size": "64K"})
+    top.pwrite(0, b"a" * 65536)
+    top.pwrite(3 * 65536, b"b" * 2 * 65536)
+    ext = list(allocation_extents(lambda p, n: pyrep.is_allocated(top, p, n), 0, top.length))
+    assert ext == [(0, 65536, True), (65536, 2 * 65536, False), (3 * 65536, 2 * 65536, True),
+                   (5 * 65536, 11 * 65536, False)]
+    # a window, clipped at its end
+    assert list(allocation_extents(lambda p, n: pyrep.is_allocated(top, p, n), 32768, 4 * 65536)) == \
+        [(32768, 32768, True), (65536, 2 * 65536, False), (3 * 65536, 65536, True)]
+    # a probe that makes no progress ends the walk instead of spinning
+    assert list(allocation_extents(lambda p, n: (True, 0), 0, 100)) == []
+    assert base.pread(0, 1) == b"\0"
