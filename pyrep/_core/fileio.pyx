@@ -118,24 +118,30 @@ cdef Py_ssize_t _xfer_one(int fd, char *buf, size_t length, off_t offset,
 cdef Py_ssize_t _xfer_vec(int fd, iovec *v, Py_ssize_t n, off_t offset,
                           bint write, int *err) noexcept nogil:
     # Transfer n entries (each non-empty, as IOVector guarantees). After a
-    # short transfer that stops inside entry i, finish that entry with a plain
-    # pread/pwrite and go on with vectored calls from entry i+1: the shared
+    # short transfer that stops inside entry i, finish that entry with
+    # _xfer_one and go on with vectored calls from entry i+1: the shared
     # entry array is never modified, so no copy is needed.
     cdef size_t done = 0, skip = 0, left, avail
     cdef Py_ssize_t i = 0, r
     cdef int cnt
     while i < n:
         if skip:
-            if write:
-                r = c_pwrite(fd, <char *>v[i].iov_base + skip, v[i].iov_len - skip, offset + <off_t>done)
-            else:
-                r = c_pread(fd, <char *>v[i].iov_base + skip, v[i].iov_len - skip, offset + <off_t>done)
+            # finish the entry a short transfer stopped in on its own, then go on vectored
+            r = _xfer_one(fd, <char *>v[i].iov_base + skip, v[i].iov_len - skip, offset + <off_t>done,
+                          write, err)
+            if r < 0:
+                return -1
+            done += <size_t>r
+            if <size_t>r < v[i].iov_len - skip:
+                break                   # end of file
+            skip = 0
+            i += 1
+            continue
+        cnt = IOV_MAX if n - i > IOV_MAX else <int>(n - i)
+        if write:
+            r = c_pwritev(fd, &v[i], cnt, offset + <off_t>done)
         else:
-            cnt = IOV_MAX if n - i > IOV_MAX else <int>(n - i)
-            if write:
-                r = c_pwritev(fd, &v[i], cnt, offset + <off_t>done)
-            else:
-                r = c_preadv(fd, &v[i], cnt, offset + <off_t>done)
+            r = c_preadv(fd, &v[i], cnt, offset + <off_t>done)
         if r < 0:
             if errno == EINTR:
                 continue
