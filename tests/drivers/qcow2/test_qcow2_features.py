@@ -194,7 +194,7 @@ def test_info_fields(tmp_path):
 
 def test_small_caches_evict_correctly(tmp_path):
     import random
-    from qcow2_testutil import compare_with_model
+    from qcow2_testutil import compare_with_model, random_model_op
     img = tmp_path / "ev.qcow2"
     pyrep.create_image(str(img), "qcow2", 32 << 20, cluster_size=4096)
     blk = open_q(img, **{"l2-cache-size": 16384, "refcount-cache-size": 16384})
@@ -202,21 +202,7 @@ def test_small_caches_evict_correctly(tmp_path):
     model = bytearray(size)
     rng = random.Random(3)
     for i in range(1200):
-        off = rng.randrange(size - 1)
-        n = rng.randrange(1, min(20000, size - off) + 1)
-        r = rng.random()
-        if r < 0.7:
-            data = bytes([rng.randrange(1, 256)]) * n
-            blk.pwrite(off, data)
-            model[off:off + n] = data
-        elif r < 0.85:
-            blk.pwrite_zeroes(off, n, may_unmap=rng.random() < 0.5)
-            model[off:off + n] = bytes(n)
-        else:
-            blk.pdiscard(off, n)
-            a, b = -(-off // 4096) * 4096, (off + n) // 4096 * 4096
-            if b > a:
-                model[a:b] = bytes(b - a)
+        random_model_op(blk, model, rng, 20000, 0.7, 0.15, 4096)
         if i % 300 == 0:
             blk.flush()
     assert blk.pread(0, size) == bytes(model)

@@ -6,7 +6,7 @@ import pytest
 import pyrep
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
 
-from qcow2_testutil import compare_with_model, needs_qemu, open_q, qcheck, qimg, qio, qmap
+from qcow2_testutil import compare_with_model, needs_qemu, open_q, qcheck, qimg, qio, qmap, random_model_op
 
 pytestmark = needs_qemu
 
@@ -32,23 +32,7 @@ def test_qemu_made_image_read_write(tmp_path, cluster_size, compat):
         assert blk.pread(0, 200 * 1024) == bytes(model[:200 * 1024])
         assert blk.pread(3 << 20, 1 << 20) == bytes(model[3 << 20:4 << 20])
         for i in range(60):
-            op = rng.random()
-            off = rng.randrange(0, size - 1)
-            n = rng.randrange(1, min(300000, size - off) + 1)
-            if op < 0.6:
-                data = bytes([rng.randrange(1, 256)]) * n
-                blk.pwrite(off, data)
-                model[off:off + n] = data
-            elif op < 0.8:
-                blk.pwrite_zeroes(off, n, may_unmap=rng.random() < 0.5)
-                model[off:off + n] = bytes(n)
-            else:
-                # discard on an image without backing reads back as zeroes (whole clusters only)
-                a = -(-off // cluster_size) * cluster_size
-                b = (off + n) // cluster_size * cluster_size
-                blk.pdiscard(off, n)
-                if b > a:
-                    model[a:b] = bytes(b - a)
+            random_model_op(blk, model, rng, 300000, 0.6, 0.2, cluster_size)
             if i % 10 == 0:
                 blk.flush()
                 roff = rng.randrange(0, size - 4096)
