@@ -353,28 +353,6 @@ cdef class IOVector:
         self.c_gather(offset, length, PyBytes_AS_STRING(out))
         return out
 
-    def copy_into(self, offset, dst, Py_ssize_t dst_offset=0, length=None):
-        """Copy bytes [offset, offset+length) of the vector into the writable buffer ``dst`` at
-        ``dst_offset`` (length defaults to the rest of the vector, clipped to what ``dst`` holds);
-        return the number of bytes copied. No allocation: the gather goes straight into ``dst``."""
-        cdef Py_buffer out
-        cdef size_t off, ln
-        PyObject_GetBuffer(dst, &out, PyBUF_WRITABLE)
-        try:
-            if dst_offset < 0 or dst_offset > out.len:
-                raise ValueError(f"copy_into: dst_offset {dst_offset} outside a {out.len}-byte buffer")
-            if length is None:
-                length = min(self.nbytes - offset, out.len - dst_offset) if offset <= self.nbytes else 0
-            if length > out.len - dst_offset:
-                raise ValueError(f"copy_into: {length} bytes do not fit at {dst_offset} of a {out.len}-byte buffer")
-            _range_check(self.nbytes, offset, length, "copy_into")
-            off = offset
-            ln = length
-            self.c_gather(off, ln, <char *>out.buf + dst_offset)
-            return length
-        finally:
-            PyBuffer_Release(&out)
-
     def to_bytes(self):
         """The whole vector's content, as a new bytes object."""
         if self.n == 1:
