@@ -379,3 +379,27 @@ def test_allocation_extents_walks_a_layer_in_order():
     # a probe that makes no progress ends the walk instead of spinning
     assert list(allocation_extents(lambda p, n: (True, 0), 0, 100)) == []
     assert base.pread(0, 1) == b"\0"
+
+
+def test_a_write_notifier_reads_old_data_untracked_inside_a_serialising_write():
+    """preadv_untracked is the read a write notifier may make: inside a serialising write, a tracked
+    read of the same range would wait for that very write."""
+    from pyrep.constants import REQ_SERIALISING
+    node = pyrep.blockdev_add({"driver": "memory", "size": "1M", "node-name": "un"})
+    node.pwrite(0, b"old!" * 1024)
+    seen = []
+
+    def notifier(n, offset, length, flags):
+        buf = bytearray(length)
+        n.preadv_untracked(offset, length, pyrep.IOVector(buf))
+        seen.append(bytes(buf))
+    node.enable_tracking()
+    node.add_write_notifier(notifier)
+    t = threading.Thread(target=node.pwritev, args=(0, 4096, pyrep.IOVector(b"new!" * 1024), REQ_SERIALISING))
+    t.start()
+    t.join(5)
+    alive = t.is_alive()
+    node.remove_write_notifier(notifier)
+    node.disable_tracking()
+    assert not alive, "the notifier's read waited for the write it runs in"
+    assert seen == [b"old!" * 1024] and node.pread(0, 4) == b"new!"
