@@ -70,7 +70,6 @@ cdef extern from "pthread.h" nogil:
 # sleeping on the condition variable: a wake-up costs tens of microseconds, a 512 KiB half about 50.
 cdef enum:
     SPLIT_MIN = 512 * 1024
-    _SMALL_MEMFS_IO = 16384     # FileIO's threshold for keeping the GIL on tmpfs/ramfs (_KEEP_GIL_IO)
     SPIN = 4000
 
 cdef struct _Helper:
@@ -337,9 +336,9 @@ cdef class Qcow2Core:
             return 0
         v.c_pin()
         cdef bint split = v.n == 1 and length >= SPLIT_MIN and _helper_ready()
-        if not split and length <= _SMALL_MEMFS_IO and self._fmemfs and io_keep_gil():
-            # as FileIO: a small read from tmpfs/ramfs is a memory copy that never waits for a device,
-            # cheaper done with the GIL held than paying a GIL hand-over to another thread and back
+        if not split and self._fmemfs and io_keep_gil(length):
+            # as FileIO: a small read from tmpfs/ramfs while requests crowd the CPUs is cheaper done with
+            # the GIL held than paying a GIL hand-over to another thread and back (see io_keep_gil)
             r = _xfer_one(fd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, pos, False, &err) if v.n == 1 \
                 else _xfer_vec(fd, v.iov, v.n, pos, False, &err)
         else:

@@ -31,10 +31,6 @@ cdef extern from "sys/uio.h" nogil:
 
 cdef enum:
     _SMALL_IO = 65536       # reads up to this size first try RWF_NOWAIT with the GIL held
-    # memory-fs transfers up to this size keep the GIL when more requests are in flight than CPUs
-    # (io_keep_gil): a 4K copy is over before a GIL hand-over would be; a 64K one is not, and releasing
-    # lets a second CPU work meanwhile (16 threads of 64K COW writes: 0.5 s released, 0.7-1.7 s kept)
-    _KEEP_GIL_IO = 16384
     REQ_FUA = 0x1           # pyrep.constants.REQ_FUA
     REQ_SERIALISING = 0x10  # pyrep.constants.REQ_SERIALISING
     REQ_WRITE_UNCHANGED = 0x8  # pyrep.constants.REQ_WRITE_UNCHANGED
@@ -580,7 +576,7 @@ cdef class FileIO:
                 self.nowait = False
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and length <= _KEEP_GIL_IO and io_keep_gil())
+            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and io_keep_gil(length))
         finally:
             iov.c_unpin()
         if err:
@@ -594,7 +590,7 @@ cdef class FileIO:
         cdef int err = 0
         iov.c_pin()
         try:
-            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and length <= _KEEP_GIL_IO and io_keep_gil())
+            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and io_keep_gil(length))
         finally:
             iov.c_unpin()
         if err:

@@ -78,8 +78,12 @@ cdef void io_leave() noexcept:
     _io_active -= 1
 
 
-cdef bint io_keep_gil() noexcept:
-    return _io_active > _io_ncpu
+cdef enum:
+    _KEEP_GIL_IO = 16384
+
+
+cdef bint io_keep_gil(size_t length) noexcept:
+    return length <= _KEEP_GIL_IO and _io_active > _io_ncpu
 
 
 def io_active():
