@@ -63,6 +63,13 @@ def test_size_required_without_backing_and_bad_cluster_size():
         pyrep.blockdev_add({"driver": "memory", "size": "1M", "cluster-size": 3000})
     with pytest.raises(pyrep.OptionError, match=r"memory: option 'level': 12 is above the maximum 9"):
         pyrep.blockdev_add({"driver": "memory", "size": "1M", "level": 12})
+    with pytest.raises(pyrep.OptionError, match=r"memory: option 'compress-delay': -1 is below the minimum 0"):
+        pyrep.blockdev_add({"driver": "memory", "size": "1M", "compress-delay": -1})
+    with pytest.raises(pyrep.OptionError,
+                       match=r"memory: option 'compress': expected one of 'background', 'inline', got 'later'"):
+        pyrep.blockdev_add({"driver": "memory", "size": "1M", "compress": "later"})
+    with pytest.raises(pyrep.OptionError, match=r"memory: option 'compress-above': expected a size"):
+        pyrep.blockdev_add({"driver": "memory", "size": "1M", "compress-above": "lots"})
 
 
 def test_resize():
