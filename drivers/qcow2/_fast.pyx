@@ -21,11 +21,12 @@ from cpython.array cimport array
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
+from libc.errno cimport ENOSYS, EXDEV, EINVAL, EOPNOTSUPP
 from libc.stdint cimport uint64_t
 from libc.string cimport memset
 
 from pyrep._core.iovec cimport IOVector
-from pyrep._core.fileio cimport _xfer_one, _xfer_vec, io_keep_gil
+from pyrep._core.fileio cimport _xfer_one, _xfer_vec, _copy_range, io_keep_gil, io_alone
 
 from pyrep._core.fastpath import FileIO
 
@@ -228,6 +229,9 @@ cdef class Qcow2Core:
     cdef object _fdrv
     cdef object _fio
     cdef object _fpre
+    cdef object _fpw
+    cdef public bint _nocopy    # copy_file_range is not usable between our file and the backing's
+    cdef public long long cow_copies    # copy-on-write clusters copied in the kernel (stats, tests)
     cdef bint _fmemfs           # that FileIO is on tmpfs/ramfs
     # direct backing access cache: the backing node seen last and its Qcow2Core driver (or None)
     cdef object _bnode
@@ -308,31 +312,122 @@ cdef class Qcow2Core:
         b.preadv(offset, length, iov)
         return 1
 
+    cdef int _file_fd(self, bint write) except -2:
+        """The fd of the ``file`` child when a read (or a write) may go to it directly, else -1: a
+        ``file`` protocol node on the fast path whose driver still uses its FileIO (what the node layer
+        would call anyway)."""
+        fn = self.file.node
+        if fn is not self._fnode:
+            self._fnode = fn
+            drv = getattr(fn, "driver", None)
+            fio = getattr(drv, "_io", None)
+            if isinstance(fio, FileIO):
+                self._fdrv, self._fio = drv, fio
+                self._fpre, self._fpw = getattr(drv, "preadv", None), getattr(drv, "pwritev", None)
+                self._fmemfs = fio.memfs
+            else:
+                self._fdrv = self._fio = self._fpre = self._fpw = None
+        if self._fio is None:
+            return -1
+        if write:
+            if fn._wslow or self._fdrv.pwritev is not self._fpw:
+                return -1
+        elif fn._rslow or self._fdrv.preadv is not self._fpre:
+            return -1
+        return self._fio.fd
+
+    cdef long long _data_host(self, long long offset, long long n):
+        """Host offset of guest ``[offset, offset+n)`` when it lies in one plain data cluster whose L2
+        table is cached, else -1 (changes nothing)."""
+        cdef long long cidx = offset >> self.cluster_bits
+        cdef long long l1i = cidx >> self._l2_bits
+        cdef long long host
+        cdef uint64_t toff, e
+        cdef PyObject *t
+        cdef array l1 = self._l1
+        if l1 is None or l1i >= len(l1) or (offset & self._cmask) + n > self.cluster_size:
+            return -1
+        toff = l1.data.as_ulonglongs[l1i] & L1M
+        if not toff:
+            return -1
+        t = PyDict_GetItem(self._l2_cache, toff)
+        if t is NULL:
+            return -1
+        e = (<array>t).data.as_ulonglongs[cidx & self._l2_mask]
+        if (e & FM) != CP:
+            return -1
+        host = <long long>(e & L2M)
+        if host & self._cmask or host < self.cluster_size:
+            return -1
+        return host + (offset & self._cmask)
+
+    cdef int _cow_write(self, long long offset, long long host, long long in_off, long long length,
+                        IOVector v) except -1:
+        """Copy-on-write of guest cluster ``offset`` into our new cluster ``host`` straight from the
+        backing's file, in the kernel (copy_file_range: the old data is copied once, with no user
+        buffer), then the new data (``v``, ``length`` bytes at ``in_off``) over it; the GIL is released
+        for both. Only when the backing is a qcow2 node on the fast path holding that range in one data
+        cluster, and both files are on the direct path. 1 if done, 0 if the caller must read the old
+        cluster and write it whole (that rewrites whatever part was copied)."""
+        cdef long long cs = self.cluster_size, src
+        cdef Qcow2Core bc
+        cdef int sfd, dfd, err = 0
+        cdef Py_ssize_t r, w = 0
+        if self._nocopy or not io_alone():
+            # with other requests in flight, reading the old data into a buffer first and writing it
+            # whole keeps the target file's write lock (one writer at a time on most file systems)
+            # for the write only; in the kernel copy it also covers the read of the old data from
+            # memory (16 threads: 31 us per request read+write, 43-51 copied; 1 thread: 37 vs 33)
+            return 0
+        bn = self.backing.node
+        if bn is not self._bnode:
+            self._bnode = bn
+            drv = getattr(bn, "driver", None)
+            self._bcore = drv if isinstance(drv, Qcow2Core) else None
+        bc = self._bcore
+        if bc is None or bn._rslow:
+            return 0
+        src = bc._data_host(offset, cs)
+        if src < 0:
+            return 0
+        sfd = bc._file_fd(False)
+        dfd = self._file_fd(True)
+        if sfd < 0 or dfd < 0:
+            return 0
+        v.c_pin()
+        with nogil:
+            r = _copy_range(sfd, src, dfd, host, cs, &err)
+            if r == cs:
+                if v.n == 1:
+                    w = _xfer_one(dfd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, host + in_off, True, &err)
+                else:
+                    w = _xfer_vec(dfd, v.iov, v.n, host + in_off, True, &err)
+        v.c_unpin()
+        if r != cs:
+            if err in (ENOSYS, EXDEV, EINVAL, EOPNOTSUPP):
+                self._nocopy = True
+            return 0
+        if err:
+            # again through the node layer: it raises the proper error
+            self._file_pwritev(host + in_off, length, v)
+        if host + cs > self._fio.size:
+            self._fio.size = host + cs
+        self.cow_copies += 1
+        return 1
+
     cdef int _file_read(self, long long pos, long long length, object iov) except -1:
         cdef IOVector v
         cdef Py_ssize_t r
         cdef int err = 0, fd
         cdef size_t skip, elen
         cdef Py_ssize_t i
-        f = self.file
-        fn = f.node
-        if fn is not self._fnode:
-            self._fnode = fn
-            drv = getattr(fn, "driver", None)
-            fio = getattr(drv, "_io", None)
-            if isinstance(fio, FileIO):
-                self._fdrv, self._fio, self._fpre = drv, fio, getattr(drv, "preadv", None)
-                self._fmemfs = fio.memfs
-            else:
-                self._fdrv = self._fio = self._fpre = None
-        if (self._fio is None or fn._rslow or type(iov) is not IOVector
-                or self._fdrv.preadv is not self._fpre):
-            f.preadv(pos, length, iov)
+        fd = self._file_fd(False)
+        if fd < 0 or type(iov) is not IOVector:
+            self.file.preadv(pos, length, iov)
             return 0
         v = <IOVector>iov
-        fd = self._fio.fd
-        if not v.all_writable or fd < 0 or <long long>v.nbytes != length:
-            f.preadv(pos, length, iov)
+        if not v.all_writable or <long long>v.nbytes != length:
+            self.file.preadv(pos, length, iov)
             return 0
         v.c_pin()
         cdef bint split = v.n == 1 and length >= SPLIT_MIN and _helper_ready()
@@ -351,7 +446,7 @@ cdef class Qcow2Core:
                     r = _xfer_vec(fd, v.iov, v.n, pos, False, &err)
         v.c_unpin()
         if err:
-            f.preadv(pos, length, iov)     # again through the node layer: it raises the proper error
+            self.file.preadv(pos, length, iov)     # again through the node layer: it raises the proper error
             return 0
         if r < length:                     # past EOF reads as zeroes (as FileIO does)
             v.memset(r, 0, length - r)
@@ -526,7 +621,10 @@ cdef class Qcow2Core:
         finally:
             lock.release()
         try:
-            if cow:
+            if cow and self._cow_write(cidx << cb, host, in_off, length, <IOVector>iov):
+                in_off = 0
+                length = cs
+            elif cow:
                 # old content of the whole guest cluster from the backing, new data laid over it,
                 # then the full cluster written at once (no file-size extension needed)
                 bufs = self._cowbufs

@@ -42,6 +42,8 @@ cdef extern from *:
     enum: FALLOC_FL_PUNCH_HOLE
     enum: FALLOC_FL_ZERO_RANGE
     int c_fallocate "fallocate" (int fd, int mode, off_t offset, off_t length) nogil
+    Py_ssize_t c_copy_file_range "copy_file_range" (int fd_in, off_t *off_in, int fd_out, off_t *off_out,
+                                                    size_t length, unsigned int flags) nogil
 
 #: fallocate(2) mode bits, for :func:`fallocate`.
 FALLOC_KEEP_SIZE = FALLOC_FL_KEEP_SIZE
@@ -86,6 +88,10 @@ cdef bint io_keep_gil(size_t length) noexcept:
     return length <= _KEEP_GIL_IO and _io_active > _io_ncpu
 
 
+cdef bint io_alone() noexcept:
+    return _io_active <= 1
+
+
 def io_active():
     """Requests in flight through backends right now (for tests and diagnostics)."""
     return _io_active
@@ -116,6 +122,23 @@ cdef Py_ssize_t _xfer_one(int fd, char *buf, size_t length, off_t offset,
                 return -1
             break                       # end of file
         done += <size_t>r
+    return <Py_ssize_t>done
+
+
+cdef Py_ssize_t _copy_range(int fd_in, off_t off_in, int fd_out, off_t off_out, size_t length,
+                            int *err) noexcept nogil:
+    cdef size_t done = 0
+    cdef Py_ssize_t r
+    while done < length:
+        r = c_copy_file_range(fd_in, &off_in, fd_out, &off_out, length - done, 0)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            err[0] = errno
+            return -1
+        if r == 0:
+            break                       # end of fd_in
+        done += <size_t>r               # the kernel advanced both offsets
     return <Py_ssize_t>done
 
 

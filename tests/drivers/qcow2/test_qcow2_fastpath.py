@@ -138,10 +138,13 @@ def test_large_reads_split_concurrent_and_after_fork(tmp_path):
 
 
 @needs_qemu
-def test_cow_allocating_writes_in_c_match_qemu_io(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read+write"])
+def test_cow_allocating_writes_in_c_match_qemu_io(tmp_path, monkeypatch, kernel_copy):
     """Partial writes into fresh clusters of an overlay copy the rest of the cluster from the backing
-    in C (single cluster inside the backing); the data matches qemu-io's, the head/tail from the
-    backing survive, concurrent writers to the same fresh cluster lose nothing, and the image is clean."""
+    in C (single cluster inside the backing): in the kernel when the request is alone (copy_file_range
+    from the backing's file), else read into a buffer and written whole. The data matches qemu-io's,
+    the head/tail from the backing survive, concurrent writers to the same fresh cluster lose nothing,
+    and the image is clean."""
     from pyrep.drivers.qcow2.driver import Qcow2Driver
     base, a, b = tmp_path / "base.qcow2", tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     qimg("create", "-q", "-f", "qcow2", base, 12 * MB)
@@ -165,6 +168,8 @@ def test_cow_allocating_writes_in_c_match_qemu_io(tmp_path, monkeypatch):
         c = rng.randrange(5, 8 * MB // CS)
         ops.append((c * CS + rng.randrange(0, CS - n), n))
     blk = open_q(a)
+    drv = blk.node.driver
+    drv._nocopy = not kernel_copy
     blk.pwrite(4 * CS, b"\xee" * 4096)                  # allocates the L2 table (Python path)
     ops.insert(0, (4 * CS, 4096))
     calls.clear()
@@ -174,6 +179,9 @@ def test_cow_allocating_writes_in_c_match_qemu_io(tmp_path, monkeypatch):
         blk.pwrite(o, bytes([p]) * n)
         model[i] = p
     assert calls == []                                  # all in C (copy-on-write or overwrite)
+    # every first write into a cluster the backing holds data for was copied in the kernel (or none)
+    copied = {o // CS for o, n in ops[1:] if o < 10 * MB}
+    assert drv.cow_copies == (len(copied) if kernel_copy else 0)
     blk.pwrite(14 * MB + 4096, b"\x05" * 4096)          # cluster past the backing's end: Python path
     assert calls == [14 * MB + 4096]
     # concurrent 4 KiB writers into the same fresh clusters (one allocates, the others wait for it)
@@ -204,3 +212,32 @@ def test_cow_allocating_writes_in_c_match_qemu_io(tmp_path, monkeypatch):
     # head/tail preserved from the backing, read by qemu-io
     qio(a, f"read -P 1 4096 {CS - 4096}", f"read -P 2 {CS} 4096", f"read -P 2 {CS + 8192} {CS - 8192}",
         f"read -P 3 {2 * CS} {CS - 512}", f"read -P 0 {10 * MB} 8192", f"read -P 0 {10 * MB + 12288} {CS - 12288}")
+
+
+@needs_qemu
+@pytest.mark.parametrize("bcs", [4096, 131072])
+def test_cow_from_backing_with_other_cluster_size(tmp_path, bcs):
+    """Copy-on-write from a backing with other clusters than the overlay's: from a larger one the kernel
+    copy takes the overlay cluster's part of the backing cluster; from a smaller one (a 64 KiB cluster
+    may be scattered over its file) the old data is read through the backing. Checked by qemu-io."""
+    base, a = tmp_path / "base.qcow2", tmp_path / "a.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={bcs}", base, 4 * MB)
+    # written backwards, so a small-cluster backing holds each 64 KiB out of order in its file
+    qio(base, *[f"write -P {i + 1} {i * CS} {CS}" for i in reversed(range(40))])
+    qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", a, 4 * MB)
+    blk = open_q(a)
+    drv = blk.node.driver
+    for i in range(40):
+        blk.pwrite(i * CS + (i % 15) * 4096, bytes([100 + i]) * 4096)
+    # the first copy-on-write loads the backing's L2 table (read path); the rest are kernel copies
+    # when the backing's clusters hold whole overlay clusters
+    assert drv.cow_copies == (39 if bcs >= CS else 0)
+    for i in range(40):
+        data = blk.pread(i * CS, CS)
+        at = (i % 15) * 4096
+        assert data[:at] == bytes([i + 1]) * at and data[at + 4096:] == bytes([i + 1]) * (CS - at - 4096), i
+        assert data[at:at + 4096] == bytes([100 + i]) * 4096, i
+    blk.close()
+    qcheck(a)
+    qio(a, *[f"read -P {100 + i} {i * CS + (i % 15) * 4096} 4096" for i in range(40)],
+        *[f"read -P {i + 1} {i * CS + ((i % 15) + 1) * 4096} {CS - ((i % 15) + 1) * 4096}" for i in range(40)])
