@@ -17,8 +17,11 @@ def test_demo_runs_and_verifies():
     assert "images kept" not in out
 
 
-def test_demo_fails_when_the_disk_is_not_the_last_checkpoint(monkeypatch, capsys):
+def test_demo_fails_when_the_disk_is_not_the_last_checkpoint(monkeypatch, capsys, tmp_path):
     # a model that forgets one checkpoint expects older data: the demo must notice and exit 1
+    # (and keep its images for a look: here under tmp_path, so the test leaves nothing behind)
+    monkeypatch.setattr(demo.tempfile, "mkdtemp", lambda prefix: str(tmp_path / f"{prefix}kept"))
+    (tmp_path / "pyrep-demo-kept").mkdir()
     real = demo._Model.do_checkpoint
     calls = []
 
@@ -30,6 +33,8 @@ def test_demo_fails_when_the_disk_is_not_the_last_checkpoint(monkeypatch, capsys
     lines = []
     assert demo.run(size=8 << 20, seed=5, checkpoints=3, writes_per_round=20, out=lines.append) == 1
     assert any(line.startswith("FAILED") for line in lines), lines
+    assert f"images kept in {tmp_path / 'pyrep-demo-kept'}" in lines
+    assert (tmp_path / "pyrep-demo-kept" / "secondary.qcow2").exists()
     pyrep.close_all()
 
 
