@@ -300,17 +300,23 @@ cdef class Qcow2Core:
     cdef int _backing_read(self, long long offset, long long length, object iov) except -1:
         """Read [offset, offset+length) (inside the backing's length) from the backing node: its C
         read path when it is a qcow2 node on the fast path, else through the node layer."""
-        b = self.backing
-        bn = b.node
+        cdef Qcow2Core bc = self._backing_core()
+        if bc is not None and bc._read_fast(offset, length, iov):
+            return 1
+        self.backing.preadv(offset, length, iov)
+        return 1
+
+    cdef Qcow2Core _backing_core(self):
+        """The backing node's driver when it is a qcow2 node on the read fast path (its C code may be
+        called directly: what the node layer would do), else None."""
+        bn = self.backing.node
         if bn is not self._bnode:
             self._bnode = bn
             drv = getattr(bn, "driver", None)
             self._bcore = drv if isinstance(drv, Qcow2Core) else None
-        if self._bcore is not None and not bn._rslow:
-            if self._bcore._read_fast(offset, length, iov):
-                return 1
-        b.preadv(offset, length, iov)
-        return 1
+        if bn._rslow:
+            return None
+        return self._bcore
 
     cdef int _file_fd(self, bint write) except -2:
         """The fd of the ``file`` child when a read (or a write) may go to it directly, else -1: a
@@ -372,20 +378,15 @@ cdef class Qcow2Core:
         cdef long long cs = self.cluster_size, src
         cdef Qcow2Core bc
         cdef int sfd, dfd, err = 0
-        cdef Py_ssize_t r, w = 0
+        cdef Py_ssize_t r
         if self._nocopy or not io_alone():
             # with other requests in flight, reading the old data into a buffer first and writing it
             # whole keeps the target file's write lock (one writer at a time on most file systems)
             # for the write only; in the kernel copy it also covers the read of the old data from
             # memory (16 threads: 31 us per request read+write, 43-51 copied; 1 thread: 37 vs 33)
             return 0
-        bn = self.backing.node
-        if bn is not self._bnode:
-            self._bnode = bn
-            drv = getattr(bn, "driver", None)
-            self._bcore = drv if isinstance(drv, Qcow2Core) else None
-        bc = self._bcore
-        if bc is None or bn._rslow:
+        bc = self._backing_core()
+        if bc is None:
             return 0
         src = bc._data_host(offset, cs)
         if src < 0:
@@ -399,9 +400,9 @@ cdef class Qcow2Core:
             r = _copy_range(sfd, src, dfd, host, cs, &err)
             if r == cs:
                 if v.n == 1:
-                    w = _xfer_one(dfd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, host + in_off, True, &err)
+                    _xfer_one(dfd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, host + in_off, True, &err)
                 else:
-                    w = _xfer_vec(dfd, v.iov, v.n, host + in_off, True, &err)
+                    _xfer_vec(dfd, v.iov, v.n, host + in_off, True, &err)
         v.c_unpin()
         if r != cs:
             if err in (ENOSYS, EXDEV, EINVAL, EOPNOTSUPP):
