@@ -2,6 +2,7 @@
 """pyrep-img vs qemu-img on qcow2 images in tmpfs: the command-line tools side by side (issue 3).
 
     python bench/bench_img_qcow2.py [--reps 5] [--quick] [--size BYTES] [--only convert|bench]
+                                    [--convert-pyrep installed|checkout]
 
 (bench/bench_qcow2.py is the driver-level, in-process benchmark; this one runs the two CLI tools.)
 Points, identical arguments for both tools (cache=writeback; tmpfs has no O_DIRECT):
@@ -11,13 +12,16 @@ Points, identical arguments for both tools (cache=writeback; tmpfs has no O_DIRE
     5th), step 4 KiB, depth 1 and 16 (and depth 16 with pyrep capped at 2 worker threads);
   - 1 MiB sequential reads and (re)writes of an allocated qcow2, depth 1;
   - convert throughput: qcow2 chain → raw and raw → qcow2, wall clock of the whole command
-    (process start-up included for both tools; pyrep's modules are byte-compiled first, as an
-    installed pyrep is: see ensure_bytecode).
+    (process start-up included for both tools). pyrep-img is, by default, this checkout built as a
+    wheel and installed in a new venv, as a user's ``pip install`` has it (bench_common.
+    installed_pyrep_img); ``--convert-pyrep checkout`` runs this checkout's editable install instead
+    (its modules byte-compiled first, see ensure_bytecode). The start-up of both is printed.
 Targets: 4 KiB points ≥ 3×, 1 MiB sequential ≥ 1.0×, convert ≥ 1.0×. Medians of alternating runs.
 """
 import argparse
 import os
 import statistics
+import tempfile
 import subprocess
 import sys
 import time
@@ -88,7 +92,7 @@ def wall(cmd):
     return time.perf_counter() - t0
 
 
-def convert_points(d, top, size, reps):
+def convert_points(d, top, size, reps, pyrep_cmd):
     rows = []
     raw_src = os.path.join(d, "src.raw")
     sh("qemu-img", "convert", "-O", "raw", top, raw_src)
@@ -97,7 +101,7 @@ def convert_points(d, top, size, reps):
         out = os.path.join(d, "conv.out")
         tq, tp = [], []
         for _ in range(reps):
-            for tool, store in ((bc.qemu_img(), tq), (bc.pyrep_img(), tp)):
+            for tool, store in ((bc.qemu_img(), tq), (pyrep_cmd, tp)):
                 if os.path.exists(out):
                     os.unlink(out)
                 store.append(wall(tool + ["convert", "-O", ofmt, src, out]))
@@ -108,8 +112,9 @@ def convert_points(d, top, size, reps):
     os.unlink(raw_src)
     # start-up cost of each tool (a no-op command), to read the wall-clock figures
     st_q = statistics.median(wall(bc.qemu_img() + ["--version"]) for _ in range(5))
-    st_p = statistics.median(wall(bc.pyrep_img() + ["--help"]) for _ in range(5))
-    return rows, st_q, st_p
+    st_p = statistics.median(wall(pyrep_cmd + ["--help"]) for _ in range(5))
+    st_c = statistics.median(wall(bc.pyrep_img() + ["--help"]) for _ in range(5))
+    return rows, st_q, st_p, st_c
 
 
 def main():
@@ -119,11 +124,15 @@ def main():
     ap.add_argument("--size", type=int, default=1 << 30)
     ap.add_argument("--only", choices=("bench", "convert"),
                     help="run only the 'bench' points (4K/1M) or only the convert points")
+    ap.add_argument("--convert-pyrep", choices=("installed", "checkout"), default="installed",
+                    help="the pyrep-img of the convert points: this checkout installed from a wheel in a "
+                         "new venv (default), or the checkout's editable install")
     a = ap.parse_args()
     div = 10 if a.quick else 1
     ensure_bytecode()
     d = os.path.join(bc.SHM, f"pyrep-bench-img-qcow2-{os.getpid()}")
     os.makedirs(d)
+    vdir = tempfile.mkdtemp(prefix="pyrep-bench-venv-")
     size = a.size
     try:
         base, mid, top = make_chain(d, size)
@@ -132,9 +141,10 @@ def main():
             rows = bench_points(a, base, top, size, div)
         if a.only != "bench":
             conv_reps = a.reps if a.only == "convert" else max(1, a.reps // 2 + 1)
-            conv, st_q, st_p = convert_points(d, top, size, conv_reps)
+            cmd = bc.installed_pyrep_img(vdir) if a.convert_pyrep == "installed" else bc.pyrep_img()
+            conv, st_q, st_p, st_c = convert_points(d, top, size, conv_reps, cmd)
     finally:
-        subprocess.run(["rm", "-rf", d])
+        subprocess.run(["rm", "-rf", d, vdir])
     qv = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     print()
     print(f"Machine: {bc.cpu_info()}; {qv}; Python {sys.version.split()[0]}; qcow2 images of {size >> 20} MiB "
@@ -145,7 +155,8 @@ def main():
     if conv is None:
         return
     print()
-    print(f"Convert points: {conv_reps} alternating runs of each tool, median.")
+    print(f"Convert points: {conv_reps} alternating runs of each tool, median; pyrep-img: "
+          f"{'this checkout installed from a wheel in a new venv' if a.convert_pyrep == 'installed' else 'the checkout'}.")
     print()
     print("| convert (wall clock, whole command) | qemu-img MiB/s | pyrep-img MiB/s | qemu-img s | pyrep-img s "
           "| ratio (median) | ratio (best) | target |")
@@ -155,7 +166,7 @@ def main():
               f"≥ 1.0× {'✅' if r >= 1.0 else '❌'} |")
     print()
     print(f"Process start-up (no-op command, median of 5): qemu-img {st_q * 1000:.0f} ms, "
-          f"pyrep-img {st_p * 1000:.0f} ms.")
+          f"pyrep-img {st_p * 1000:.0f} ms (the checkout's editable install: {st_c * 1000:.0f} ms).")
 
 
 def bench_points(a, base, top, size, div):
