@@ -275,13 +275,25 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         return t
 
     def _l2_evict(self):
-        for off in list(self._l2_cache)[:max(1, self._l2_cache_max // 8)]:
-            if off in self._l2_dirty:
-                self._write_refblocks()
-                self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
-                self._note_written(off + self.cluster_size)
-                self._l2_dirty.discard(off)
+        victims = list(self._l2_cache)[:max(1, self._l2_cache_max // 8)]
+        dirty = [off for off in victims if off in self._l2_dirty]
+        if dirty:
+            self._before_l2_write()
+        for off in dirty:
+            self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
+            self._note_written(off + self.cluster_size)
+            self._l2_dirty.discard(off)
+        for off in victims:
             del self._l2_cache[off]
+
+    def _before_l2_write(self):
+        """Lock held, before dirty L2 tables are written: a dirty table may point to clusters allocated
+        since the last flush. Their refcounts and their data must reach stable storage first, so that a
+        crash or power loss at any point leaves, at worst, leaked clusters: never an L2 entry pointing to
+        a cluster whose refcount is 0 (another allocation would reuse it) or that still holds old data
+        (QEMU orders its L2 cache after the refcount cache and a flush the same way)."""
+        self._write_refblocks()
+        self.file.flush()
 
     def _l2_table(self, l1i, alloc):
         """(table, offset) for L1 index ``l1i``; allocate a zero table if ``alloc``. Lock held."""
@@ -503,14 +515,16 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
 
     # ------------------------------------------------------------ flush
     def _flush_meta_locked(self):
-        wrote = self._write_refblocks()
         if self._l2_dirty or self._l1_dirty:
-            if wrote:
-                self.file.flush()
+            # refcounts and data, then the L2 tables pointing to them, then the L1 entries pointing
+            # to new tables: each step on stable storage before the next one refers to it
+            self._before_l2_write()
             cs = self.cluster_size
             for off in sorted(self._l2_dirty):
                 self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
                 self._note_written(off + cs)
+            if self._l1_dirty and self._l2_dirty:
+                self.file.flush()
             self._l2_dirty.clear()
             if self._l1_dirty:
                 chunks = sorted({i >> 6 for i in self._l1_dirty})
@@ -520,8 +534,12 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                     self.file.pwrite(self._l1_offset + lo * 8, F.array_to_be64(l1[lo:hi]))
                 self._l1_dirty.clear()
             self.file.flush()
-        elif wrote and self._pending_free:
-            self.file.flush()
+        else:
+            self._write_refblocks()
+            if self._pending_free:
+                # the L2 tables that dropped these clusters may have been written by an eviction
+                # with no flush since: on stable storage before a refcount drops and frees them
+                self.file.flush()
         if self._pending_free:
             for c in self._apply_frees():
                 try:
