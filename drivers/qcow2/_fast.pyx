@@ -646,7 +646,7 @@ cdef class Qcow2Core:
                 length = cs
             else:
                 if tail_len and host + k * cs > self._file_size:
-                    self._ensure_file_size(host + k * cs)
+                    self._ensure_file_size(host + k * cs, host)
                 self._file_pwritev(host + in_off, length, iov)
             lock.acquire()
             try:

@@ -419,6 +419,10 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             self._free_hint = start + k
         else:
             self._free_hint = first_free
+        # everything reserved lies below _zero_from (what _ensure_file_size never truncates below);
+        # callers that test "known zero" read it before they allocate
+        if start + k > self._zero_from:
+            self._zero_from = start + k
         return start << self.cluster_bits
 
     def _new_refblock(self, r, c):
@@ -777,7 +781,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 tail = self._old_bytes(cidx + k - 1, olds[-1], cs - tail_len, tail_len)
             if (not in_off or head is None and known_zero) and (not tail_len or tail is None and known_zero):
                 if tail_len:
-                    self._ensure_file_size(host + k * cs)
+                    self._ensure_file_size(host + k * cs, host)
                 if self.meta_overlap(host, k * cs) or host < cs:
                     raise self._corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
                 self._file_pwritev(host + in_off, n, iov.slice(done, n) if done or n != iov.size else iov)
@@ -797,7 +801,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             v.concat(iov, done, n)
             if tail_len:
                 if tail is None and known_zero:
-                    self._ensure_file_size(host + k * cs)
+                    self._ensure_file_size(host + k * cs, host)
                 else:
                     v.add(tail if tail is not None else bytes(tail_len))
                     total += tail_len
@@ -876,7 +880,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         try:
             try:
                 end = host + nbytes
-                self._ensure_file_size((((end - 1) >> cb) + 1) << cb)
+                self._ensure_file_size((((end - 1) >> cb) + 1) << cb, host)
                 if host < cs or self.meta_overlap(host, nbytes):
                     raise self._corrupt(f"compressed data at {host:#x} would overlap metadata")
                 self.file.pwrite(host, comp + bytes(nbytes - len(comp)))
@@ -1016,15 +1020,21 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             h.backing_file_offset, h.backing_file_size = bf_off, len(bname)
             h.has_bitmaps_ext = False
 
-    def _ensure_file_size(self, end):
-        """The file must reach ``end`` (so data clusters never hang past EOF); grow in chunks."""
+    def _ensure_file_size(self, end, start):
+        """The file must reach ``end`` (so data clusters never hang past EOF); grow in chunks. ``start``:
+        where the caller's own new clusters begin (it has reserved [start, end) and writes it next).
+
+        Other requests may be writing clusters they reserved at any moment, past ``_file_size`` (which
+        they raise only once their write is done): growing never truncates below the last reserved
+        cluster (``_zero_from``), and zeroes are written only over the caller's own clusters."""
         if end <= self._file_size:
             return
         with self._lock:
             if end <= self._file_size:
                 return
             cs = self.cluster_size
-            grow = max(end, self._file_size + min(max(self._file_size // 8, 1 << 20), 64 << 20))
+            grow = max(end, self._zero_from << self.cluster_bits,
+                       self._file_size + min(max(self._file_size // 8, 1 << 20), 64 << 20))
             grow = (grow + cs - 1) & ~(cs - 1)
             if self._can_truncate:
                 try:
@@ -1033,7 +1043,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                     return
                 except BlockError:
                     self._can_truncate = False
-            pos = self._file_size
+            pos = max(self._file_size, start)
             self.file.pwrite_zeroes(pos, end - pos)
             self._file_size = end
 

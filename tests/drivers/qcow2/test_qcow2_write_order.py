@@ -7,12 +7,14 @@ refcount-block write before it has been flushed (the table may point to those cl
 table only when the L2 tables before it have been flushed too."""
 import random
 import struct
+import time
 
 import pyrep
 from pyrep.driver import BlockDriver
 from pyrep.options import Opt
 
-from qcow2_testutil import needs_qemu, qcheck, qimg
+from qcow2_testutil import needs_qemu, qcheck, qimg, qio
+from threadlib import run_in_threads  # noqa: E402
 
 CS = 4096                   # small clusters: an L2 table maps 2 MiB, so 64 MiB needs 32 of them
 SIZE = 64 << 20
@@ -130,3 +132,60 @@ def test_the_order_check_catches_a_table_written_before_its_data():
         [(1, "l2", ["refblock"]), (2, "l1", ["l2", "refblock"])]
     assert ordering_violations([("w", CS * 9, 512), ("w", CS * 2, CS), ("f",), ("w", CS * 4, CS), ("f",),
                                 ("w", CS * 3, 8)], lay) == []
+
+
+class HoldAfterWrite(BlockDriver):
+    """Forwards everything; a write of ``hold-length`` bytes returns only ``hold`` seconds after it
+    reached the file (the request stays in flight with its data already there)."""
+    format_name = "test-hold-after-write"
+    is_filter = True
+    options = (Opt("file", "child", required=True), Opt("hold-length", "size", default=0),
+               Opt("hold", "number", default=0.4))
+
+    def open(self, opts):
+        self.file = self.node.open_child(opts, "file", role="file")
+        self.hold_length, self.hold = opts["hold-length"], opts["hold"]
+
+    def pwritev(self, offset, length, iov, flags=0):
+        r = self.file.pwritev(offset, length, iov, flags)
+        if length == self.hold_length:
+            time.sleep(self.hold)
+        return r
+
+
+@needs_qemu
+def test_growing_the_file_never_cuts_off_a_write_in_flight(tmp_path):
+    """Request B reserves a new cluster, then waits for its head from the backing; meanwhile request C
+    reserves the next cluster and writes it whole, and stays in flight. When B then grows the file
+    for its cluster's zero tail, the file must not be truncated below C's data (it used to be, by a
+    size computed from the last *finished* write: C's acknowledged data then read back as zeroes)."""
+    cs = 2 << 20
+    base, img = tmp_path / "base.raw", tmp_path / "a.qcow2"
+    base.write_bytes(b"\x11" * 4096)            # the backing ends inside B's head: B's tail is zeroes
+    qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", "-b", str(base), "-F", "raw", img, 8 * cs)
+    pyrep.register_driver(HoldAfterWrite, clobber=True)
+    try:
+        blk = pyrep.open_backend({
+            "driver": "qcow2",
+            "file": {"driver": "test-hold-after-write", "hold-length": cs,
+                     "file": {"driver": "file", "filename": str(img)}},
+            "backing": {"driver": "raw", "file": {"driver": "blkdebug", "node-name": "slowbase",
+                                                  "file": {"driver": "file", "filename": str(base)}}}})
+        pyrep.inject_error("slowbase", op="read", errno=None, delay=0.2)
+        try:
+            def b_partial():
+                blk.pwrite(8192, b"\xbb" * 4096)
+
+            def c_whole():
+                time.sleep(0.05)                # after B has reserved its cluster
+                blk.pwrite(cs, b"\xcc" * cs)
+            assert not run_in_threads(lambda f: f(), [(b_partial,), (c_whole,)])
+            assert blk.pread(cs, cs) == b"\xcc" * cs
+            assert blk.pread(0, 12288) == b"\x11" * 4096 + bytes(4096) + b"\xbb" * 4096
+        finally:
+            pyrep.clear_errors("slowbase")
+            blk.close()
+    finally:
+        pyrep.unregister_driver("test-hold-after-write")
+    qcheck(img)
+    qio(img, f"read -P 0xcc {cs} {cs}", "read -P 0xbb 8192 4096", f"read -P 0 12288 {cs - 12288}")
