@@ -1,9 +1,13 @@
 """Randomized model test: writes/zeroes/discards/make_empty on a 3-deep chain against bytearrays."""
+import os
 import random
+
+import pytest
 
 import pyrep
 
 from qcow2_testutil import compare_with_model, needs_qemu, open_q, qcheck, qimg
+from threadlib import run_in_threads  # noqa: E402
 
 pytestmark = needs_qemu
 
@@ -55,9 +59,6 @@ class Layer:
         self.own = bytearray(SIZE)
         self.alloc = bytearray(len(self.alloc))
 
-
-import os
-import pytest
 
 SEEDS = [int(x) for x in os.environ.get("QCOW2_MODEL_SEEDS", "1234,7,99").split(",")]
 
@@ -114,3 +115,49 @@ def test_random_chain(tmp_path, seed):
             blk.close()
     compare_with_model(top_p, top.visible(), tmp_path)
     compare_with_model(mid_p, mid.visible(), tmp_path, "mid.raw")
+
+
+@pytest.mark.parametrize("backing", [False, True], ids=["alone", "over-backing"])
+@pytest.mark.parametrize("cs", [4096, 65536, 2 << 20])
+def test_concurrent_writes_and_zeroes_sharing_clusters(tmp_path, cs, backing):
+    """Six threads, each owning every sixth 4 KiB block, write and zero their blocks at random, so
+    most requests share clusters with other threads' requests: concurrent allocation of one cluster,
+    copy-on-write from the backing, zeroes inside clusters being allocated, the file growing under
+    writes in flight (2 MiB clusters). The image must hold exactly the model, and be clean."""
+    T, nblocks = 6, (2048 if cs == 2 << 20 else 256)
+    size = nblocks * 4096
+    img = tmp_path / "a.qcow2"
+    model = bytearray(size)
+    if backing:
+        base = tmp_path / "b.qcow2"
+        qimg("create", "-q", "-f", "qcow2", base, size)
+        blk = open_q(base)
+        blk.pwrite(0, b"\x42" * (size // 2))
+        blk.close()
+        model[:size // 2] = b"\x42" * (size // 2)
+        qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", "-b", "b.qcow2", "-F", "qcow2", img)
+    else:
+        qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", img, size)
+    blk = open_q(img)
+
+    def worker(t):
+        rng = random.Random(cs * 10 + t + backing)
+        own = range(t, nblocks, T)
+        for i in range(600):
+            b = rng.choice(own)
+            if rng.random() < 0.7:
+                data = bytes([rng.randrange(1, 256)]) * 4096
+                blk.pwrite(b * 4096, data)
+            else:
+                data = bytes(4096)
+                blk.pwrite_zeroes(b * 4096, 4096, may_unmap=rng.random() < 0.5)
+            model[b * 4096:(b + 1) * 4096] = data
+            if t == 0 and i % 100 == 99:
+                blk.flush()
+    try:
+        assert not run_in_threads(worker, [(t,) for t in range(T)])
+        assert blk.pread(0, size) == model
+    finally:
+        blk.close()
+    qcheck(img)
+    compare_with_model(img, model, tmp_path)
