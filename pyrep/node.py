@@ -496,9 +496,13 @@ class Node(NodeIO):
             bump_length_epoch()
 
     def make_empty(self):
-        """Drop this layer's data (overlays: active/hidden disks at a checkpoint)."""
+        """Drop this layer's data (overlays: active/hidden disks at a checkpoint). The users above the
+        node are drained first (their requests in flight finish, new ones wait): a write still in
+        flight would otherwise land in a cluster the emptied layer frees and hands out again."""
         self._check_access(True)
-        return self.driver.make_empty()
+        from .graph import drained      # graph imports this module
+        with drained(self):
+            return self.driver.make_empty()
 
     def block_status(self, offset, length):
         """:class:`BlockStatus` of ``[offset, offset+pnum)``; follows filters and protocols

@@ -63,6 +63,39 @@ def test_make_empty_then_write(tmp_path, compat):
     qio(img, "read -P 0 0 100", "read -P 2 100 10000", "read -P 0 10100 1M")
 
 
+def test_make_empty_waits_for_writes_in_flight(tmp_path):
+    """An overwrite of an allocated cluster held in flight (blkdebug delay on the file) while another
+    thread empties the overlay: make_empty drains first, so the write lands before the clusters are
+    dropped (never afterwards, into a cluster the emptied image may hand out again)."""
+    import threading
+    img = tmp_path / "d.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    blk = pyrep.open_backend({"driver": "qcow2", "file": {"driver": "blkdebug", "node-name": "heldfile",
+                                                          "file": {"driver": "file", "filename": str(img)}}})
+    try:
+        blk.pwrite(0, b"\x01" * 65536)             # allocated: the next write is a plain overwrite
+        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.4, once=True)
+        landed = threading.Event()
+
+        def writer():
+            blk.pwrite(0, b"\x02" * 4096)
+            landed.set()
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.1)                             # the write is held in flight now
+        assert not landed.is_set()
+        blk.node.make_empty()
+        assert landed.is_set()                      # make_empty returned only after the write
+        t.join()
+        assert blk.pread(0, 65536) == bytes(65536)  # emptied after the write: nothing is left
+        blk.pwrite(65536, b"\x03" * 65536)
+    finally:
+        pyrep.clear_errors("heldfile")
+        blk.close()
+    qcheck(img)
+    qio(img, "read -P 0 0 64k", "read -P 3 64k 64k")
+
+
 def test_check_and_repair_leaks(tmp_path):
     img = tmp_path / "l.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, "16M")
