@@ -232,6 +232,11 @@ cdef class Qcow2Core:
     cdef object _fpw
     cdef public bint _nocopy    # copy_file_range is not usable between our file and the backing's
     cdef public long long cow_copies    # copy-on-write clusters copied in the kernel (stats, tests)
+    # data requests that reach a host cluster found in an L2 entry, counted per epoch while they run
+    # outside the lock: a freed cluster is handed out again only when those that started before its
+    # entry changed have finished (see Qcow2Driver._settle_frees)
+    cdef int _dio_epoch
+    cdef int _dio_n[2]
     cdef bint _fmemfs           # that FileIO is on tmpfs/ramfs
     # direct backing access cache: the backing node seen last and its Qcow2Core driver (or None)
     cdef object _bnode
@@ -239,6 +244,36 @@ cdef class Qcow2Core:
     # spare one-cluster buffers (IOVector of one bytearray) for copy-on-write; taken and given back
     # under the GIL, so each is used by one request at a time
     cdef list _cowbufs
+
+    # ------------------------------------------------------------------ data requests in flight
+    cdef inline int _dio_enter(self) noexcept:
+        cdef int e = self._dio_epoch
+        self._dio_n[e] += 1
+        return e
+
+    cdef inline void _dio_leave(self, int e) noexcept:
+        self._dio_n[e] -= 1
+
+    def dio_enter(self):
+        """Count a data request on a host cluster (Python paths); returns the token for dio_leave."""
+        return self._dio_enter()
+
+    def dio_leave(self, int e):
+        self._dio_leave(e)
+
+    def dio_idle(self, int e):
+        """No data request counted in epoch ``e`` is running."""
+        return self._dio_n[e & 1] == 0
+
+    def dio_flip(self):
+        """Start a new epoch; returns the old one (whose requests all started before this call)."""
+        cdef int old = self._dio_epoch
+        self._dio_epoch = old ^ 1
+        return old
+
+    @property
+    def dio_epoch(self):
+        return self._dio_epoch
 
     # ------------------------------------------------------------------ reads
     def preadv(self, long long offset, long long length, iov):
@@ -254,6 +289,7 @@ cdef class Qcow2Core:
         cdef PyObject *t
         cdef array l1 = self._l1
         cdef long long last, j, k
+        cdef int de
         cdef unsigned long long *ents
         if l1 is None:
             return 0
@@ -284,7 +320,11 @@ cdef class Qcow2Core:
                 for j in range(1, k):
                     if ents[j] != (e + <uint64_t>(j * self.cluster_size)):
                         return 0
-                self._file_read(host + in_off, length, iov)
+                de = self._dio_enter()
+                try:
+                    self._file_read(host + in_off, length, iov)
+                finally:
+                    self._dio_leave(de)
                 return 1
             for j in range(k):
                 if ents[j]:
@@ -457,6 +497,7 @@ cdef class Qcow2Core:
     def pwritev(self, long long offset, long long length, iov, int flags=0):
         cdef long long in_off = offset & self._cmask
         cdef long long cidx, l1i, host
+        cdef int de
         cdef uint64_t toff, e
         cdef PyObject *t
         cdef array l1 = self._l1
@@ -475,7 +516,11 @@ cdef class Qcow2Core:
                                 host = <long long>(e & L2M)
                                 if not (host & self._cmask or host < self.cluster_size
                                         or self.meta_overlap(host, length)):
-                                    return self._file_pwritev(host + in_off, length, iov)
+                                    de = self._dio_enter()
+                                    try:
+                                        return self._file_pwritev(host + in_off, length, iov)
+                                    finally:
+                                        self._dio_leave(de)
             if self._alloc_fast(offset, length, iov):
                 return None
         return self._pwritev_slow(offset, length, iov, flags)

@@ -164,7 +164,9 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         self._rb_cache = {}
         self._rb_dirty = set()
         self._l1_dirty = set()
-        self._pending_free = []
+        self._pending_free = []         # clusters whose last reference is gone (written at the next flush)
+        self._grace_free = []           # ... and waiting for data requests of epoch _grace_epoch
+        self._grace_epoch = 0
         self._inflight = set()
         self._free_hint = 1
         self._zero_from = -(-file_len // cs)       # clusters at or past this index were never written
@@ -499,10 +501,37 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             if off:
                 self._pending_free.append((off, self.cluster_size))
 
-    def _apply_frees(self):
-        frees, self._pending_free = self._pending_free, []
+    def _settle_frees(self):
+        """Lock held, right after a flush made durable the L2 changes that dropped the pending clusters.
+        Apply the frees that are safe; returns the clusters that became free.
+
+        A data request reads its L2 entry under the lock and then reads or writes the host cluster
+        without it: one that started before an entry changed may still be using the old cluster. Such a
+        cluster must not be freed (and handed out again for other data) until that request is done, or
+        its late write would land in someone else's data. Data requests are counted per epoch (the C
+        side, ``dio_*``): pending frees move to a grace list when the epoch flips, and are applied once
+        the epoch they were queued in has no request left running. With nothing in flight (the usual
+        case) that is at once."""
+        out = []
+        if self._grace_free and self.dio_idle(self._grace_epoch):
+            out += self._apply_frees(self._grace_free)
+            self._grace_free = []
+        # flip only when the other epoch is empty, so every request that started before the flip
+        # is counted in the epoch the grace list waits for
+        if self._pending_free and not self._grace_free and self.dio_idle(self.dio_epoch ^ 1):
+            self._grace_epoch = self.dio_flip()
+            self._grace_free, self._pending_free = self._pending_free, []
+            if self.dio_idle(self._grace_epoch):
+                out += self._apply_frees(self._grace_free)
+                self._grace_free = []
+        return out
+
+    def _apply_frees(self, frees):
         cb = self.cluster_bits
         discard = []
+        # a compressed cluster freed here may be rewritten at the same place with the same entry:
+        # the decompressed copy cached under that entry must go
+        self._comp_cache = (None, None)
         for off, n in frees:
             for c in range(off >> cb, ((off + n - 1) >> cb) + 1):
                 rc = self._get_refcount(c)
@@ -544,8 +573,8 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 # the L2 tables that dropped these clusters may have been written by an eviction
                 # with no flush since: on stable storage before a refcount drops and frees them
                 self.file.flush()
-        if self._pending_free:
-            for c in self._apply_frees():
+        if self._pending_free or self._grace_free:
+            for c in self._settle_frees():
                 try:
                     if c >= 1:
                         self.file.pdiscard(c << self.cluster_bits, self.cluster_size)
@@ -606,11 +635,19 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             if kind == NORMAL:
                 if host & cmask or host < self.cluster_size:
                     raise self._corrupt(f"data cluster offset {host:#x} for guest offset {pos} is invalid")
-                self.file.preadv(host + in_off, n, iov.slice(done, n) if n != length else iov)
+                de = self.dio_enter()
+                try:
+                    self.file.preadv(host + in_off, n, iov.slice(done, n) if n != length else iov)
+                finally:
+                    self.dio_leave(de)
             elif kind == UNALLOC:
                 self._read_backing(pos, n, iov, done)
             elif kind == COMPRESSED:
-                data = self._decompress(e, pos)
+                de = self.dio_enter()
+                try:
+                    data = self._decompress(e, pos)
+                finally:
+                    self.dio_leave(de)
                 iov.copy_from(done, memoryview(data)[in_off:in_off + n])
             else:
                 iov.memset(done, 0, n)
@@ -730,7 +767,11 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             if plan is None:
                 if host & cmask or host < cs or self.meta_overlap(host, n + in_off):
                     raise self._corrupt(f"data cluster offset {host:#x} for guest offset {pos} is invalid")
-                self.file.pwritev(host + in_off, n, iov.slice(done, n) if n != length else iov)
+                de = self.dio_enter()
+                try:
+                    self.file.pwritev(host + in_off, n, iov.slice(done, n) if n != length else iov)
+                finally:
+                    self.dio_leave(de)
             else:
                 self._alloc_write(plan, in_off, iov, done)
             done += n
@@ -884,6 +925,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 if host < cs or self.meta_overlap(host, nbytes):
                     raise self._corrupt(f"compressed data at {host:#x} would overlap metadata")
                 self.file.pwrite(host, comp + bytes(nbytes - len(comp)))
+                self._comp_cache = (None, None)     # the new entry may equal a freed one's
             except BaseException:
                 with self._lock:   # give the space back (a leak at worst if this fails too)
                     self._pending_free.append((host, nbytes))
@@ -1145,7 +1187,11 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                     self._l2_dirty.add(toff)
         for item in fallback:
             if item[0] == "host":
-                self.file.pwrite_zeroes(item[1], cs)
+                de = self.dio_enter()
+                try:
+                    self.file.pwrite_zeroes(item[1], cs)
+                finally:
+                    self.dio_leave(de)
             else:
                 pos, n = item
                 n = min(n, self.size - pos)
@@ -1294,6 +1340,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             self._rb_cache.clear()
             self._rb_dirty.clear()
             self._pending_free = []
+            self._grace_free = []
             self._comp_cache = (None, None)
             self._comp_next = 0
             self._free_hint = 1

@@ -134,6 +134,29 @@ def test_compressed_writes_concurrent_with_allocating_writes(tmp_path, cluster_s
     compare_with_model(img, model, tmp_path)
 
 
+def test_compressed_cluster_rewritten_in_place_of_a_freed_one_reads_new_data(tmp_path):
+    """A compressed cluster is read (its decompressed data is cached), zeroed with unmap, and a new
+    compressed cluster of the same size lands at the same host offset, with the same L2 entry: the
+    read must decompress the new data, not return the cached old one."""
+    img = tmp_path / "r.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    blk = open_q(img)
+    drv = blk.node.driver
+    try:
+        drv.pwritev_compressed(0, 65536, IOVector(bytearray(b"\x01" * 65536)))
+        assert blk.pread(0, 65536) == b"\x01" * 65536
+        e0 = drv._l2_cache[next(iter(drv._l2_cache))][0]
+        blk.pwrite_zeroes(0, 65536, may_unmap=True)
+        blk.flush()
+        drv.pwritev_compressed(65536, 65536, IOVector(bytearray(b"\x02" * 65536)))
+        assert drv._l2_cache[next(iter(drv._l2_cache))][1] == e0     # the very same entry value
+        assert blk.pread(65536, 65536) == b"\x02" * 65536
+    finally:
+        blk.close()
+    qcheck(img)
+    qio(img, "read -P 0 0 64k", "read -P 2 64k 64k")
+
+
 def test_compressed_write_refusals(tmp_path):
     img = tmp_path / "r.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, "1M")

@@ -96,6 +96,78 @@ def test_make_empty_waits_for_writes_in_flight(tmp_path):
     qio(img, "read -P 0 0 64k", "read -P 3 64k 64k")
 
 
+def _held_backend(img):
+    return pyrep.open_backend({"driver": "qcow2", "discard": "unmap",
+                               "file": {"driver": "blkdebug", "node-name": "heldfile",
+                                        "file": {"driver": "file", "filename": str(img)}}})
+
+
+def test_cluster_freed_under_a_write_in_flight_is_not_reused_before_it_lands(tmp_path):
+    """An overwrite of guest cluster 0 is held in flight (it has found its host cluster already); the
+    guest zeroes that cluster with unmap and flushes, which frees the host cluster; a new allocation
+    must not get it while the old write can still land there (it used to: the late write then
+    overwrote guest cluster 5). Once the write is done, the next flush frees the cluster."""
+    import threading
+    img = tmp_path / "z.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    blk = _held_backend(img)
+    drv = blk.node.driver
+    try:
+        blk.pwrite(0, b"\x01" * 65536)
+        blk.flush()
+        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.5, once=True)
+        t = threading.Thread(target=blk.pwrite, args=(0, b"\x02" * 4096))
+        t.start()
+        time.sleep(0.1)
+        blk.pwrite_zeroes(0, 65536, may_unmap=True)
+        blk.flush()
+        assert drv._grace_free                      # the free waits for the write in flight
+        blk.pwrite(5 * 65536, b"\xbb" * 65536)
+        t.join()
+        assert blk.pread(5 * 65536, 65536) == b"\xbb" * 65536
+        assert blk.pread(0, 65536) == bytes(65536)
+        blk.flush()
+        assert not drv._grace_free and not drv._pending_free
+    finally:
+        pyrep.clear_errors("heldfile")
+        blk.close()
+    qcheck(img)                                     # no leak: the cluster was freed in the end
+    qio(img, "read -P 0 0 64k", "read -P 0xbb 320k 64k")
+
+
+def test_frees_are_not_starved_by_later_requests_in_flight(tmp_path):
+    """Frees wait only for the requests that started before them: with another write held in flight
+    that started later, the earlier free still happens at the next flush."""
+    import threading
+    img = tmp_path / "s.qcow2"
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    blk = _held_backend(img)
+    drv = blk.node.driver
+    try:
+        blk.pwrite(0, b"\x01" * (3 * 65536))
+        blk.flush()
+        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.4, once=True)
+        first = threading.Thread(target=blk.pwrite, args=(0, b"\x02" * 4096))
+        first.start()
+        time.sleep(0.1)
+        blk.pwrite_zeroes(0, 65536, may_unmap=True)
+        blk.flush()                                 # queued behind the held write
+        assert drv._grace_free
+        first.join()
+        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.4, once=True)
+        second = threading.Thread(target=blk.pwrite, args=(2 * 65536, b"\x03" * 4096))
+        second.start()                              # started after the free was queued
+        time.sleep(0.1)
+        blk.flush()
+        assert not drv._grace_free                  # applied although a write is in flight
+        second.join()
+    finally:
+        pyrep.clear_errors("heldfile")
+        blk.close()
+    qcheck(img)
+    qio(img, "read -P 0 0 64k", "read -P 1 64k 64k", "read -P 3 128k 4k", "read -P 1 132k 60k")
+
+
 def test_check_and_repair_leaks(tmp_path):
     img = tmp_path / "l.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, "16M")
