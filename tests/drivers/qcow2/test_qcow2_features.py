@@ -1,5 +1,6 @@
 """make_empty, check/repair, dirty bit, resize, backing override, concurrency, info."""
 import struct
+import threading
 import time
 
 import pytest
@@ -63,27 +64,39 @@ def test_make_empty_then_write(tmp_path, compat):
     qio(img, "read -P 0 0 100", "read -P 2 100 10000", "read -P 0 10100 1M")
 
 
+def _held_backend(img, **opts):
+    """A qcow2 backend whose file is a blkdebug node "heldfile" (to hold writes in flight)."""
+    return pyrep.open_backend({"driver": "qcow2", **opts,
+                               "file": {"driver": "blkdebug", "node-name": "heldfile",
+                                        "file": {"driver": "file", "filename": str(img)}}})
+
+
+def _start_held_write(blk, offset, data, hold=0.4):
+    """Start ``blk.pwrite(offset, data)`` on a thread, its write to the file held ``hold`` seconds;
+    returns (thread, event set when the write returned) once the write is in flight."""
+    landed = threading.Event()
+
+    def writer():
+        blk.pwrite(offset, data)
+        landed.set()
+    pyrep.inject_error("heldfile", op="write", errno=None, delay=hold, once=True)
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.1)
+    assert not landed.is_set()
+    return t, landed
+
+
 def test_make_empty_waits_for_writes_in_flight(tmp_path):
     """An overwrite of an allocated cluster held in flight (blkdebug delay on the file) while another
     thread empties the overlay: make_empty drains first, so the write lands before the clusters are
     dropped (never afterwards, into a cluster the emptied image may hand out again)."""
-    import threading
     img = tmp_path / "d.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, "16M")
-    blk = pyrep.open_backend({"driver": "qcow2", "file": {"driver": "blkdebug", "node-name": "heldfile",
-                                                          "file": {"driver": "file", "filename": str(img)}}})
+    blk = _held_backend(img)
     try:
         blk.pwrite(0, b"\x01" * 65536)             # allocated: the next write is a plain overwrite
-        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.4, once=True)
-        landed = threading.Event()
-
-        def writer():
-            blk.pwrite(0, b"\x02" * 4096)
-            landed.set()
-        t = threading.Thread(target=writer)
-        t.start()
-        time.sleep(0.1)                             # the write is held in flight now
-        assert not landed.is_set()
+        t, landed = _start_held_write(blk, 0, b"\x02" * 4096)
         blk.node.make_empty()
         assert landed.is_set()                      # make_empty returned only after the write
         t.join()
@@ -96,29 +109,19 @@ def test_make_empty_waits_for_writes_in_flight(tmp_path):
     qio(img, "read -P 0 0 64k", "read -P 3 64k 64k")
 
 
-def _held_backend(img):
-    return pyrep.open_backend({"driver": "qcow2", "discard": "unmap",
-                               "file": {"driver": "blkdebug", "node-name": "heldfile",
-                                        "file": {"driver": "file", "filename": str(img)}}})
-
-
 def test_cluster_freed_under_a_write_in_flight_is_not_reused_before_it_lands(tmp_path):
     """An overwrite of guest cluster 0 is held in flight (it has found its host cluster already); the
     guest zeroes that cluster with unmap and flushes, which frees the host cluster; a new allocation
     must not get it while the old write can still land there (it used to: the late write then
     overwrote guest cluster 5). Once the write is done, the next flush frees the cluster."""
-    import threading
     img = tmp_path / "z.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, "16M")
-    blk = _held_backend(img)
+    blk = _held_backend(img, discard="unmap")
     drv = blk.node.driver
     try:
         blk.pwrite(0, b"\x01" * 65536)
         blk.flush()
-        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.5, once=True)
-        t = threading.Thread(target=blk.pwrite, args=(0, b"\x02" * 4096))
-        t.start()
-        time.sleep(0.1)
+        t, _ = _start_held_write(blk, 0, b"\x02" * 4096, hold=0.5)
         blk.pwrite_zeroes(0, 65536, may_unmap=True)
         blk.flush()
         assert drv._grace_free                      # the free waits for the write in flight
@@ -138,26 +141,19 @@ def test_cluster_freed_under_a_write_in_flight_is_not_reused_before_it_lands(tmp
 def test_frees_are_not_starved_by_later_requests_in_flight(tmp_path):
     """Frees wait only for the requests that started before them: with another write held in flight
     that started later, the earlier free still happens at the next flush."""
-    import threading
     img = tmp_path / "s.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, "16M")
-    blk = _held_backend(img)
+    blk = _held_backend(img, discard="unmap")
     drv = blk.node.driver
     try:
         blk.pwrite(0, b"\x01" * (3 * 65536))
         blk.flush()
-        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.4, once=True)
-        first = threading.Thread(target=blk.pwrite, args=(0, b"\x02" * 4096))
-        first.start()
-        time.sleep(0.1)
+        first, _ = _start_held_write(blk, 0, b"\x02" * 4096)
         blk.pwrite_zeroes(0, 65536, may_unmap=True)
         blk.flush()                                 # queued behind the held write
         assert drv._grace_free
         first.join()
-        pyrep.inject_error("heldfile", op="write", errno=None, delay=0.4, once=True)
-        second = threading.Thread(target=blk.pwrite, args=(2 * 65536, b"\x03" * 4096))
-        second.start()                              # started after the free was queued
-        time.sleep(0.1)
+        second, _ = _start_held_write(blk, 2 * 65536, b"\x03" * 4096)    # after the free was queued
         blk.flush()
         assert not drv._grace_free                  # applied although a write is in flight
         second.join()
