@@ -298,8 +298,8 @@ cdef class Qcow2Core:
         if l1i >= len(l1):
             return 0
         if in_off + length > self.cluster_size:
-            # several clusters: one range of the same L2 table, all data and physically contiguous,
-            # or all unallocated
+            # several clusters of one L2 table: all data and physically contiguous (one read), all
+            # unallocated (the backing), or runs of both (_read_runs)
             last = (offset + length - 1) >> self.cluster_bits
             if (last >> self._l2_bits) != l1i:
                 return 0
@@ -319,7 +319,7 @@ cdef class Qcow2Core:
                     return 0          # the slow path reports the corruption
                 for j in range(1, k):
                     if ents[j] != (e + <uint64_t>(j * self.cluster_size)):
-                        return 0
+                        return self._read_runs(offset, length, iov, ents, k)
                 de = self._dio_enter()
                 try:
                     self._file_read(host + in_off, length, iov)
@@ -328,7 +328,7 @@ cdef class Qcow2Core:
                 return 1
             for j in range(k):
                 if ents[j]:
-                    return 0
+                    return self._read_runs(offset, length, iov, ents, k)
         b = self.backing
         if b is None:
             iov.memset(0, 0, length)
@@ -336,6 +336,54 @@ cdef class Qcow2Core:
         if offset + length > self._backing_len:
             return 0
         return self._backing_read(offset, length, iov)
+
+    cdef int _read_runs(self, long long offset, long long length, object iov, unsigned long long *ents,
+                        long long k) except -1:
+        """A read over ``k`` clusters of one cached L2 table (``ents``) that mixes runs of data clusters
+        and unallocated ones (a layer of a chain): each run is one read of the file or of the backing.
+        Anything else (zero or compressed clusters, shared data, a run past the backing's known length,
+        a vector that is not an IOVector) is left to the slow path: 0, before any I/O."""
+        cdef long long cs = self.cluster_size, in_off = offset & self._cmask
+        cdef long long j, j2, done = 0, n, host, pos
+        cdef unsigned long long e
+        cdef int de
+        if type(iov) is not IOVector:
+            return 0
+        for j in range(k):
+            e = ents[j]
+            if e == 0:
+                # the part of this cluster read must lie inside the backing's known length
+                pos = ((offset >> self.cluster_bits) + j + 1) << self.cluster_bits
+                if self.backing is not None and min(pos, offset + length) > self._backing_len:
+                    return 0
+            elif (e & FM) != CP or (e & L2M) & <unsigned long long>self._cmask or (e & L2M) < <unsigned long long>cs:
+                return 0
+        de = self._dio_enter()
+        try:
+            j = 0
+            while done < length:
+                e = ents[j]
+                n = min(cs - (in_off if j == 0 else 0), length - done)
+                j2 = j + 1
+                while j2 < k and done + n < length and (
+                        (e == 0 and ents[j2] == 0)
+                        or (e != 0 and ents[j2] == e + <unsigned long long>((j2 - j) * cs))):
+                    n += min(cs, length - done - n)
+                    j2 += 1
+                sub = iov.slice(done, n)
+                if e == 0:
+                    if self.backing is None:
+                        (<IOVector>sub).memset(0, 0, n)
+                    else:
+                        self._backing_read(offset + done, n, sub)
+                else:
+                    host = <long long>(e & L2M) + (in_off if j == 0 else 0)
+                    self._file_read(host, n, sub)
+                done += n
+                j = j2
+        finally:
+            self._dio_leave(de)
+        return 1
 
     cdef int _backing_read(self, long long offset, long long length, object iov) except -1:
         """Read [offset, offset+length) (inside the backing's length) from the backing node: its C

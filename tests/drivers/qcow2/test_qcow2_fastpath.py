@@ -94,6 +94,50 @@ def test_chain_reads_through_c_backing_path(tmp_path):
 
 
 @needs_qemu
+def test_reads_over_mixed_clusters_in_c_match_qemu(tmp_path, monkeypatch):
+    """Large reads over clusters of a layer that mix data runs (contiguous or not) and unallocated ones
+    read each run in C (file or backing); zero clusters, compressed ones and ranges past the backing
+    still take the Python path. Every read matches what qemu-img converts the chain to."""
+    from pyrep.drivers.qcow2.driver import Qcow2Driver
+    base, mid, top, raw = (tmp_path / n for n in ("base.qcow2", "mid.qcow2", "top.qcow2", "top.raw"))
+    qimg("create", "-q", "-f", "qcow2", base, 12 * MB)          # shorter than the chain above it
+    qio(base, f"write -P 1 0 {12 * MB}")
+    qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid, 16 * MB)
+    qio(mid, *[f"write -P {10 + i % 200} {i * CS} {CS}" for i in range(0, 256, 3)])
+    qimg("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, 16 * MB)
+    # every 5th cluster, written backwards so the runs are not contiguous in the file; a few zeroes
+    qio(top, *[f"write -P {100 + i % 100} {i * CS} {CS}" for i in reversed(range(0, 256, 5))],
+        f"write -z {40 * CS} {CS}")
+    qimg("convert", "-O", "raw", top, raw)
+    want = raw.read_bytes()
+    slow = []
+    orig = Qcow2Driver._preadv_slow
+
+    def counting(self, offset, length, iov):
+        slow.append((self.filename, offset, length))
+        return orig(self, offset, length, iov)
+    monkeypatch.setattr(Qcow2Driver, "_preadv_slow", counting)
+    blk = open_q(top, read_only=True)
+    try:
+        assert blk.pread(0, 16 * MB) == want                # loads every layer's L2 table
+        for off, n in [(0, MB), (CS // 2, 3 * CS), (MB + 4096, MB - 8192), (2 * MB, 8 * CS)]:
+            slow.clear()
+            assert blk.pread(off, n) == want[off:off + n], (off, n)
+            assert slow == [], (off, n, slow)               # all in C, every layer
+        for off, n in [(39 * CS, 3 * CS), (11 * MB, 2 * MB)]:   # a zero cluster; past the base's end
+            slow.clear()
+            assert blk.pread(off, n) == want[off:off + n], (off, n)
+            assert slow, (off, n)
+        rng = random.Random(5)
+        for _ in range(200):
+            off = rng.randrange(16 * MB - 1)
+            n = rng.randrange(1, min(2 * MB, 16 * MB - off) + 1)
+            assert blk.pread(off, n) == want[off:off + n], (off, n)
+    finally:
+        blk.close()
+
+
+@needs_qemu
 def test_read_errors_of_the_file_still_reported(tmp_path):
     img = tmp_path / "a.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, 8 * MB)
