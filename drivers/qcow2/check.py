@@ -2,6 +2,7 @@
 import struct
 from array import array
 
+from . import bitmaps as B
 from . import format as F
 from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK
 
@@ -45,8 +46,16 @@ def run_check(drv, repair):
     # snapshots
     if h.nb_snapshots:
         _walk_snapshots(x)
-    if h.has_bitmaps_ext:
-        x.msgs.append("Warning: bitmaps extension present; its clusters are not checked")
+    if drv._bitmaps_valid():
+        # the bitmaps' directory, tables and data clusters are referenced like any metadata
+        try:
+            d = B.load_directory(h.bitmaps_ext, rd, file_len, cs)
+        except ValueError as e:
+            x.corruptions += 1
+            x.msgs.append(f"ERROR bitmaps extension: {e}")
+        else:
+            for off, n in B.referenced(d, rd, cs):
+                _inc(x, off, n)
     # refcount structures
     rt = F.be64_to_array(rd(drv._reftable_offset, drv._reftable_clusters * cs).ljust(drv._reftable_clusters * cs, b"\0"))
     _inc(x, drv._reftable_offset, drv._reftable_clusters * cs)

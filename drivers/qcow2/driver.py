@@ -26,6 +26,7 @@ from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError
 from pyrep.options import Opt
 
+from . import bitmaps as B
 from . import format as F
 from ._fast import Qcow2Core
 from .format import (COMPRESSED, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, OFLAG_COMPRESSED, OFLAG_COPIED,
@@ -201,13 +202,35 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             self._open_rw_fixups()
         self._closed = False
 
+    def _bitmaps_valid(self):
+        """The image has persistent bitmaps that readers must honour (extension present, auto-clear bit set)."""
+        h = self.header
+        return h.version >= 3 and h.has_bitmaps_ext and bool(h.autoclear & F.AUTOCLEAR_BITMAPS)
+
+    def _bitmap_directory(self):
+        """The parsed bitmap directory (ValueError if it is malformed)."""
+        return B.load_directory(self.header.bitmaps_ext, self.file.pread, self.file.getlength(), self.cluster_size)
+
     def _open_rw_fixups(self):
         h = self.header
         if h.version >= 3 and h.autoclear:
-            # we do not maintain bitmaps nor other auto-clear features: clear the bits before writing
-            self._write_header_u64(88, 0)
-            h.autoclear = 0
-            self.file.flush()
+            # auto-clear features we do not maintain must be cleared before writing; bitmaps are kept,
+            # flagged in use first (we do not record writes in them), unless they cannot be parsed
+            keep = 0
+            if self._bitmaps_valid():
+                try:
+                    d = self._bitmap_directory()
+                except ValueError:
+                    d = None
+                if d is not None:
+                    if any(not e["flags"] & B.IN_USE for e in d.entries):
+                        self.file.pwrite(d.offset, d.marked_in_use())
+                        self.file.flush()
+                    keep = F.AUTOCLEAR_BITMAPS
+            if h.autoclear != keep:
+                self._write_header_u64(88, keep)
+                h.autoclear = keep
+                self.file.flush()
         if h.incompatible & F.INCOMPAT_DIRTY:
             res = self.check(repair="all")
             if res["corruptions"] - res["corruptions-fixed"] > 0:
@@ -1027,8 +1050,9 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             self.file.flush()
             c0 = self.file.pread(0, min(cs, self._file_size))
             hlen = h.header_length
-            # keep every extension we do not rewrite (feature table, unknown ones), drop the backing format
-            # (rewritten) and the bitmaps extension (stale: its autoclear bit was cleared at open)
+            # keep every extension we do not rewrite (feature table, bitmaps, unknown ones), drop the
+            # backing format (rewritten) and a stale bitmaps extension (its auto-clear bit is clear)
+            drop = (F.EXT_BACKING_FORMAT,) if self._bitmaps_valid() else (F.EXT_BACKING_FORMAT, F.EXT_BITMAPS)
             keep = []
             pos = hlen
             end = len(c0)
@@ -1038,7 +1062,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 etype, elen = struct.unpack_from(">II", c0, pos)
                 if etype == F.EXT_END or pos + 8 + elen > end:
                     break
-                if etype not in (F.EXT_BACKING_FORMAT, F.EXT_BITMAPS):
+                if etype not in drop:
                     keep.append(F._ext(etype, bytes(c0[pos + 8:pos + 8 + elen])))
                 pos += 8 + elen + ((8 - elen % 8) % 8)
             exts = (F._ext(F.EXT_BACKING_FORMAT, fmt.encode("utf-8")) if fmt else b"") + b"".join(keep)
@@ -1060,7 +1084,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             h.backing_file = name
             h.backing_format = fmt
             h.backing_file_offset, h.backing_file_size = bf_off, len(bname)
-            h.has_bitmaps_ext = False
+            h.has_bitmaps_ext = F.EXT_BITMAPS not in drop
 
     def _ensure_file_size(self, end, start):
         """The file must reach ``end`` (so data clusters never hang past EOF); grow in chunks. ``start``:
@@ -1266,6 +1290,10 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         if length == self.size:
             return
         self._check_writable()
+        if self._bitmaps_valid():
+            # each bitmap's table is sized for the old length (QEMU refuses too)
+            raise BlockError(errno.ENOTSUP, f"qcow2: image {self.filename} has persistent dirty bitmaps; resizing "
+                                            f"it is not supported (remove them with qemu-img bitmap --remove)")
         cs = self.cluster_size
         need = -(-length // (cs * self._l2_entries))
         if need * 8 > F.MAX_L1_BYTES or length > F.MAX_VIRTUAL_SIZE:
@@ -1367,6 +1395,11 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         if h.version >= 3:
             spec.update({"lazy-refcounts": lazy,
                          "corrupt": bool(h.incompatible & F.INCOMPAT_CORRUPT), "extended-l2": False})
+            if self._bitmaps_valid():
+                try:
+                    spec["bitmaps"] = B.info(self._bitmap_directory())
+                except ValueError:
+                    pass
         return {
             "cluster-size": self.cluster_size,
             "compat": spec["compat"],

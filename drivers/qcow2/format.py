@@ -144,6 +144,7 @@ class Header:
         self.backing_format = None
         self.backing_file = None
         self.has_bitmaps_ext = False
+        self.bitmaps_ext = b""          # the extension's data (see bitmaps.py)
         self.has_crypto_ext = False
         self.has_data_file_ext = False
         self.compression_type = 0
@@ -298,6 +299,7 @@ def _parse_extensions(h, c0, filename):
                 h.feature_names[(kind, bit)] = name
         elif etype == EXT_BITMAPS:
             h.has_bitmaps_ext = True
+            h.bitmaps_ext = bytes(data)
         elif etype == EXT_CRYPTO:
             h.has_crypto_ext = True
         elif etype == EXT_DATA_FILE:
