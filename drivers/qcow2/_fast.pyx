@@ -465,7 +465,7 @@ cdef class Qcow2Core:
         cluster and write it whole (that rewrites whatever part was copied)."""
         cdef long long cs = self.cluster_size, src
         cdef Qcow2Core bc
-        cdef int sfd, dfd, err = 0
+        cdef int sfd, dfd, err = 0, de
         cdef Py_ssize_t r
         if self._nocopy or not io_alone():
             # with other requests in flight, reading the old data into a buffer first and writing it
@@ -484,6 +484,7 @@ cdef class Qcow2Core:
         if sfd < 0 or dfd < 0:
             return 0
         v.c_pin()
+        de = bc._dio_enter()        # the backing's cluster is read outside its lock, as its reads are
         with nogil:
             r = _copy_range(sfd, src, dfd, host, cs, &err)
             if r == cs:
@@ -491,6 +492,7 @@ cdef class Qcow2Core:
                     _xfer_one(dfd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, host + in_off, True, &err)
                 else:
                     _xfer_vec(dfd, v.iov, v.n, host + in_off, True, &err)
+        bc._dio_leave(de)
         v.c_unpin()
         if r != cs:
             if err in (ENOSYS, EXDEV, EINVAL, EOPNOTSUPP):
