@@ -581,8 +581,11 @@ class Node(NodeIO):
                 self._track_end(req)
 
     def _track_begin(self, offset, length, serialising):
-        """Register a request (waiting as ``tracked`` says); None when nothing is tracked."""
-        if not self._track_users and not serialising:
+        """Register a request (waiting as ``tracked`` says); None when nothing is tracked. On a node with
+        a request alignment every request is tracked: an unaligned write is a serialising
+        read-modify-write of whole blocks, and an aligned write landing between its read and its write
+        would be overwritten with the old bytes around the unaligned part."""
+        if not self._track_users and not serialising and self.align <= 1:
             return None
         end = offset + length
         req = self._track_try(offset, end, serialising)
