@@ -6,12 +6,19 @@ lazily, in crash-safe order, on flush / eviction:
 
   1. data clusters are written before the L2 entry that points to them is changed (in memory);
   2. refcount blocks (which only ever hold increments or already-safe decrements) are written,
-     then the file is flushed, then L2 tables, then L1 entries, then the file is flushed again;
+     then the file is flushed (data and refcounts durable), then L2 tables, then — only when L1
+     entries changed — a flush, then L1 entries, then a flush again. An evicted dirty L2 table
+     is written the same way (refcounts, flush, table): even a power loss leaves leaks at worst;
   3. clusters that lose their last reference are only decremented after step 2 made the L2/L1
-     change durable ("pending frees"), so a crash can leak clusters but never corrupt.
+     change durable ("pending frees"), so a crash can leak clusters but never corrupt; and only
+     once the data requests that found the old entry before it changed have finished (they run
+     outside the lock; counted per epoch in C, see ``_settle_frees``), so a late write never
+     lands in a cluster handed out again.
 
 Concurrent allocating writes to the same guest cluster are serialised with an in-flight set and a
-condition variable on the metadata lock.
+condition variable on the metadata lock. Every cluster reserved is below ``_zero_from``, and the
+file is never truncated below it while growing, whatever requests are still writing.
+Persistent dirty bitmaps are kept valid and flagged in use (see bitmaps.py).
 """
 import errno
 import os
