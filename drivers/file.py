@@ -48,6 +48,43 @@ def _bit_index(bit):
     return bit.bit_length() - 1
 
 
+def create_fd(path, locking=True, what="file"):
+    """An fd of ``path`` (created if missing), emptied only once QEMU's creation locks are held: the
+    caller writes the new image and closes the fd (which drops the locks). PermissionConflict, and the
+    file untouched, if another user holds the image (a VM, or the source of the convert creating it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BlockError(e.errno, f"{what}: could not create '{path}': {e.strerror}", path) from None
+    try:
+        if locking and stat.S_ISREG(os.fstat(fd).st_mode):
+            _lock_for_create(fd, path)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_for_create(fd, path):
+    """Hold write and resize, share everything but resize (QEMU's creation locks); refuse if another user
+    holds resize or does not share write or resize."""
+    for bit, unshare in ((PERM_WRITE, False), (PERM_RESIZE, True)):
+        i = _bit_index(bit)
+        try:
+            _lock_byte(fd, _LOCK_PERM_BASE + i, fcntl.F_RDLCK)
+            if unshare:
+                _lock_byte(fd, _LOCK_SHARED_BASE + i, fcntl.F_RDLCK)
+        except OSError:
+            pass                # the checks below say who is in the way
+    for bit in (PERM_WRITE, PERM_RESIZE):
+        i = _bit_index(bit)
+        if _byte_locked_by_other(fd, _LOCK_SHARED_BASE + i) or (
+                bit == PERM_RESIZE and _byte_locked_by_other(fd, _LOCK_PERM_BASE + i)):
+            raise PermissionConflict(f"Failed to get \"{PERM_NAMES[bit]}\" lock on '{path}': is another process "
+                                     f"using the image?")
+
+
 class FileDriver(BlockDriver):
     format_name = "file"
     protocol_name = "file"
@@ -229,11 +266,11 @@ class FileDriver(BlockDriver):
     # ------------------------------------------------------------- create
     @classmethod
     def create(cls, filename, size, opts):
+        """Create (or empty) ``filename`` with ``size`` bytes. As QEMU does, the write and resize locks are
+        taken and checked *before* the file is emptied: an image another user holds (a VM, or the source
+        of the very convert that creates this file) is refused, and keeps its data."""
         prealloc = opts.get("preallocation", "off")
-        try:
-            fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise BlockError(e.errno, f"file: could not create '{filename}': {e.strerror}", filename) from None
+        fd = create_fd(filename, opts.get("locking", "auto") != "off")
         try:
             os.ftruncate(fd, size)
             if prealloc == "falloc" and size:
@@ -245,7 +282,7 @@ class FileDriver(BlockDriver):
         except OSError as e:
             raise BlockError(e.errno, f"file: could not size '{filename}': {e.strerror}", filename) from None
         finally:
-            os.close(fd)
+            os.close(fd)           # drops the locks
 
     def get_info(self):
         try:

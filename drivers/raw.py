@@ -6,12 +6,15 @@ from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError
 from pyrep.options import Opt
 
+from .file import FileDriver
+
 __all__ = ["RawDriver"]
 
 
 class RawDriver(BlockDriver):
     format_name = "raw"
     is_format = True
+    create_options = FileDriver.create_options      # raw creates the plain file
     options = (
         Opt("file", "child", required=True, help="the protocol node"),
         Opt("offset", "size", default=0, help="where the disk starts in the file"),

@@ -256,7 +256,9 @@ def reopen_multiple(changes):
                 except Exception:
                     pass
             raise
-        for n in prepared:
+        # protocol children first: a format that goes read/write may write at once (qcow2 repairs
+        # a dirty image, clears auto-clear bits, flags its bitmaps), through its file's new fd
+        for n in reversed(prepared):
             n.driver.reopen_commit()
             n.opts["read-only"] = n.read_only
 

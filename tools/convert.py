@@ -218,7 +218,7 @@ class Copier:
             return
         mv = memoryview(buf)
         if plan == "c":
-            write_compressed(self.cwrite, self.dst, off, mv[:n], self.cs, self.size)
+            write_compressed(self.cwrite, self.dst, off, mv[:n], self.cs, self.dst.length)
         else:
             wr = self.dnode.pwritev
             for st, c in plan:
@@ -226,16 +226,22 @@ class Copier:
 
 
 def write_compressed(cwrite, dst, off, mv, cs, size):
-    """Write ``mv`` at guest offset ``off``: whole clusters compressed, pieces of clusters (the job starts
-    or ends inside a cluster) as plain writes; zero clusters are left out (the target is fresh)."""
+    """Write ``mv`` at guest offset ``off`` of the target (``size`` bytes long): whole clusters compressed,
+    pieces of clusters (the job starts or ends inside a cluster) as plain writes; zero clusters are left
+    out (the target is fresh). The target's last cluster is compressed too, padded with zeroes up to the
+    target's end (which may lie past the source's, rounded up to a sector)."""
     pos = 0
     n = len(mv)
     while pos < n:
         c = min(cs - (off + pos) % cs, n - pos)
         part = mv[pos:pos + c]
         if not IOVector(part).is_zero():
-            if c < cs and off + pos + c < size:
-                dst.pwritev(off + pos, IOVector(part))
-            else:
+            cl_end = min(off + pos - (off + pos) % cs + cs, size)
+            if (off + pos) % cs == 0 and off + pos + c == cl_end:
                 cwrite(off + pos, c, IOVector(part))
+            elif (off + pos) % cs == 0 and off + pos + c == n + off and cl_end == size:
+                # the source ends inside the target's last cluster: the rest of it reads as zeroes
+                cwrite(off + pos, cl_end - off - pos, IOVector(bytes(part) + bytes(cl_end - off - pos - c)))
+            else:
+                dst.pwritev(off + pos, IOVector(part))
         pos += c

@@ -54,11 +54,34 @@ def size_arg(text, what="size"):
     t = str(text).strip()
     if t.lower().endswith("b") and t[:-1].isdigit():
         t = t[:-1]
+    if t[:2].lower() == "0x":                   # qemu accepts hexadecimal byte counts
+        try:
+            return int(t, 16)
+        except ValueError:
+            pass
     try:
         return parse_size(t, what)
     except pyrep.OptionError:
         raise UsageError(f"Invalid {what} specified: '{text}'. You may use k, M, G, T, P or E suffixes for "
                          f"kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+
+
+def create_kwargs(drv, fmt, opts):
+    """``-o`` options → keyword arguments of the format's ``create``, checked against its
+    ``create_options`` as qemu-img checks them: an unknown key or a bad value is an error naming it."""
+    schema = {o.name.replace("-", "_"): o for o in getattr(drv, "create_options", ())}
+    kw = {}
+    for k, v in opts.items():
+        key = k.replace("-", "_")
+        o = schema.get(key)
+        if o is None:
+            known = f" (known: {', '.join(sorted(schema))})" if schema else ""
+            raise Error(f"Invalid parameter '{k}' for format '{fmt}'{known}")
+        try:
+            kw[key] = o.convert(v, f"{fmt}: option '{k}'")
+        except pyrep.OptionError as e:
+            raise Error(str(e)) from None
+    return kw
 
 
 def parse_o(values):
@@ -243,6 +266,8 @@ def cmd_create(a):
     opts.pop("backing_fmt", None)
     size = opts.pop("size", None)
     if a.size is not None:
+        if size is not None:
+            raise Error(f"{a.filename}: Image size must be specified only once")
         size = a.size
     size = size_arg(size, "image size") if size is not None else None
     drv = get_driver(fmt)
@@ -263,22 +288,9 @@ def cmd_create(a):
         raise Error("Backing file specified without a size (-u needs one)")
     if size is None:
         raise UsageError("Image creation needs a size parameter")
+    kw = create_kwargs(drv, fmt, opts)
     # the line qemu-img prints
     qprint(a.quiet, f"Formatting '{a.filename}', " + " ".join(_formatting_parts(fmt, size, backing, backing_fmt, opts)))
-    kw = {}
-    schema = {o.name.replace("-", "_"): o for o in getattr(drv, "create_options", ())}
-    for k, v in opts.items():
-        key = k.replace("-", "_")
-        o = schema.get(key)
-        if schema and o is None:
-            raise Error(f"Invalid parameter '{k}' for format '{fmt}'"
-                        f" (known: {', '.join(sorted(schema)) or 'none'})")
-        if o is not None:
-            try:
-                v = o.convert(v, f"{fmt}: option '{k}'")
-            except Exception:
-                pass
-        kw[key] = v
     if backing is not None and a.unsafe:
         # no probing of a backing file that may not exist yet
         kw["backing_file"] = backing
@@ -658,12 +670,17 @@ def any_nonzero(mv):
 
 def cmd_compare(a):
     try:
-        blk1 = open_image(a.filename1, a.fmt1, cache=cache_opts(a.cache), force_share=a.force_share)
+        cache = cache_opts(a.cache)
+    except UsageError as e:             # qemu-img compare: any error is exit code 2
+        err(str(e))
+        return 2
+    try:
+        blk1 = open_image(a.filename1, a.fmt1, cache=cache, force_share=a.force_share)
     except Error as e:
         err(str(e))
         return 2
     try:
-        blk2 = open_image(a.filename2, a.fmt2, cache=cache_opts(a.cache), force_share=a.force_share)
+        blk2 = open_image(a.filename2, a.fmt2, cache=cache, force_share=a.force_share)
     except Error as e:
         blk1.close()
         err(str(e))
@@ -687,7 +704,7 @@ def _compare(a, blk1, blk2):
         qprint(q, "Strict mode: Image size mismatch!")
         return 1
     buf1, buf2 = bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)
-    prog = Progress(a.progress)
+    prog = Progress(a.progress and not a.quiet)
     total = max(size1, size2) or 1
     off = 0
     while off < common:
@@ -776,21 +793,13 @@ def cmd_convert(a):
     try:
         size = src.length
         if a.target_size is not None:
-            size = size_arg(a.target_size)
+            tsize = size_arg(a.target_size)
+            if tsize < size:
+                raise Error(f"--target-size {tsize} is smaller than the source ({size} bytes): the copy would "
+                            f"lose data")
+            size = tsize
         if not a.no_create:
-            kw = {}
-            schema = {o.name.replace("-", "_"): o for o in getattr(odrv, "create_options", ())}
-            for k, v in opts.items():
-                key = k.replace("-", "_")
-                o = schema.get(key)
-                if schema and o is None:
-                    raise Error(f"Invalid parameter '{k}' for format '{out_fmt}'")
-                if o is not None:
-                    try:
-                        v = o.convert(v, f"{out_fmt}: option '{k}'")
-                    except Exception:
-                        pass
-                kw[key] = v
+            kw = create_kwargs(odrv, out_fmt, opts)
             if backing is not None:
                 pyrep.create_image(out_name, out_fmt, size, backing_file=backing, backing_fmt=backing_fmt, **kw)
             else:
@@ -819,7 +828,7 @@ def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
     """Copy ``src`` to ``dst`` with the copy engine of tools/convert.py: zero/unallocated ranges are
     skipped (the fresh target reads zeroes), data is read and written by a few worker threads."""
     from .convert import Copier
-    prog = Progress(a.progress)
+    prog = Progress(a.progress and not a.quiet)
     min_sparse = size_arg(a.min_sparse) if a.min_sparse is not None else 4096
     cs = 0
     if cwrite is not None:
@@ -841,7 +850,9 @@ def cmd_commit(a):
         if len(chain) < 2:
             raise Error(f"Image '{a.filename}' does not have a backing file")
         if a.base:
-            want = os.path.realpath(a.base)
+            # as qemu-img: a relative -b names a file relative to the image's directory
+            want = os.path.realpath(a.base if os.path.isabs(a.base)
+                                    else os.path.join(os.path.dirname(a.filename), a.base))
             base = next((n for n in chain[1:] if n.filename and os.path.realpath(n.filename) == want), None)
             if base is None:
                 raise Error(f"Did not find '{a.base}' in the backing chain of '{a.filename}'")
@@ -856,7 +867,7 @@ def cmd_commit(a):
             size = top.length
             if bblk.length < size:
                 bblk.truncate(size)
-            prog = Progress(a.progress)
+            prog = Progress(a.progress and not a.quiet)
             prog.update(0)
             buf = bytearray(IO_BUF_SIZE)
             off = 0
@@ -938,7 +949,7 @@ def cmd_rebase(a):
             size = blk.length
             nlen = newb.length if newb is not None else 0
             buf1, buf2 = bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)
-            prog = Progress(a.progress)
+            prog = Progress(a.progress and not a.quiet)
             off = 0
             while off < size:
                 st = top.block_status(off, size - off)
@@ -1244,7 +1255,11 @@ def build_parser(cmd=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:             # raised by a type= check (sizes, offsets)
+        err(str(e))
+        return 1
     try:
         rc = args.func(args)
     except UsageError as e:

@@ -1,4 +1,4 @@
-"""A qemu-img style progress indicator (``    (12.34/100%)``), on stderr, redrawn in place."""
+"""A qemu-img style progress indicator (``    (12.34/100%)``), on stdout as qemu-img draws it, redrawn in place."""
 import sys
 import time
 
@@ -8,7 +8,7 @@ class Progress:
 
     def __init__(self, enabled, stream=None, min_interval=0.1):
         self.enabled = bool(enabled)
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stdout
         self.min_interval = min_interval
         self._last_pct = -100.0
         self._last_t = 0.0

@@ -231,6 +231,7 @@ cdef class Qcow2Core:
     cdef object _fpre
     cdef object _fpw
     cdef public bint _nocopy    # copy_file_range is not usable between our file and the backing's
+    cdef public bint _bm_pending    # persistent bitmaps still to flag in use before the first write
     cdef public long long cow_copies    # copy-on-write clusters copied in the kernel (stats, tests)
     # data requests that reach a host cluster found in an L2 entry, counted per epoch while they run
     # outside the lock: a freed cluster is handed out again only when those that started before its
@@ -551,7 +552,7 @@ cdef class Qcow2Core:
         cdef uint64_t toff, e
         cdef PyObject *t
         cdef array l1 = self._l1
-        if not flags & REQ_FUA and self._corrupt_msg is None and l1 is not None:
+        if not flags & REQ_FUA and self._corrupt_msg is None and l1 is not None and not self._bm_pending:
             if in_off + length <= self.cluster_size:
                 # overwrite inside an allocated cluster whose L2 table is cached
                 cidx = offset >> self.cluster_bits

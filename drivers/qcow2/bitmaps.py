@@ -1,8 +1,9 @@
 """Persistent dirty bitmaps of qcow2 images (the bitmaps header extension).
 
 pyrep does not record writes in dirty bitmaps, but keeps an image's bitmaps well-formed: before the first
-write through a read/write open, every bitmap is flagged ``in_use`` (the spec's "may be inconsistent",
-what a writer that does not keep a bitmap in sync must set), and the bitmaps extension stays valid (its
+write of guest data through a read/write open, every bitmap is flagged ``in_use`` (the spec's "may be
+inconsistent", what a writer that does not keep a bitmap in sync must set; opening read/write alone, a
+rebase -u or a refcount repair leave them as they are), and the bitmaps extension stays valid (its
 auto-clear bit stays set). Their clusters stay referenced, so the image stays clean for ``qemu-img check``,
 and QEMU still lists the bitmaps (as in-use) and can remove them. An image whose bitmaps cannot be parsed
 gets the old treatment instead: the auto-clear bit is cleared, which tells every reader that the extension

@@ -230,9 +230,9 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 except ValueError:
                     d = None
                 if d is not None:
-                    if any(not e["flags"] & B.IN_USE for e in d.entries):
-                        self.file.pwrite(d.offset, d.marked_in_use())
-                        self.file.flush()
+                    # flagged in use before the first write of guest data (_check_writable), not now:
+                    # a header-only change (rebase -u) or a refcount repair leaves them consistent
+                    self._bm_pending = any(not e["flags"] & B.IN_USE for e in d.entries)
                     keep = F.AUTOCLEAR_BITMAPS
             if h.autoclear != keep:
                 self._write_header_u64(88, keep)
@@ -744,9 +744,25 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         return buf
 
     # ================================================================ writes
-    def _check_writable(self):
+    def _check_not_corrupt(self):
         if self._corrupt_msg:
             raise BlockError(errno.EIO, self._corrupt_msg)
+
+    def _check_writable(self):
+        """Before any change of guest data."""
+        self._check_not_corrupt()
+        if self._bm_pending:
+            self._flag_bitmaps_in_use()
+
+    def _flag_bitmaps_in_use(self):
+        """Set every bitmap's in_use flag (we do not record writes in them) before the first write."""
+        with self._lock:
+            if not self._bm_pending:
+                return
+            d = self._bitmap_directory()
+            self.file.pwrite(d.offset, d.marked_in_use())
+            self.file.flush()
+            self._bm_pending = False
 
     def _pwritev_slow(self, offset, length, iov, flags):
         self._check_writable()
@@ -1040,7 +1056,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         """Rewrite the backing file name and the backing format header extension (``name`` None or empty:
         no backing file, and no format). The open backing node is not changed. Everything in the header
         cluster (header, extensions, name) must fit in the first cluster."""
-        self._check_writable()
+        self._check_not_corrupt()           # guest data does not change: bitmaps stay consistent
         if self.read_only:
             raise BlockError(errno.EROFS, f"qcow2: image {self.filename} is read-only; cannot change its "
                                           f"backing file")
@@ -1296,11 +1312,11 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             raise BlockError(errno.EINVAL, f"qcow2: new size {length} is not a multiple of 512")
         if length == self.size:
             return
-        self._check_writable()
         if self._bitmaps_valid():
             # each bitmap's table is sized for the old length (QEMU refuses too)
             raise BlockError(errno.ENOTSUP, f"qcow2: image {self.filename} has persistent dirty bitmaps; resizing "
                                             f"it is not supported (remove them with qemu-img bitmap --remove)")
+        self._check_writable()
         cs = self.cluster_size
         need = -(-length // (cs * self._l2_entries))
         if need * 8 > F.MAX_L1_BYTES or length > F.MAX_VIRTUAL_SIZE:

@@ -437,6 +437,18 @@ def _backing_size(path, fmt):
         raise BlockError(e.errno or errno.EIO, f"qcow2: cannot open backing file {path}: {e.strerror}") from None
 
 
+def _onoff(v, name):
+    """qemu's bool options: on/off (and true/false, yes/no, 1/0); anything else is an error."""
+    if isinstance(v, bool):
+        return v
+    t = str(v).strip().lower()
+    if t in ("on", "true", "yes", "1"):
+        return True
+    if t in ("off", "false", "no", "0"):
+        return False
+    raise OptionError(f"qcow2: parameter '{name}' expects 'on' or 'off', not {v!r}")
+
+
 def create_file(filename, size, opts):
     """Write a new, empty qcow2 image with plain os calls."""
     opts = dict(opts or {})
@@ -460,7 +472,7 @@ def create_file(filename, size, opts):
     prealloc = str(_opt(opts, "preallocation", default="off"))
     if prealloc != "off":
         raise OptionError(f"qcow2: preallocation {prealloc!r} is not supported (only 'off')")
-    lazy = bool(_opt(opts, "lazy_refcounts", default=False))
+    lazy = _onoff(_opt(opts, "lazy_refcounts", default=False), "lazy_refcounts")
     if lazy and version == 2:
         raise OptionError("qcow2: lazy_refcounts requires compat 1.1")
     backing_file = _opt(opts, "backing_file")
@@ -492,10 +504,8 @@ def create_file(filename, size, opts):
                                compatible=COMPAT_LAZY_REFCOUNTS if lazy else 0)
     writes = [(0, c0)] + layout_blobs(lay, cluster_bits, refcount_order)
     end = lay["l1_off"] + l1_size * 8 if l1_size else lay["l1_off"]
-    try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as e:
-        raise BlockError(e.errno or errno.EIO, f"qcow2: cannot create {filename}: {e.strerror}") from None
+    from pyrep.drivers.file import create_fd     # the file protocol's creation locks
+    fd = create_fd(filename, str(_opt(opts, "locking", default="auto")) != "off", what="qcow2")
     try:
         for off, data in writes:
             os.pwrite(fd, data, off)

@@ -81,7 +81,7 @@ def test_convert_chain(tmp_path, chain, fmt, opts):
     out = tmp_path / f"out.{fmt}"
     p = pimg("convert", "-O", fmt, *opts, top, out)
     if "-p" in opts:
-        assert "(100.00/100%)" in p.stderr
+        assert "(100.00/100%)" in p.stdout
     qimg("compare", top, out)
     if fmt == "qcow2":
         qimg("check", out)

@@ -71,9 +71,32 @@ def test_rebase_keeps_bitmaps_and_resize_is_refused(tmp_path):
     finally:
         blk.close()
     qcheck(img)
-    assert _qemu_bitmaps(img) == {"b0": ["auto", "in-use"], "b1": ["auto", "in-use"]}
+    # no guest data changed: the bitmaps are still consistent, not flagged
+    assert _qemu_bitmaps(img) == {"b0": ["auto"], "b1": ["auto"]}
     info = json.loads(qimg("info", "--output=json", img).stdout)
     assert info["backing-filename"] == "base.qcow2" and info["virtual-size"] == 16 * MB
+
+
+def test_opening_read_write_without_writing_leaves_bitmaps_consistent(tmp_path):
+    """Opened read/write and read from, or repaired: the bitmaps are not flagged in use; the first
+    write of guest data flags them, before it reaches the file."""
+    img = tmp_path / "b.qcow2"
+    _with_bitmaps(img)
+    blk = open_q(img)
+    try:
+        assert blk.pread(0, 4096) == b"\x01" * 4096
+        blk.flush()
+    finally:
+        blk.close()
+    assert pyrep.check_image(str(img), repair="all")["corruptions"] == 0
+    assert _qemu_bitmaps(img) == {"b0": ["auto"], "b1": ["auto"]}
+    blk = open_q(img)
+    try:
+        blk.pwrite_zeroes(8 * MB, 65536)
+    finally:
+        blk.close()
+    assert _qemu_bitmaps(img) == {"b0": ["auto", "in-use"], "b1": ["auto", "in-use"]}
+    qcheck(img)
 
 
 def test_unparsable_bitmap_directory_is_dropped_not_trusted(tmp_path):
