@@ -33,7 +33,8 @@ class Copier:
     """Copy ``size`` bytes of the source node to the target node (both open, same guest offsets).
 
     ``fresh``: the target reads zeroes everywhere (a new image without a backing file): zero ranges are
-    skipped. ``min_sparse``: granule of the zero scan of data (0: only all-zero jobs are skipped).
+    skipped. ``min_sparse``: granule of the zero scan of data; 0: nothing is skipped, every byte of the
+    target is written (qemu-img's -S 0, a fully allocated output) unless the target has a backing file.
     ``top_only``: copy only what the source's top layer allocates (the target has a backing file).
     ``cwrite``/``cs``: the target's compressed cluster write and cluster size (``-c``).
     ``status``: ``status(node, offset, length) -> (flags, pnum)`` through the whole chain.
@@ -100,7 +101,7 @@ class Copier:
                     kind = "z" if flags & BS_ZERO else "d"
             else:
                 flags, n = self.status(snode, off, size - off)
-                kind = "z" if flags & BS_ZERO else "d"
+                kind = "z" if flags & BS_ZERO and self.min_sparse else "d"    # -S 0: zeroes written as data
             if kind == "z" and self.fresh:
                 kind = None             # the target reads zeroes already
             if kind != pend_kind:
@@ -178,10 +179,12 @@ class Copier:
         """What to write of a data job: 'c' (compressed clusters), 'z' (zeroes), None (nothing) or runs."""
         if self.cwrite is not None:
             return "c"
-        if self.fresh and self.min_sparse:
+        if not self.min_sparse:
+            return [(0, n)]             # -S 0: every byte written, the output fully allocated
+        if self.fresh:
             return nonzero_runs(mv, n, self.min_sparse) or None
         if IOVector(mv[:n]).is_zero():
-            return None if self.fresh else "z"
+            return "z"
         return [(0, n)]
 
     def _writer(self):

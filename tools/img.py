@@ -66,6 +66,15 @@ def size_arg(text, what="size"):
                          f"kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
 
 
+def sparse_arg(text):
+    """convert -S: the zero-detection granule (default 4 KiB); 0 writes every byte (fully allocated)."""
+    n = size_arg(text, "sparse size") if text is not None else 4096
+    if n % 512 or n > 16 * 1024 * 1024:
+        raise Error("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
+                    "16777216. Select 0 to disable sparse detection (fully allocates output).")
+    return n
+
+
 def create_kwargs(drv, fmt, opts):
     """``-o`` options → keyword arguments of the format's ``create``, checked against its
     ``create_options`` as qemu-img checks them: an unknown key or a bad value is an error naming it."""
@@ -778,6 +787,7 @@ def cmd_convert(a):
     if a.num_coroutines is not None and not 1 <= a.num_coroutines <= 16:
         raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
     src_name, out_name = a.filenames
+    sparse_arg(a.min_sparse)            # checked before anything is created
     out_fmt = a.out_fmt or "raw"
     opts = parse_o(a.options)
     backing = a.backing if a.backing is not None else opts.pop("backing_file", None)
@@ -829,7 +839,7 @@ def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
     skipped (the fresh target reads zeroes), data is read and written by a few worker threads."""
     from .convert import Copier
     prog = Progress(a.progress and not a.quiet)
-    min_sparse = size_arg(a.min_sparse) if a.min_sparse is not None else 4096
+    min_sparse = sparse_arg(a.min_sparse)
     cs = 0
     if cwrite is not None:
         info = dst.node.driver.get_info() or {}

@@ -114,3 +114,16 @@ def test_commit_into_a_base_with_bitmaps_and_a_relative_base_path(tmp_path):
     assert not res.get("corruptions") and not res.get("leaks")
     bitmaps = json.loads(qimg("info", "--output=json", base).stdout)["format-specific"]["data"]["bitmaps"]
     assert bitmaps[0]["name"] == "bm0" and "in-use" in bitmaps[0]["flags"]   # written, not tracked
+
+
+def test_convert_S0_fully_allocates_and_bad_S_is_refused_first(img, tmp_path):
+    q, r = tmp_path / "full.qcow2", tmp_path / "full.raw"
+    pimg("convert", "-S", "0", "-O", "qcow2", img, q, check=0)
+    res = json.loads(qimg("check", "--output=json", q).stdout)
+    assert res["allocated-clusters"] == res["total-clusters"] == 160      # as qemu-img -S 0
+    qimg("compare", img, q, check=0)
+    pimg("convert", "-S", "0", "-O", "raw", img, r, check=0)
+    assert os.stat(r).st_blocks * 512 >= 10 * MiB
+    bad = tmp_path / "bad.raw"
+    p = pimg("convert", "-S", "1", "-O", "raw", img, bad)
+    assert p.returncode == 1 and "Invalid buffer size for sparse output" in p.stderr and not bad.exists()
