@@ -192,6 +192,9 @@ class FileDriver(BlockDriver):
         self._size = length
 
     def block_status(self, offset, length):
+        if offset >= self._size:
+            # past the end of the file (the tail of a raw disk rounded up to a sector): reads as zeroes
+            return (BS_ZERO | BS_OFFSET_VALID | BS_ALLOCATED, length, offset, self.node)
         end = min(offset + length, self._size)
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
@@ -270,6 +273,7 @@ class FileDriver(BlockDriver):
         taken and checked *before* the file is emptied: an image another user holds (a VM, or the source
         of the very convert that creates this file) is refused, and keeps its data."""
         prealloc = opts.get("preallocation", "off")
+        size = (size + 511) & ~511          # qemu-img creates whole sectors too
         fd = create_fd(filename, opts.get("locking", "auto") != "off")
         try:
             os.ftruncate(fd, size)

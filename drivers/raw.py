@@ -44,7 +44,8 @@ class RawDriver(BlockDriver):
     def getlength(self):
         if self.size is not None:
             return self.size
-        return self.file.node.length - self.offset
+        # as QEMU: the disk is whole 512-byte sectors; the tail of an odd-sized file reads as zeroes
+        return (self.file.node.length - self.offset + 511) & ~511
 
     def preadv(self, offset, length, iov):
         return self.file.preadv(offset + self.offset, length, iov)

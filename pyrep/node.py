@@ -518,13 +518,19 @@ class Node(NodeIO):
         pnum = min(pnum, length)
         if flags & BS_RECURSE and file is not None:
             inner = file.block_status(mapped, pnum)
-            pnum = min(pnum, inner.length) if inner.length else pnum
-            flags = (inner.flags & ~BS_EOF) | (flags & BS_ALLOCATED & ~BS_RECURSE)
-            if not self.is_filter:
-                flags |= BS_ALLOCATED
-                if not flags & (BS_DATA | BS_ZERO):
-                    flags |= BS_DATA
-            mapped, file = inner.offset, inner.file
+            if inner.flags & BS_EOF and not inner.length:
+                # past the end of the protocol (a raw disk's tail, rounded up to a sector): zeroes
+                flags = BS_ZERO | BS_OFFSET_VALID | (flags & BS_ALLOCATED & ~BS_RECURSE)
+                if not self.is_filter:
+                    flags |= BS_ALLOCATED
+            else:
+                pnum = min(pnum, inner.length) if inner.length else pnum
+                flags = (inner.flags & ~BS_EOF) | (flags & BS_ALLOCATED & ~BS_RECURSE)
+                if not self.is_filter:
+                    flags |= BS_ALLOCATED
+                    if not flags & (BS_DATA | BS_ZERO):
+                        flags |= BS_DATA
+                mapped, file = inner.offset, inner.file
         if not flags & BS_ALLOCATED:
             back = self.backing
             if back is None and not self.is_filter:

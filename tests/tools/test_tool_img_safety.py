@@ -127,3 +127,21 @@ def test_convert_S0_fully_allocates_and_bad_S_is_refused_first(img, tmp_path):
     bad = tmp_path / "bad.raw"
     p = pimg("convert", "-S", "1", "-O", "raw", img, bad)
     assert p.returncode == 1 and "Invalid buffer size for sparse output" in p.stderr and not bad.exists()
+
+
+def test_raw_files_of_odd_size_are_whole_sectors_as_in_qemu(tmp_path):
+    odd, o1, o2 = tmp_path / "odd.raw", tmp_path / "o1.raw", tmp_path / "o2.raw"
+    odd.write_bytes(os.urandom(3000000))
+    for cmd in (["map", "--output=json", odd], ["map", odd]):
+        assert pimg(*cmd, check=0).stdout == qimg(*cmd, check=0).stdout, cmd
+    mine = json.loads(pimg("info", "--output=json", odd, check=0).stdout)
+    assert mine["virtual-size"] == json.loads(qimg("info", "--output=json", odd).stdout)["virtual-size"] == 3000320
+    o1.write_bytes(b"\x01" * 1000)
+    o2.write_bytes(b"\x01" * 1000 + bytes(24))
+    mine, theirs = pimg("compare", o1, o2), qimg("compare", o1, o2)
+    assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout) == (0, "Images are identical.\n")
+    pimg("create", "-q", "-f", "raw", tmp_path / "c.raw", "1000", check=0)
+    assert os.path.getsize(tmp_path / "c.raw") == 1024
+    pimg("convert", "-O", "raw", odd, tmp_path / "p.raw", check=0)
+    qimg("convert", "-O", "raw", odd, tmp_path / "q.raw", check=0)
+    assert (tmp_path / "p.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
