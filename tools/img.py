@@ -721,7 +721,9 @@ def _compare(a, blk1, blk2):
         s2, p2 = status_above(n2, off, common - off)
         chunk = min(p1, p2)
         al1, al2 = bool(s1 & BS_ALLOCATED), bool(s2 & BS_ALLOCATED)
-        if a.strict and (s1 & (BS_ALLOCATED | BS_ZERO | BS_DATA)) != (s2 & (BS_ALLOCATED | BS_ZERO | BS_DATA)):
+        # qemu-img compares the whole status; OFFSET_VALID tells a compressed cluster from a plain one
+        strict_mask = BS_ALLOCATED | BS_ZERO | BS_DATA | BS_OFFSET_VALID
+        if a.strict and (s1 & strict_mask) != (s2 & strict_mask):
             qprint(q, f"Strict mode: Offset {off} block status mismatch!")
             return 1
         if s1 & BS_ZERO and s2 & BS_ZERO:

@@ -145,3 +145,11 @@ def test_raw_files_of_odd_size_are_whole_sectors_as_in_qemu(tmp_path):
     pimg("convert", "-O", "raw", odd, tmp_path / "p.raw", check=0)
     qimg("convert", "-O", "raw", odd, tmp_path / "q.raw", check=0)
     assert (tmp_path / "p.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
+
+
+def test_strict_compare_tells_compressed_from_plain_clusters(img, tmp_path):
+    c = tmp_path / "c.qcow2"
+    qimg("convert", "-c", "-O", "qcow2", img, c, check=0)
+    for args in (("-s", img, c), ("-s", img, img), (img, c)):
+        mine, theirs = pimg("compare", *args), qimg("compare", *args)
+        assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout), args
