@@ -126,6 +126,10 @@ class MemoryDriver(BlockDriver):
         self._compress_delay = float(opts["compress-delay"])
         self._compact_lock = threading.Lock()   # one compaction pass at a time
         self._store = store = MemStore(self, cs, self.backing is not None, background)
+        if self._inline:
+            # every write notes the clusters it touches, as during a background pass: a write that
+            # lands while another one's inline compression runs (blosc drops the GIL) must win
+            store.compacting = True
         store.wake_bytes = self._compress_above
         self._lock = threading.Lock()       # only the slow, rare paths (truncate) take it
         # the node layer calls these directly (C)
@@ -223,12 +227,17 @@ class MemoryDriver(BlockDriver):
         """compress=inline: write, then compress the clusters written (before returning)."""
         self._store.pwritev(offset, length, iov, flags)
         store = self._store
-        for idx in range(offset >> self._shift, ((offset + length - 1) >> self._shift) + 1):
-            raw = store.clusters.get(idx)
-            if type(raw) is bytearray:
-                packed = self._compress(raw)
-                if packed is not None:
-                    store.replace_if(idx, raw, packed)
+        # one compressor at a time (as the background pass): taking a cluster for compression clears
+        # its "touched" mark, so a second compressor of the same cluster would hide the writes the
+        # first one's copy lacks
+        with self._compact_lock:
+            for idx in range(offset >> self._shift, ((offset + length - 1) >> self._shift) + 1):
+                raw = store.take_for_compression(idx)
+                if raw is not None:
+                    packed = self._compress(raw)
+                    if packed is not None:
+                        # not if another write changed the cluster while it was being compressed
+                        store.replace_if(idx, raw, packed, untouched=True)
 
     # --------------------------------------------------------- compressor
     def _start_compressor(self):
@@ -267,8 +276,9 @@ class MemoryDriver(BlockDriver):
         done = skipped = 0
         store = self._store
         with self._compact_lock:
-            store.touched.clear()
-            store.compacting = True
+            if not self._inline:            # inline stores always note touches (and may be mid-write)
+                store.touched.clear()
+                store.compacting = True
             try:
                 t0 = time.perf_counter()
                 for n, idx in enumerate(list(store.clusters)):
@@ -289,8 +299,9 @@ class MemoryDriver(BlockDriver):
                     elif store.replace_if(idx, raw, packed, True):
                         done += 1
             finally:
-                store.compacting = False
-                store.touched.clear()
+                if not self._inline:
+                    store.compacting = False
+                    store.touched.clear()
                 # what did not compress stays raw: count it below the threshold, so the next pass
                 # comes only when a good deal more is stored raw
                 store.wake_bytes = self._compress_above + skipped
