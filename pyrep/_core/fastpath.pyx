@@ -236,8 +236,10 @@ cdef class CowGate:
     write them to the target as a serialising request, mark them copied. It
     returns False — "take the Python path" — when a cluster is claimed by
     someone else (the Python notifier waits for it). A copy error goes to
-    ``on_error(exc, pending_clusters)`` (the job's policy; it releases the
-    claims and may raise). ``on_wake()`` is called after claims are released
+    ``on_error(exc, failed, rest)`` with the clusters of the run that failed and
+    the claimed ones not tried yet (the job's policy: it releases the claims
+    and may raise; True means "failed run given up as copied, go on with the
+    rest"). ``on_wake()`` is called after claims are released
     if anyone counted itself in ``waiters`` (the job's condition)."""
     cdef readonly Bitmap copied
     cdef readonly Bitmap claimed
@@ -410,8 +412,10 @@ cdef class CowGate:
                 try:
                     self._copy_run(idx, run)
                 except BlockError as e:
-                    pending = [i for i in range(idx, last + 1) if not self.copied.c_get(i * cs)]
-                    self.on_error(e, pending)
+                    rest = [i for i in range(idx + run, last + 1) if not self.copied.c_get(i * cs)]
+                    if self.on_error(e, list(range(idx, idx + run)), rest):
+                        idx += run
+                        continue
                     return True
                 except BaseException:
                     self.release([i for i in range(idx, last + 1) if not self.copied.c_get(i * cs)], False)

@@ -242,23 +242,26 @@ class BackupJob(Job):
             try:
                 self._gate.copy_run(first, count)
             except BlockError as e:
-                pending = [idx for f, c in runs[k:] for idx in range(f, f + c)]
-                self._cow_failed(e, pending)
+                rest = [idx for f, c in runs[k + 1:] for idx in range(f, f + c)]
+                if self._cow_failed(e, list(range(first, first + count)), rest):
+                    continue
                 return
             except BaseException:
                 pending = [idx for f, c in runs[k:] for idx in range(f, f + c)]
                 self._gate.release(pending, False)
                 raise
 
-    def _cow_failed(self, e, pending):
+    def _cow_failed(self, e, failed, rest):
+        """A copy-before-write of the clusters ``failed`` failed; ``rest``: the claimed clusters of the
+        same write not tried yet. True: go on copying ``rest`` (ignore: only ``failed`` is given up)."""
         policy = self.on_error
         if policy == "ignore":
-            self._gate.release(pending, True)
+            self._gate.release(failed, True)
             with self._cond:
                 self.errors_ignored += 1
                 self.last_error = e
-            return
-        self._gate.release(pending, False)
+            return True
+        self._gate.release(failed + rest, False)
         if policy == "stop":
             with self._cond:
                 self.io_error = e
@@ -273,6 +276,7 @@ class BackupJob(Job):
             if self.error is None:
                 self.error = e
         self._kick()
+        return False
 
     # ---------------------------------------------------------------- the job thread
     def run(self):

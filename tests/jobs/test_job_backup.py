@@ -210,6 +210,24 @@ def test_cow_error_ignore_skips_cluster():
     job.cancel(sync=True)
 
 
+def test_cow_error_ignore_gives_up_only_the_failed_clusters():
+    """One write over three clusters: the copy of the first fails (ignored), the second was copied
+    before; the third must still be copied, not marked copied without its old data."""
+    src = pyrep.blockdev_add({"driver": "blkdebug", "node-name": "src",
+                              "file": {"driver": "memory", "size": SIZE, "node-name": "src-mem"}})
+    blk = pyrep.open_backend(src, share_rw=True)
+    blk.pwrite(0, pattern(1) + pattern(2) + pattern(3))
+    tgt, _ = counting_target()
+    job = pyrep.jobs.backup("src", "tgt", on_error="ignore")
+    blk.pwrite(CS, b"x")                                   # cluster 1 copied now
+    pyrep.inject_error("src", op="read", offset=0, length=CS, once=True)
+    blk.pwrite(0, b"\xee" * (3 * CS))                      # cluster 0 fails, 2 is still to copy
+    assert job.errors_ignored == 1 and job.error is None
+    assert tgt.pread(CS, CS) == pattern(2) and tgt.pread(2 * CS, CS) == pattern(3)
+    assert tgt.pread(0, CS) == bytes(CS)                   # the one cluster given up
+    job.cancel(sync=True)
+
+
 def test_cow_error_stop_fails_write_and_pauses():
     blk = pyrep.open_backend({"driver": "memory", "size": SIZE, "node-name": "src"}, share_rw=True)
     blk.pwrite(0, pattern(1, SIZE))
