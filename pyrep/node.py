@@ -597,17 +597,35 @@ class Node(NodeIO):
         req = self._track_try(offset, end, serialising)
         if req is not None:
             return req
+        # queue: registered now, so a request arriving later that conflicts with this one waits behind
+        # it (a serialising write is never overtaken for ever by a stream of overlapping reads, as in
+        # QEMU); this one waits only for the conflicting requests registered before it, so the waits
+        # follow arrival order and cannot form a cycle
+        req = (offset, end, serialising)
         cond = self._track_cond
         with cond:
-            self._track_waiters += 1        # before trying again: a request ending now must wake us
+            self._track_waiters += 1        # before registering: a request ending now must wake us
+            self._tracked.append(req)
             try:
-                while True:
-                    req = self._track_try(offset, end, serialising)
-                    if req is not None:
-                        return req
+                while self._conflicts_before(req):
                     cond.wait()
+            except BaseException:
+                self._track_done(req)
+                raise
             finally:
                 self._track_waiters -= 1
+        return req
+
+    def _conflicts_before(self, req):
+        """Is a request registered before ``req`` in its way? (a snapshot: the C path changes the list
+        without a lock, with the GIL held)"""
+        start, end, ser = req
+        for r in list(self._tracked):
+            if r is req:
+                return False
+            if r[0] < end and start < r[1] and (ser or r[2]):
+                return True
+        return False
 
     def _track_end(self, req):
         self._track_done(req)

@@ -91,12 +91,15 @@ cdef class NodeIO:
     cluster another request is copying), goes to the Python slow paths
     ``_preadv_slow``/``_pwritev_slow``.
 
-    Tracked requests are ``(start, end, serialising)`` tuples in ``_tracked``;
-    the list is changed only by ``_track_try``/``_track_done``, which run with
-    the GIL held and call nothing that could release it, so C and Python
-    users see a consistent list without a lock. Whoever waits for a conflict
-    counts itself in ``_track_waiters`` first and then waits on the node's
-    condition; ``_track_done`` wakes waiters only when there are some."""
+    Tracked requests are ``(start, end, serialising)`` tuples in ``_tracked``, in
+    arrival order; the list is changed only by ``_track_try``/``_track_done``
+    and by a waiting request queueing itself (``Node._track_begin``), each with
+    the GIL held and calling nothing that could release it, so C and Python
+    users see a consistent list without a lock. A request that conflicts
+    queues itself and waits for the conflicting requests before it; later
+    arrivals wait behind it. Whoever waits counts itself in ``_track_waiters``
+    first and then waits on the node's condition; ``_track_done`` wakes
+    waiters only when there are some."""
     cdef public bint _rslow
     cdef public bint _wslow
     cdef public bint _rc            # reads: tracking is the only reason for the slow path
@@ -135,7 +138,13 @@ cdef class NodeIO:
         return req
 
     cdef int _c_track_done(self, req) except -1:
-        self._tracked.remove(req)
+        # by identity: equal tuples of other requests stay (a queued request finds itself by identity)
+        cdef list lst = self._tracked
+        cdef Py_ssize_t i
+        for i in range(len(lst)):
+            if lst[i] is req:
+                del lst[i]
+                break
         if self._track_waiters:
             self._track_wake()
         return 0
