@@ -32,9 +32,18 @@ def test_create_or_convert_over_an_image_in_use_is_refused(img, tmp_path):
     holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 20000", str(img)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while qimg("info", img).returncode == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)                    # until qemu-io holds its locks
+        # until qemu-io holds its locks: the byte that says "write is not shared" (QEMU takes its
+        # locks in steps while it opens the image)
+        from pyrep.drivers.file import _LOCK_SHARED_BASE, _bit_index, _byte_locked_by_other
+        from pyrep.constants import PERM_WRITE
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            deadline = time.monotonic() + 20
+            while not _byte_locked_by_other(fd, _LOCK_SHARED_BASE + _bit_index(PERM_WRITE)):
+                assert time.monotonic() < deadline and holder.poll() is None, "qemu-io did not lock the image"
+                time.sleep(0.02)
+        finally:
+            os.close(fd)
         p = pimg("create", "-f", "qcow2", img, "1M")
         assert p.returncode == 1 and 'Failed to get "write" lock' in p.stderr, p.stderr
         src = tmp_path / "src.raw"
