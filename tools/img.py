@@ -93,6 +93,25 @@ def create_kwargs(drv, fmt, opts):
     return kw
 
 
+class OptionsHelp(Exception):
+    """``-o help``: list the format's creation options instead of running the command."""
+
+
+_OPT_KIND = {"size": "size", "bool": "bool (on/off)", "number": "num", "enum": "str", "string": "str"}
+
+
+def print_create_options(fmt):
+    """What ``qemu-img create -f FMT -o help`` prints: the format's creation options."""
+    drv = get_driver(fmt)
+    print(f"Supported {fmt} options:")
+    rows = [("size", "size", "Virtual disk size")] + [
+        (o.name, _OPT_KIND.get(o.type, "str"), o.help or "") for o in getattr(drv, "create_options", ())]
+    for name, kind, text in sorted(rows):
+        left = f"  {name}=<{kind}>"
+        print(f"{left:<24} - {text}" if text else left)
+    return 0
+
+
 def parse_o(values):
     """``-o a=1,b=2`` (repeatable) → dict; ``,,`` escapes a comma as in qemu."""
     out = {}
@@ -115,7 +134,7 @@ def parse_o(values):
             if not p:
                 continue
             if p == "help" or p == "?":
-                raise UsageError("-o help is not supported; see the format's create options")
+                raise OptionsHelp()
             k, sep, v = p.partition("=")
             out[k.strip()] = v if sep else "on"
     return out
@@ -267,7 +286,12 @@ def _formatting_parts(fmt, size, backing, backing_fmt, opts):
 
 
 def cmd_create(a):
-    opts = parse_o(a.options)
+    try:
+        opts = parse_o(a.options)
+    except OptionsHelp:
+        return print_create_options(a.fmt or "raw")
+    if a.filename is None:
+        raise UsageError("Expecting image file name")
     fmt = a.fmt or "raw"
     backing = a.backing if a.backing is not None else opts.pop("backing_file", None)
     backing_fmt = a.backing_fmt if a.backing_fmt is not None else opts.pop("backing_fmt", None)
@@ -782,6 +806,10 @@ def _compressed_writer(node):
 
 
 def cmd_convert(a):
+    try:
+        parse_o(a.options)
+    except OptionsHelp:
+        return print_create_options(a.out_fmt or "raw")
     if not a.filenames or len(a.filenames) < 2:
         raise UsageError("Expecting one image file name (and an output file)")
     if len(a.filenames) > 2:
@@ -1164,7 +1192,7 @@ def build_parser(cmd=None):
     s.add_argument("-o", dest="options", action="append")
     s.add_argument("-u", dest="unsafe", action="store_true")
     s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("filename")
+    s.add_argument("filename", nargs="?")          # not needed for -o help
     s.add_argument("size", nargs="?")
 
     s = add("info", cmd_info, "show information about an image")
@@ -1219,7 +1247,7 @@ def build_parser(cmd=None):
     s.add_argument("-W", dest="unordered", action="store_true")
     s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("--target-size", dest="target_size")
-    s.add_argument("filenames", nargs="+")
+    s.add_argument("filenames", nargs="*")
 
     s = add("commit", cmd_commit, "commit an image into its backing file")
     s.add_argument("-f", dest="fmt")

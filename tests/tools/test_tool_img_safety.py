@@ -162,3 +162,14 @@ def test_strict_compare_tells_compressed_from_plain_clusters(img, tmp_path):
     for args in (("-s", img, c), ("-s", img, img), (img, c)):
         mine, theirs = pimg("compare", *args), qimg("compare", *args)
         assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout), args
+
+
+@pytest.mark.parametrize("cmd", [["create", "-f", "qcow2", "-o", "help"], ["convert", "-O", "qcow2", "-o", "help"],
+                                 ["create", "-f", "raw", "-o", "?"]])
+def test_o_help_lists_the_creation_options(cmd):
+    p = pimg(*cmd, check=0)
+    fmt = cmd[cmd.index("-f" if "-f" in cmd else "-O") + 1]
+    assert p.stdout.startswith(f"Supported {fmt} options:\n") and "  size=<size>" in p.stdout
+    if fmt == "qcow2":
+        for name in ("cluster_size", "compat", "lazy_refcounts", "refcount_bits", "backing_file"):
+            assert f"  {name}=<" in p.stdout, name
