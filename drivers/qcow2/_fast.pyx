@@ -246,6 +246,17 @@ cdef class Qcow2Core:
     # under the GIL, so each is used by one request at a time
     cdef list _cowbufs
 
+    cdef inline long long _plain_host(self, uint64_t e) noexcept:
+        """The host offset of L2 entry ``e`` if it is a plain data cluster (COPIED, not compressed or
+        zero) at a valid place (aligned, past the header), else -1."""
+        cdef long long host
+        if (e & FM) != CP:
+            return -1
+        host = <long long>(e & L2M)
+        if host & self._cmask or host < self.cluster_size:
+            return -1
+        return host
+
     # ------------------------------------------------------------------ data requests in flight
     cdef inline int _dio_enter(self) noexcept:
         cdef int e = self._dio_epoch
@@ -315,8 +326,8 @@ cdef class Qcow2Core:
             ents = (<array>t).data.as_ulonglongs + (cidx & self._l2_mask)
             e = ents[0]
             if (e & FM) == CP:
-                host = <long long>(e & L2M)
-                if host & self._cmask or host < self.cluster_size:
+                host = self._plain_host(e)
+                if host < 0:
                     return 0          # the slow path reports the corruption
                 for j in range(1, k):
                     if ents[j] != (e + <uint64_t>(j * self.cluster_size)):
@@ -357,7 +368,7 @@ cdef class Qcow2Core:
                 pos = ((offset >> self.cluster_bits) + j + 1) << self.cluster_bits
                 if self.backing is not None and min(pos, offset + length) > self._backing_len:
                     return 0
-            elif (e & FM) != CP or (e & L2M) & <unsigned long long>self._cmask or (e & L2M) < <unsigned long long>cs:
+            elif self._plain_host(e) < 0:
                 return 0
         de = self._dio_enter()
         try:
@@ -437,7 +448,7 @@ cdef class Qcow2Core:
         cdef long long cidx = offset >> self.cluster_bits
         cdef long long l1i = cidx >> self._l2_bits
         cdef long long host
-        cdef uint64_t toff, e
+        cdef uint64_t toff
         cdef PyObject *t
         cdef array l1 = self._l1
         if l1 is None or l1i >= len(l1) or (offset & self._cmask) + n > self.cluster_size:
@@ -448,11 +459,8 @@ cdef class Qcow2Core:
         t = PyDict_GetItem(self._l2_cache, toff)
         if t is NULL:
             return -1
-        e = (<array>t).data.as_ulonglongs[cidx & self._l2_mask]
-        if (e & FM) != CP:
-            return -1
-        host = <long long>(e & L2M)
-        if host & self._cmask or host < self.cluster_size:
+        host = self._plain_host((<array>t).data.as_ulonglongs[cidx & self._l2_mask])
+        if host < 0:
             return -1
         return host + (offset & self._cmask)
 
@@ -489,10 +497,7 @@ cdef class Qcow2Core:
         with nogil:
             r = _copy_range(sfd, src, dfd, host, cs, &err)
             if r == cs:
-                if v.n == 1:
-                    _xfer_one(dfd, <char *>v.iov[0].iov_base, v.iov[0].iov_len, host + in_off, True, &err)
-                else:
-                    _xfer_vec(dfd, v.iov, v.n, host + in_off, True, &err)
+                _xfer_vec(dfd, v.iov, v.n, host + in_off, True, &err)
         bc._dio_leave(de)
         v.c_unpin()
         if r != cs:
@@ -549,7 +554,7 @@ cdef class Qcow2Core:
         cdef long long in_off = offset & self._cmask
         cdef long long cidx, l1i, host
         cdef int de
-        cdef uint64_t toff, e
+        cdef uint64_t toff
         cdef PyObject *t
         cdef array l1 = self._l1
         if not flags & REQ_FUA and self._corrupt_msg is None and l1 is not None and not self._bm_pending:
@@ -562,16 +567,13 @@ cdef class Qcow2Core:
                     if toff and (not self._inflight or cidx not in self._inflight):
                         t = PyDict_GetItem(self._l2_cache, toff)
                         if t is not NULL:
-                            e = (<array>t).data.as_ulonglongs[cidx & self._l2_mask]
-                            if (e & FM) == CP:
-                                host = <long long>(e & L2M)
-                                if not (host & self._cmask or host < self.cluster_size
-                                        or self.meta_overlap(host, length)):
-                                    de = self._dio_enter()
-                                    try:
-                                        return self._file_pwritev(host + in_off, length, iov)
-                                    finally:
-                                        self._dio_leave(de)
+                            host = self._plain_host((<array>t).data.as_ulonglongs[cidx & self._l2_mask])
+                            if host >= 0 and not self.meta_overlap(host, length):
+                                de = self._dio_enter()
+                                try:
+                                    return self._file_pwritev(host + in_off, length, iov)
+                                finally:
+                                    self._dio_leave(de)
             if self._alloc_fast(offset, length, iov):
                 return None
         return self._pwritev_slow(offset, length, iov, flags)
