@@ -233,6 +233,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                     # flagged in use before the first write of guest data (_check_writable), not now:
                     # a header-only change (rebase -u) or a refcount repair leaves them consistent
                     self._bm_pending = any(not e["flags"] & B.IN_USE for e in d.entries)
+                    self._bm_dir = d
                     keep = F.AUTOCLEAR_BITMAPS
             if h.autoclear != keep:
                 self._write_header_u64(88, keep)
@@ -310,22 +311,22 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         victims = list(self._l2_cache)[:max(1, self._l2_cache_max // 8)]
         dirty = [off for off in victims if off in self._l2_dirty]
         if dirty:
-            self._before_l2_write()
-        for off in dirty:
-            self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
-            self._note_written(off + self.cluster_size)
-            self._l2_dirty.discard(off)
+            self._write_l2_tables(dirty)
         for off in victims:
             del self._l2_cache[off]
 
-    def _before_l2_write(self):
-        """Lock held, before dirty L2 tables are written: a dirty table may point to clusters allocated
-        since the last flush. Their refcounts and their data must reach stable storage first, so that a
-        crash or power loss at any point leaves, at worst, leaked clusters: never an L2 entry pointing to
-        a cluster whose refcount is 0 (another allocation would reuse it) or that still holds old data
+    def _write_l2_tables(self, offs):
+        """Lock held: write the dirty L2 tables at ``offs``. A dirty table may point to clusters allocated
+        since the last flush: their refcounts and their data reach stable storage first, so that a crash
+        or power loss at any point leaves, at worst, leaked clusters: never an L2 entry pointing to a
+        cluster whose refcount is 0 (another allocation would reuse it) or that still holds old data
         (QEMU orders its L2 cache after the refcount cache and a flush the same way)."""
         self._write_refblocks()
         self.file.flush()
+        for off in offs:
+            self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
+            self._note_written(off + self.cluster_size)
+            self._l2_dirty.discard(off)
 
     def _l2_table(self, l1i, alloc):
         """(table, offset) for L1 index ``l1i``; allocate a zero table if ``alloc``. Lock held."""
@@ -542,19 +543,30 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         side, ``dio_*``): pending frees move to a grace list when the epoch flips, and are applied once
         the epoch they were queued in has no request left running. With nothing in flight (the usual
         case) that is at once."""
-        out = []
-        if self._grace_free and self.dio_idle(self._grace_epoch):
-            out += self._apply_frees(self._grace_free)
-            self._grace_free = []
+        out = self._apply_grace_frees()
         # flip only when the other epoch is empty, so every request that started before the flip
         # is counted in the epoch the grace list waits for
         if self._pending_free and not self._grace_free and self.dio_idle(self.dio_epoch ^ 1):
             self._grace_epoch = self.dio_flip()
             self._grace_free, self._pending_free = self._pending_free, []
-            if self.dio_idle(self._grace_epoch):
-                out += self._apply_frees(self._grace_free)
-                self._grace_free = []
+            out += self._apply_grace_frees()
         return out
+
+    def _apply_grace_frees(self):
+        """The grace list's frees, if no request of its epoch is still running (else nothing yet)."""
+        if not self._grace_free or not self.dio_idle(self._grace_epoch):
+            return []
+        frees, self._grace_free = self._grace_free, []
+        return self._apply_frees(frees)
+
+    def _data_io(self, fn, *args):
+        """``fn(*args)``: I/O on a host cluster found in an L2 entry, outside the lock, counted so that
+        the cluster is not freed and reused under it (``_settle_frees``)."""
+        de = self.dio_enter()
+        try:
+            return fn(*args)
+        finally:
+            self.dio_leave(de)
 
     def _apply_frees(self, frees):
         cb = self.cluster_bits
@@ -581,14 +593,10 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         if self._l2_dirty or self._l1_dirty:
             # refcounts and data, then the L2 tables pointing to them, then the L1 entries pointing
             # to new tables: each step on stable storage before the next one refers to it
-            self._before_l2_write()
-            cs = self.cluster_size
-            for off in sorted(self._l2_dirty):
-                self.file.pwrite(off, F.array_to_be64(self._l2_cache[off]))
-                self._note_written(off + cs)
-            if self._l1_dirty and self._l2_dirty:
+            wrote_l2 = bool(self._l2_dirty)
+            self._write_l2_tables(sorted(self._l2_dirty))
+            if self._l1_dirty and wrote_l2:
                 self.file.flush()
-            self._l2_dirty.clear()
             if self._l1_dirty:
                 chunks = sorted({i >> 6 for i in self._l1_dirty})
                 l1 = self._l1
@@ -665,19 +673,11 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             if kind == NORMAL:
                 if host & cmask or host < self.cluster_size:
                     raise self._corrupt(f"data cluster offset {host:#x} for guest offset {pos} is invalid")
-                de = self.dio_enter()
-                try:
-                    self.file.preadv(host + in_off, n, iov.slice(done, n) if n != length else iov)
-                finally:
-                    self.dio_leave(de)
+                self._data_io(self.file.preadv, host + in_off, n, iov.slice(done, n) if n != length else iov)
             elif kind == UNALLOC:
                 self._read_backing(pos, n, iov, done)
             elif kind == COMPRESSED:
-                de = self.dio_enter()
-                try:
-                    data = self._decompress(e, pos)
-                finally:
-                    self.dio_leave(de)
+                data = self._data_io(self._decompress, e, pos)
                 iov.copy_from(done, memoryview(data)[in_off:in_off + n])
             else:
                 iov.memset(done, 0, n)
@@ -759,7 +759,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         with self._lock:
             if not self._bm_pending:
                 return
-            d = self._bitmap_directory()
+            d = self._bm_dir            # as read when the image went read/write (we never change it)
             self.file.pwrite(d.offset, d.marked_in_use())
             self.file.flush()
             self._bm_pending = False
@@ -813,11 +813,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             if plan is None:
                 if host & cmask or host < cs or self.meta_overlap(host, n + in_off):
                     raise self._corrupt(f"data cluster offset {host:#x} for guest offset {pos} is invalid")
-                de = self.dio_enter()
-                try:
-                    self.file.pwritev(host + in_off, n, iov.slice(done, n) if n != length else iov)
-                finally:
-                    self.dio_leave(de)
+                self._data_io(self.file.pwritev, host + in_off, n, iov.slice(done, n) if n != length else iov)
             else:
                 self._alloc_write(plan, in_off, iov, done)
             done += n
@@ -1234,11 +1230,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                     self._l2_dirty.add(toff)
         for item in fallback:
             if item[0] == "host":
-                de = self.dio_enter()
-                try:
-                    self.file.pwrite_zeroes(item[1], cs)
-                finally:
-                    self.dio_leave(de)
+                self._data_io(self.file.pwrite_zeroes, item[1], cs)
             else:
                 pos, n = item
                 n = min(n, self.size - pos)
