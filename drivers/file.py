@@ -192,9 +192,6 @@ class FileDriver(BlockDriver):
         self._size = length
 
     def block_status(self, offset, length):
-        if offset >= self._size:
-            # past the end of the file (the tail of a raw disk rounded up to a sector): reads as zeroes
-            return (BS_ZERO | BS_OFFSET_VALID | BS_ALLOCATED, length, offset, self.node)
         end = min(offset + length, self._size)
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)

@@ -521,16 +521,14 @@ class Node(NodeIO):
             if inner.flags & BS_EOF and not inner.length:
                 # past the end of the protocol (a raw disk's tail, rounded up to a sector): zeroes
                 flags = BS_ZERO | BS_OFFSET_VALID | (flags & BS_ALLOCATED & ~BS_RECURSE)
-                if not self.is_filter:
-                    flags |= BS_ALLOCATED
             else:
                 pnum = min(pnum, inner.length) if inner.length else pnum
                 flags = (inner.flags & ~BS_EOF) | (flags & BS_ALLOCATED & ~BS_RECURSE)
-                if not self.is_filter:
-                    flags |= BS_ALLOCATED
-                    if not flags & (BS_DATA | BS_ZERO):
-                        flags |= BS_DATA
                 mapped, file = inner.offset, inner.file
+            if not self.is_filter:
+                flags |= BS_ALLOCATED
+                if not flags & (BS_DATA | BS_ZERO):
+                    flags |= BS_DATA
         if not flags & BS_ALLOCATED:
             back = self.backing
             if back is None and not self.is_filter:
@@ -607,7 +605,7 @@ class Node(NodeIO):
             self._track_waiters += 1        # before registering: a request ending now must wake us
             self._tracked.append(req)
             try:
-                while self._conflicts_before(req):
+                while self._track_blocked(req):
                     cond.wait()
             except BaseException:
                 self._track_done(req)
@@ -615,17 +613,6 @@ class Node(NodeIO):
             finally:
                 self._track_waiters -= 1
         return req
-
-    def _conflicts_before(self, req):
-        """Is a request registered before ``req`` in its way? (a snapshot: the C path changes the list
-        without a lock, with the GIL held)"""
-        start, end, ser = req
-        for r in list(self._tracked):
-            if r is req:
-                return False
-            if r[0] < end and start < r[1] and (ser or r[2]):
-                return True
-        return False
 
     def _track_end(self, req):
         self._track_done(req)

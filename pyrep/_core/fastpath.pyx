@@ -79,6 +79,11 @@ cdef class _WritableBytes:
         pass
 
 
+cdef inline bint _track_conflict(tuple r, long long start, long long end, bint serialising):
+    """Tracked request ``r`` overlaps ``[start, end)`` and one of the two is serialising."""
+    return <long long>r[0] < end and start < <long long>r[1] and (serialising or r[2])
+
+
 cdef class NodeIO:
     """Base of ``pyrep.node.Node``: the read/write fast path.
 
@@ -131,11 +136,23 @@ cdef class NodeIO:
         cdef tuple r
         cdef list lst = self._tracked
         for r in lst:
-            if <long long>r[0] < end and start < <long long>r[1] and (serialising or r[2]):
+            if _track_conflict(r, start, end, serialising):
                 return None
         req = (start, end, serialising)
         lst.append(req)
         return req
+
+    def _track_blocked(self, tuple req):
+        """Does a request registered before the queued ``req`` conflict with it?"""
+        cdef tuple r
+        cdef long long start = req[0], end = req[1]
+        cdef bint serialising = req[2]
+        for r in self._tracked:
+            if r is req:
+                return False
+            if _track_conflict(r, start, end, serialising):
+                return True
+        return False
 
     cdef int _c_track_done(self, req) except -1:
         # by identity: equal tuples of other requests stay (a queued request finds itself by identity)
