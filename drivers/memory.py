@@ -226,18 +226,25 @@ class MemoryDriver(BlockDriver):
     def _pwritev_inline(self, offset, length, iov, flags=0):
         """compress=inline: write, then compress the clusters written (before returning)."""
         self._store.pwritev(offset, length, iov, flags)
-        store = self._store
         # one compressor at a time (as the background pass): taking a cluster for compression clears
         # its "touched" mark, so a second compressor of the same cluster would hide the writes the
         # first one's copy lacks
         with self._compact_lock:
             for idx in range(offset >> self._shift, ((offset + length - 1) >> self._shift) + 1):
-                raw = store.take_for_compression(idx)
-                if raw is not None:
-                    packed = self._compress(raw)
-                    if packed is not None:
-                        # not if another write changed the cluster while it was being compressed
-                        store.replace_if(idx, raw, packed, untouched=True)
+                self._compress_cluster(idx)
+
+    def _compress_cluster(self, idx):
+        """``_compact_lock`` held: compress cluster ``idx`` if it is stored raw, outside any other lock
+        (blosc releases the GIL); the copy replaces the cluster only if no write touched it meanwhile
+        (in place, or by replacing it). Returns (bytes left raw as incompressible, replaced)."""
+        store = self._store
+        raw = store.take_for_compression(idx)
+        if raw is None:
+            return 0, False
+        packed = self._compress(raw)
+        if packed is None:
+            return len(raw), False
+        return 0, store.replace_if(idx, raw, packed, True)
 
     # --------------------------------------------------------- compressor
     def _start_compressor(self):
@@ -288,16 +295,9 @@ class MemoryDriver(BlockDriver):
                         t1 = time.perf_counter()
                         time.sleep(4 * (t1 - t0))
                         t0 = time.perf_counter()
-                    raw = store.take_for_compression(idx)
-                    if raw is None:
-                        continue
-                    # compress outside any lock (blosc releases the GIL); a cluster written meanwhile
-                    # (in place, or replaced) is not replaced by this now stale copy
-                    packed = self._compress(raw)
-                    if packed is None:
-                        skipped += len(raw)
-                    elif store.replace_if(idx, raw, packed, True):
-                        done += 1
+                    left, replaced = self._compress_cluster(idx)
+                    skipped += left
+                    done += replaced
             finally:
                 if not self._inline:
                     store.compacting = False
