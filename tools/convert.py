@@ -239,12 +239,13 @@ def write_compressed(cwrite, dst, off, mv, cs, size):
         c = min(cs - (off + pos) % cs, n - pos)
         part = mv[pos:pos + c]
         if not IOVector(part).is_zero():
-            cl_end = min(off + pos - (off + pos) % cs + cs, size)
-            if (off + pos) % cs == 0 and off + pos + c == cl_end:
-                cwrite(off + pos, c, IOVector(part))
-            elif (off + pos) % cs == 0 and off + pos + c == n + off and cl_end == size:
-                # the source ends inside the target's last cluster: the rest of it reads as zeroes
-                cwrite(off + pos, cl_end - off - pos, IOVector(bytes(part) + bytes(cl_end - off - pos - c)))
+            start = off + pos
+            cl_end = min(start - start % cs + cs, size)
+            # a whole cluster, or the source's end inside the target's last cluster (the rest reads
+            # as zeroes): compressed; a piece of a cluster: a plain write
+            if start % cs == 0 and (start + c == cl_end or (pos + c == n and cl_end == size)):
+                pad = cl_end - start - c
+                cwrite(start, cl_end - start, IOVector(bytes(part) + bytes(pad) if pad else part))
             else:
-                dst.pwritev(off + pos, IOVector(part))
+                dst.pwritev(start, IOVector(part))
         pos += c

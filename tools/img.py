@@ -112,6 +112,11 @@ def print_create_options(fmt):
     return 0
 
 
+def progress_bar(a):
+    """The ``-p`` progress bar of a command (qemu-img: ``-q`` silences it)."""
+    return Progress(a.progress and not a.quiet)
+
+
 def parse_o(values):
     """``-o a=1,b=2`` (repeatable) → dict; ``,,`` escapes a comma as in qemu."""
     out = {}
@@ -737,7 +742,7 @@ def _compare(a, blk1, blk2):
         qprint(q, "Strict mode: Image size mismatch!")
         return 1
     buf1, buf2 = bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)
-    prog = Progress(a.progress and not a.quiet)
+    prog = progress_bar(a)
     total = max(size1, size2) or 1
     off = 0
     while off < common:
@@ -807,7 +812,7 @@ def _compressed_writer(node):
 
 def cmd_convert(a):
     try:
-        parse_o(a.options)
+        opts = parse_o(a.options)
     except OptionsHelp:
         return print_create_options(a.out_fmt or "raw")
     if not a.filenames or len(a.filenames) < 2:
@@ -817,9 +822,8 @@ def cmd_convert(a):
     if a.num_coroutines is not None and not 1 <= a.num_coroutines <= 16:
         raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
     src_name, out_name = a.filenames
-    sparse_arg(a.min_sparse)            # checked before anything is created
+    min_sparse = sparse_arg(a.min_sparse)   # checked before anything is created
     out_fmt = a.out_fmt or "raw"
-    opts = parse_o(a.options)
     backing = a.backing if a.backing is not None else opts.pop("backing_file", None)
     backing_fmt = a.backing_fmt if a.backing_fmt is not None else opts.pop("backing_fmt", None)
     opts.pop("backing_file", None)
@@ -855,7 +859,7 @@ def cmd_convert(a):
                                 f"cluster write (expected driver.pwritev_compressed(offset, length, iov))")
             if dst.length < size:
                 raise Error(f"Output image '{out_name}' is smaller ({dst.length}) than the source ({size})")
-            _convert_copy(a, src, dst, size, backing is not None, cwrite)
+            _convert_copy(a, src, dst, size, backing is not None, cwrite, min_sparse)
             dst.flush()
         finally:
             dst.close()
@@ -864,12 +868,11 @@ def cmd_convert(a):
     return 0
 
 
-def _convert_copy(a, src, dst, size, target_has_backing, cwrite):
+def _convert_copy(a, src, dst, size, target_has_backing, cwrite, min_sparse):
     """Copy ``src`` to ``dst`` with the copy engine of tools/convert.py: zero/unallocated ranges are
     skipped (the fresh target reads zeroes), data is read and written by a few worker threads."""
     from .convert import Copier
-    prog = Progress(a.progress and not a.quiet)
-    min_sparse = sparse_arg(a.min_sparse)
+    prog = progress_bar(a)
     cs = 0
     if cwrite is not None:
         info = dst.node.driver.get_info() or {}
@@ -907,7 +910,7 @@ def cmd_commit(a):
             size = top.length
             if bblk.length < size:
                 bblk.truncate(size)
-            prog = Progress(a.progress and not a.quiet)
+            prog = progress_bar(a)
             prog.update(0)
             buf = bytearray(IO_BUF_SIZE)
             off = 0
@@ -989,7 +992,7 @@ def cmd_rebase(a):
             size = blk.length
             nlen = newb.length if newb is not None else 0
             buf1, buf2 = bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)
-            prog = Progress(a.progress and not a.quiet)
+            prog = progress_bar(a)
             off = 0
             while off < size:
                 st = top.block_status(off, size - off)
