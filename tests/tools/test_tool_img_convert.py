@@ -1,4 +1,4 @@
-"""pyrep-img convert's copy engine (tools/convert.py): every path of it against real files and qemu-img.
+"""pyrep-img convert's copy engine (tools/img/copier.py): every path of it against real files and qemu-img.
 
 The source is a 3-deep qcow2 chain with data in every layer, zero clusters, discarded (unallocated)
 clusters, data clusters that hold zeroes, extents that are not aligned to the engine's 1 MiB jobs
@@ -159,8 +159,8 @@ def test_convert_bad_coroutines(tmp_path, chain):
 def test_engine_io_error_is_raised_not_hung(tmp_path, where, readers):
     """An I/O error in a reader or in the writer thread ends the copy with that error (blkdebug injects
     it into real files); the threads are joined, nothing hangs."""
-    from pyrep.tools.convert import Copier
-    from pyrep.tools.img import status_above
+    from pyrep.tools.img.copier import Copier
+    from pyrep.tools.img.image import status_above
     src, dst = tmp_path / "s.raw", tmp_path / "d.raw"
     src.write_bytes(b"\x5a" * (8 * MiB))
     dst.write_bytes(b"")

@@ -1,0 +1,143 @@
+"""``pyrep-img info``: show information about an image."""
+import os
+
+from pyrep.errors import Error
+
+from .common import jdump, size_to_str
+from .image import full_backing_name, open_image
+
+
+def add_arguments(s):
+    """The command's options and operands."""
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("--output", choices=("human", "json"), default="human")
+    s.add_argument("--backing-chain", action="store_true")
+    s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("filename")
+
+
+_INFO_KEYS = ("backing-filename-format", "virtual-size", "filename", "cluster-size", "format", "actual-size",
+              "encrypted", "format-specific", "full-backing-filename", "backing-filename", "dirty-flag")
+
+
+def image_info(filename, fmt=None, force_share=False):
+    """qemu-img's ImageInfo for one image (its backing chain is not opened)."""
+    with open_image(filename, fmt, backing=False, force_share=force_share) as blk:
+        node = blk.node
+        fmt = node.drv.format_name
+        extra = {}
+        try:
+            extra = node.driver.get_info() or {}
+        except Error:
+            extra = {}
+        info = {}
+        bfmt = extra.get("backing-filename-format")
+        if bfmt:
+            info["backing-filename-format"] = bfmt
+        info["virtual-size"] = blk.length
+        info["filename"] = filename
+        if extra.get("cluster-size"):
+            info["cluster-size"] = extra["cluster-size"]
+        info["format"] = fmt
+        try:
+            st = os.stat(filename)
+            info["actual-size"] = st.st_blocks * 512
+        except OSError:
+            pass
+        if extra.get("encrypted"):
+            info["encrypted"] = True
+        spec = extra.get("format-specific")
+        if spec:
+            data = spec.get("data")
+            if isinstance(data, dict):
+                # qemu's field order
+                data = {k: data[k] for k in [k for k in _SPEC_ORDER if k in data] +
+                        [k for k in data if k not in _SPEC_ORDER]}
+                spec = dict(spec, data=data)
+            info["format-specific"] = spec
+        bname = extra.get("backing-filename")
+        if bname:
+            info["full-backing-filename"] = extra.get("full-backing-filename") or full_backing_name(filename, bname)
+            info["backing-filename"] = bname
+        info["dirty-flag"] = bool(extra.get("dirty-flag", extra.get("dirty", False)))
+        return info
+
+
+def _human_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+_SPEC_ORDER = ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2")
+
+
+def _dump_spec(data, indent):
+    keys = [k for k in _SPEC_ORDER if k in data] + [k for k in data if k not in _SPEC_ORDER]
+    for k in keys:
+        v = data[k]
+        name = k.replace("-", " ")
+        if isinstance(v, dict):
+            print(f"{' ' * indent}{name}:")
+            _dump_spec(v, indent + 4)
+        elif isinstance(v, list):
+            print(f"{' ' * indent}{name}:")
+            for item in v:
+                if isinstance(item, dict):
+                    _dump_spec(item, indent + 8)
+                else:
+                    print(f"{' ' * (indent + 4)}[{_human_value(item)}]")
+        else:
+            print(f"{' ' * indent}{name}: {_human_value(v)}")
+
+
+def dump_human_info(info):
+    print(f"image: {info['filename']}")
+    print(f"file format: {info['format']}")
+    print(f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)")
+    if "actual-size" in info:
+        print(f"disk size: {size_to_str(info['actual-size'])}")
+    else:
+        print("disk size: unavailable")
+    if info.get("encrypted"):
+        print("encrypted: yes")
+    if "cluster-size" in info:
+        print(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        print("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full and full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        print(line)
+        if "backing-filename-format" in info:
+            print(f"backing file format: {info['backing-filename-format']}")
+    spec = info.get("format-specific")
+    if spec:
+        print("Format specific information:")
+        _dump_spec(spec.get("data", {}), 4)
+
+
+def run(a):
+    infos = []
+    filename, fmt, seen = a.filename, a.fmt, set()
+    while True:
+        real = os.path.realpath(filename)
+        if real in seen:
+            raise Error(f"Backing file '{filename}' creates an infinite loop.")
+        seen.add(real)
+        info = image_info(filename, fmt, force_share=a.force_share)
+        infos.append(info)
+        if not a.backing_chain or "full-backing-filename" not in info:
+            break
+        filename = info["full-backing-filename"]
+        fmt = info.get("backing-filename-format")
+    if a.output == "json":
+        jdump(infos if a.backing_chain else infos[0])
+    else:
+        for i, info in enumerate(infos):
+            if i:
+                print()
+            dump_human_info(info)
+    return 0
