@@ -37,7 +37,8 @@ import warnings
 from ..errors import BlockError, OptionError
 from ..node import Child, Node, allocation_extents
 
-__all__ = ["Job", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES"]
+__all__ = ["Job", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES", "add_status_listener",
+           "remove_status_listener"]
 
 ERROR_POLICIES = ("report", "ignore", "stop")
 STATUSES = ("created", "running", "paused", "ready", "concluded", "aborting")
@@ -45,6 +46,30 @@ STATUSES = ("created", "running", "paused", "ready", "concluded", "aborting")
 _lock = threading.RLock()
 _jobs = {}                 # id -> Job, while not concluded
 _ids = itertools.count()
+
+
+_status_listeners = []     # fn(job, old, new), called on every status change (a monitor's events)
+
+
+def add_status_listener(fn):
+    """Call ``fn(job, old_status, new_status)`` on every status change of every job (a job is
+    ``created`` from its construction; the first change told is its start). It runs in whichever thread moved the job, with the job's lock held:
+    it must return quickly and must not call back into the job (queue the news instead)."""
+    global _status_listeners
+    _status_listeners = _status_listeners + [fn]
+
+
+def remove_status_listener(fn):
+    global _status_listeners
+    _status_listeners = [f for f in _status_listeners if f is not fn]
+
+
+def _tell(job, old, new):
+    for fn in _status_listeners:
+        try:
+            fn(job, old, new)
+        except Exception as e:  # a listener must not break the job machinery
+            warnings.warn(f"{job.describe()}: status listener {fn!r} raised {e!r}", RuntimeWarning)
 
 
 class _Cancelled(Exception):
@@ -61,7 +86,7 @@ class Job:
             raise OptionError(f"{self.type}: on_error must be one of {', '.join(ERROR_POLICIES)}, got {on_error!r}")
         self.on_error = on_error
         self._cond = threading.Condition(threading.RLock())
-        self.status = "created"
+        self._status = "created"
         self.error = None          # the error that ended the job (None: success or cancel)
         self.io_error = None       # the error that paused the job (on_error="stop"), cleared by resume()
         self.last_error = None     # the last ignored error (on_error="ignore")
@@ -93,6 +118,17 @@ class Job:
                                   f"(status {_jobs[job_id].status})")
             self.id = job_id
             _jobs[job_id] = self       # reserve the id; start() or abandon() follows
+
+    @property
+    def status(self):
+        """One of :data:`STATUSES`; every change is told to the status listeners."""
+        return self._status
+
+    @status.setter
+    def status(self, new):
+        old, self._status = self._status, new
+        if new != old:
+            _tell(self, old, new)
 
     # ------------------------------------------------------------ identity
     def describe(self):
