@@ -13,7 +13,7 @@ import stat
 import struct
 
 from pyrep._core import fileio
-from pyrep._core.fastpath import FileIO
+from pyrep._core.filedriver import FileIO
 from pyrep.constants import (BS_ALLOCATED, BS_DATA, BS_OFFSET_VALID, BS_ZERO, PERM_CONSISTENT_READ, PERM_NAMES,
                              PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP)
 from pyrep.driver import BlockDriver

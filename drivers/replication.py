@@ -39,7 +39,7 @@ import threading
 import time
 
 from pyrep import replication as _registry
-from pyrep._core.fastpath import Forwarder
+from pyrep._core.forwarder import Forwarder
 from pyrep.constants import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError, ReplicationError
@@ -230,8 +230,7 @@ class ReplicationDriver(BlockDriver):
                 self.pwritev = self._fwd
             else:
                 self.__dict__.pop("pwritev", None)
-            if self.node._ops_bound:
-                self.node._bind_driver_ops(self)
+            self.node.driver_ops_changed()
 
     @property
     def stats(self):

@@ -550,7 +550,7 @@ class Node(NodeIO):
         ``skip`` (a Bitmap over this node) promises that ``fn`` does nothing for a data write lying
         wholly in set granules; such writes then keep the C fast path. The owner changes ``skip``
         only while the node is drained, or by setting bits. ``skip`` may instead be a
-        :class:`pyrep._core.fastpath.CowGate` whose ``copied`` bitmap is the skip bitmap: the C path
+        :class:`pyrep._core.cowgate.CowGate` (a :class:`~pyrep._core.fastpath.WriteGate`) whose ``copied`` bitmap is the skip bitmap: the C path
         then also makes the copies itself, calling ``fn`` only for what it cannot finish."""
         self._write_notifiers = self._write_notifiers + [fn]
         self._notifier_skips = self._notifier_skips + [skip]
@@ -651,9 +651,15 @@ class Node(NodeIO):
 
     def bind_driver(self):
         """Called once the driver is open: requests may now take the fast path."""
-        self._bind_driver_ops(self.driver)
+        self.bind_driver_ops(self.driver)
         self._ops_bound = True
         self._refresh_paths()
+
+    def driver_ops_changed(self):
+        """The driver replaced its ``preadv``/``pwritev`` (replication does, with its stage): the fast
+        path follows once the node is bound (before that, :meth:`bind_driver` picks them up)."""
+        if self._ops_bound:
+            self.bind_driver_ops(self.driver)
 
     def set_read_only_flag(self, read_only):
         self.read_only = read_only

@@ -25,10 +25,11 @@ from libc.errno cimport ENOSYS, EXDEV, EINVAL, EOPNOTSUPP
 from libc.stdint cimport uint64_t
 from libc.string cimport memset
 
+from pyrep._core.constants cimport REQ_FUA
 from pyrep._core.iovec cimport IOVector
 from pyrep._core.fileio cimport _xfer_one, _xfer_vec, _copy_range, io_keep_gil, io_alone
 
-from pyrep._core.fastpath import FileIO
+from pyrep._core.filedriver import FileIO
 
 cdef extern from "unistd.h" nogil:
     int getpid()
@@ -185,10 +186,6 @@ cdef uint64_t L2M = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t CP = 1ULL << 63
 cdef uint64_t REFT_MASK = 0xFFFFFFFFFFFFFE00ULL
 cdef uint64_t FM = (1ULL << 63) | (1ULL << 62) | 1ULL
-
-cdef enum:
-    REQ_FUA = 0x1
-
 
 cdef class Qcow2Core:
     # metadata shared with driver.py (assigned there as plain attributes)

@@ -1,48 +1,22 @@
 # cython: language_level=3
-"""The request path in C: the backend's gate, the node layer's fast path, file I/O.
+"""The request path in C: the backend's gate and the node layer's fast path.
 
 Python classes build on these bases (``BlockBackend(BackendCore)``,
 ``Node(NodeIO)``) and keep every slow or rare case in readable Python: the
 fast path here is only what a common request needs — a bounds check against
-a cached length, an in-flight count, and one call per layer.
+a cached length, an in-flight count, and one call per layer. What plugs into
+it lives beside it, one concern a module: ``cowgate.pyx`` (backup's
+copy-before-write, a :class:`WriteGate`), ``forwarder.pyx`` (replication's
+forwarded writes), ``filedriver.pyx`` (the file driver's syscalls).
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.buffer cimport PyBUF_WRITABLE
-from cpython.bytearray cimport PyByteArray_FromStringAndSize
-
-from posix.types cimport off_t
-from posix.uio cimport iovec
-
-cdef extern from "unistd.h" nogil:
-    int fdatasync(int fd)
-
-cdef extern from "sys/vfs.h" nogil:
-    ctypedef struct statfs_t "struct statfs":
-        long f_type
-    int fstatfs(int fd, statfs_t *buf)
-
-cdef enum:
-    TMPFS_MAGIC = 0x01021994
-    RAMFS_MAGIC = 0x858458f6
-
-cdef extern from "sys/uio.h" nogil:
-    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
-    int RWF_NOWAIT
-
-cdef enum:
-    _SMALL_IO = 65536       # reads up to this size first try RWF_NOWAIT with the GIL held
-    REQ_FUA = 0x1           # pyrep.constants.REQ_FUA
-    REQ_SERIALISING = 0x10  # pyrep.constants.REQ_SERIALISING
-    REQ_WRITE_UNCHANGED = 0x8  # pyrep.constants.REQ_WRITE_UNCHANGED
-from libc.errno cimport errno as c_errno, EINTR, EINVAL, EBADF, EPERM, EOPNOTSUPP, ENOSYS
-
-from pyrep._core.iovec cimport IOVector
-from pyrep._core.bitmap cimport Bitmap
-from pyrep._core.memstore cimport MemStore
+from libc.errno cimport EINVAL, EBADF, EPERM
 from libc.stdint cimport int64_t, uint64_t
-from pyrep._core.fileio cimport _xfer_one, _xfer_vec, io_enter, io_leave, io_keep_gil
 
-import errno as _errno
+from pyrep._core.bitmap cimport Bitmap
+from pyrep._core.constants cimport REQ_SERIALISING
+from pyrep._core.fileio cimport io_enter, io_leave
+from pyrep._core.iovec cimport IOVector
 
 from pyrep.errors import BlockError
 
@@ -84,6 +58,17 @@ cdef inline bint _track_conflict(tuple r, long long start, long long end, bint s
     return <long long>r[0] < end and start < <long long>r[1] and (serialising or r[2])
 
 
+cdef class WriteGate:
+    """Base of the write gates the C fast path runs itself (declared in fastpath.pxd).
+
+    A node's only write notifier may be a gate (``Node.add_write_notifier(fn, skip=gate)``):
+    ``NodeIO.pwritev`` then calls :meth:`c_before_write` in C and falls back to the Python
+    notifier ``fn`` only when the gate says it cannot finish. ``copied`` is the skip bitmap."""
+
+    cdef bint c_before_write(self, long long offset, long long length, int flags) except -1:
+        return False
+
+
 cdef class NodeIO:
     """Base of ``pyrep.node.Node``: the read/write fast path.
 
@@ -91,7 +76,7 @@ cdef class NodeIO:
     need more than a straight call into the driver. Some of those reasons are
     handled here in C too (``_rc``/``_wc``): request tracking (a serialising
     request, or users that need tracking) and one write notifier that is a
-    :class:`CowGate` or declared a skip bitmap. Anything else, and any case
+    :class:`WriteGate` or declared a skip bitmap. Anything else, and any case
     the C path cannot finish (a conflicting tracked request to wait for, a
     cluster another request is copying), goes to the Python slow paths
     ``_preadv_slow``/``_pwritev_slow``.
@@ -105,34 +90,24 @@ cdef class NodeIO:
     arrivals wait behind it. Whoever waits counts itself in ``_track_waiters``
     first and then waits on the node's condition; ``_track_done`` wakes
     waiters only when there are some."""
-    cdef public bint _rslow
-    cdef public bint _wslow
-    cdef public bint _rc            # reads: tracking is the only reason for the slow path
-    cdef public bint _wc            # writes: tracking / one gate or skip notifier are the only reasons
-    cdef public int _track_users
-    cdef public int _track_waiters
-    cdef public list _tracked
-    cdef object _drv_preadv
-    cdef object _drv_pwritev
-    # When the only write notifier is a skip-declaring one (a backup's copied clusters), a
-    # write wholly inside set granules goes straight to the driver: the notifier would do nothing.
-    cdef Bitmap _notifier_skip
-    cdef CowGate _cow
 
     def _set_notifier_skip(self, skip):
-        if isinstance(skip, CowGate):
-            self._cow = skip
-            self._notifier_skip = (<CowGate>skip).copied
+        """The only write notifier's skip: a Bitmap, a :class:`WriteGate`, or None (no C notifier)."""
+        if isinstance(skip, WriteGate):
+            self._gate = skip
+            self._notifier_skip = (<WriteGate>skip).copied
         else:
-            self._cow = None
+            self._gate = None
             self._notifier_skip = skip
 
-    def _bind_driver_ops(self, driver):
-        """Cache the driver's read/write callables (after open, which may replace them)."""
+    def bind_driver_ops(self, driver):
+        """Cache ``driver``'s read/write callables as the fast path's targets: called once the driver
+        is open (open may replace them), and again by a driver that swaps its ops at run time
+        (replication changes its read/write with its stage)."""
         self._drv_preadv = driver.preadv
         self._drv_pwritev = driver.pwritev
 
-    cdef object _c_track_try(self, long long start, long long end, bint serialising):
+    cdef object c_track_try(self, long long start, long long end, bint serialising):
         cdef tuple r
         cdef list lst = self._tracked
         for r in lst:
@@ -154,7 +129,7 @@ cdef class NodeIO:
                 return True
         return False
 
-    cdef int _c_track_done(self, req) except -1:
+    cdef int c_track_done(self, req) except -1:
         # by identity: equal tuples of other requests stay (a queued request finds itself by identity)
         cdef list lst = self._tracked
         cdef Py_ssize_t i
@@ -166,12 +141,19 @@ cdef class NodeIO:
             self._track_wake()
         return 0
 
+    cdef int c_driver_preadv(self, long long offset, long long length, iov) except -1:
+        self._drv_preadv(offset, length, iov)
+        return 0
+
+    cdef bint c_plain_writes(self):
+        return self._wc and self._gate is None and self._notifier_skip is None
+
     def _track_try(self, long long start, long long end, bint serialising):
         """Register ``[start, end)`` unless it conflicts with a tracked request (then None)."""
-        return self._c_track_try(start, end, serialising)
+        return self.c_track_try(start, end, serialising)
 
     def _track_done(self, req):
-        self._c_track_done(req)
+        self.c_track_done(req)
 
     cpdef preadv(self, long long offset, long long length, iov, int flags=0):
         """Read ``length`` bytes at ``offset`` into ``iov``."""
@@ -179,12 +161,12 @@ cdef class NodeIO:
             if not self._rslow:
                 return self._drv_preadv(offset, length, iov)
             if self._rc:
-                req = self._c_track_try(offset, offset + length, False)
+                req = self.c_track_try(offset, offset + length, False)
                 if req is not None:
                     try:
                         return self._drv_preadv(offset, length, iov)
                     finally:
-                        self._c_track_done(req)
+                        self.c_track_done(req)
         return self._preadv_slow(offset, length, iov)
 
     cpdef pwritev(self, long long offset, long long length, iov, int flags=0):
@@ -198,12 +180,12 @@ cdef class NodeIO:
             if self._wc:
                 req = None
                 if self._track_users or ser:
-                    req = self._c_track_try(offset, offset + length, ser)
+                    req = self.c_track_try(offset, offset + length, ser)
                     if req is None:
                         return self._pwritev_slow(offset, length, iov, flags)
                 try:
-                    if self._cow is not None:
-                        ok = self._cow.c_before_write(offset, length, flags)
+                    if self._gate is not None:
+                        ok = self._gate.c_before_write(offset, length, flags)
                     elif self._notifier_skip is not None:
                         nc = self._notifier_skip.c_next_clear(offset)
                         ok = (<uint64_t>(offset + length) <= self._notifier_skip._length and
@@ -214,244 +196,8 @@ cdef class NodeIO:
                         return self._drv_pwritev(offset, length, iov, flags & ~REQ_SERIALISING)
                 finally:
                     if req is not None:
-                        self._c_track_done(req)
+                        self.c_track_done(req)
         return self._pwritev_slow(offset, length, iov, flags)
-
-
-cdef class Forwarder:
-    """A filter's write that goes to one child and is counted, in C (replication's primary side,
-    whose every write takes this path). ``child`` is a Child edge, read at every call, so a rebound
-    edge is followed. A BlockError goes to ``on_error(op, offset, length, exc)`` instead of the
-    caller: forwarding errors are recorded, never fail the write."""
-    cdef object child
-    cdef object on_error
-    cdef public long long bytes
-    cdef public long long writes
-
-    def __init__(self, child, on_error):
-        self.child = child
-        self.on_error = on_error
-
-    def __call__(self, long long offset, long long length, iov, int flags=0):
-        try:
-            self.child.pwritev(offset, length, iov, flags)
-        except BlockError as e:
-            self.on_error("write", offset, length, e)
-            return None
-        self.bytes += length
-        self.writes += 1
-        return None
-
-    def count(self, long long length):
-        """Count a request forwarded some other way (zeroes)."""
-        self.bytes += length
-        self.writes += 1
-
-
-cdef class CowGate:
-    """Copy-before-write in C: the state a backup job shares with the node layer.
-
-    ``copied`` has a bit per cluster copied in this interval; ``claimed`` a bit
-    per cluster some request is copying now. Both change only with the GIL
-    held and without releasing it between test and set, which makes a claim
-    atomic for C and Python callers alike (``claim``/``release``).
-
-    ``c_before_write`` is the whole copy for the common case: claim every
-    uncopied cluster the write touches, read them from the source's driver
-    (untracked: the write that triggered the copy is itself in flight),
-    write them to the target as a serialising request, mark them copied. It
-    returns False — "take the Python path" — when a cluster is claimed by
-    someone else (the Python notifier waits for it). A copy error goes to
-    ``on_error(exc, failed, rest)`` with the clusters of the run that failed and
-    the claimed ones not tried yet (the job's policy: it releases the claims
-    and may raise; True means "failed run given up as copied, go on with the
-    rest"). ``on_wake()`` is called after claims are released
-    if anyone counted itself in ``waiters`` (the job's condition)."""
-    cdef readonly Bitmap copied
-    cdef readonly Bitmap claimed
-    cdef NodeIO source
-    cdef NodeIO target
-    cdef readonly long long cluster_size
-    cdef readonly long long length
-    cdef public int waiters
-    cdef readonly int active
-    cdef public bint stopped
-    cdef public object on_error
-    cdef public object on_wake
-    cdef readonly long long bytes_copied
-    cdef readonly long long clusters_copied
-    # a memory target's cluster store: copies are read straight into its buffers, if set
-    cdef MemStore store
-
-    def set_target_store(self, MemStore store):
-        """Copy into the target through ``store`` (the target node's memory driver's MemStore)."""
-        self.store = store
-
-    def __init__(self, NodeIO source, NodeIO target, long long length, long long cluster_size):
-        self.source, self.target = source, target
-        self.length, self.cluster_size = length, cluster_size
-        self.copied = Bitmap(length, cluster_size)
-        self.claimed = Bitmap(length, cluster_size)
-
-    def enter(self):
-        self.active += 1
-
-    def leave(self):
-        self.active -= 1
-        if self.waiters:
-            self.on_wake()
-
-    def claim(self, long long first, long long last):
-        """Claim the uncopied, unclaimed clusters in ``[first, last]``; return (mine, others):
-        the indices claimed now and those someone else is copying."""
-        cdef long long idx, cs = self.cluster_size
-        mine, others = [], []
-        for idx in range(first, last + 1):
-            if self.copied.c_get(idx * cs):
-                continue
-            if self.claimed.c_get(idx * cs):
-                others.append(idx)
-            else:
-                self.claimed.c_set(idx * cs, cs)
-                mine.append(idx)
-        return mine, others
-
-    def claim_run(self, long long first, long long max_count):
-        """Claim up to ``max_count`` clusters from ``first`` on, stopping at the first one copied or
-        claimed; return how many were claimed."""
-        cdef long long cs = self.cluster_size, count = 0
-        cdef long long nclusters = (self.length + cs - 1) // cs
-        while (count < max_count and first + count < nclusters and not self.copied.c_get((first + count) * cs)
-               and not self.claimed.c_get((first + count) * cs)):
-            self.claimed.c_set((first + count) * cs, cs)
-            count += 1
-        return count
-
-    def claimed_any(self, idxs):
-        cdef long long cs = self.cluster_size
-        for idx in idxs:
-            if self.claimed.c_get(<long long>idx * cs):
-                return True
-        return False
-
-    def release(self, idxs, bint mark):
-        """Drop the claims on ``idxs``; ``mark``: they count as copied."""
-        cdef long long cs = self.cluster_size
-        for idx in idxs:
-            self.claimed.c_reset(<long long>idx * cs, cs)
-            if mark:
-                self.copied.c_set(<long long>idx * cs, cs)
-        if self.waiters:
-            self.on_wake()
-
-    def copy_run(self, long long first, long long count):
-        """Copy claimed clusters ``[first, first+count)`` source → target, then mark them copied and
-        release them. Raises on error (the claims are still held then)."""
-        self._copy_run(first, count)
-
-    cdef int _copy_run(self, long long first, long long count) except -1:
-        cdef long long cs = self.cluster_size
-        cdef long long off = first * cs
-        cdef long long n = min(count * cs, self.length - off)
-        cdef bytearray buf
-        cdef IOVector iov
-        if not self._copy_adopted(off, n):
-            buf = PyByteArray_FromStringAndSize(NULL, n)   # fully overwritten by the read
-            iov = IOVector(buf)
-            self.source._drv_preadv(off, n, iov)
-            self.target.pwritev(off, n, iov, REQ_SERIALISING)
-        self.copied.c_set(off, n)
-        self.claimed.c_reset(off, n)
-        self.bytes_copied += n
-        self.clusters_copied += count
-        if self.waiters:
-            self.on_wake()
-        return 0
-
-    cdef bint _copy_adopted(self, long long off, long long n) except -1:
-        """The copy without an intermediate buffer, into a target that lends its own cluster buffers
-        (memory): read the source straight into them and hand them back. The target's request
-        tracking is kept (a serialising request, as target.pwritev would make). False: not possible
-        here, copy the ordinary way."""
-        cdef NodeIO t = self.target
-        cdef MemStore store = self.store
-        cdef IOVector iov
-        cdef long long tcs, k
-        cdef list bufs
-        if store is None or not t._wc or t._cow is not None or t._notifier_skip is not None:
-            return False
-        tcs = store.cluster_size
-        if off % tcs or n % tcs:
-            return False
-        bufs = [store.buffer() for k in range(n // tcs)]
-        iov = IOVector.__new__(IOVector)
-        for b in bufs:
-            iov.c_add(b)
-        try:
-            # read first, then the serialising write (as copy_run's ordinary path): readers of the
-            # target that fall through to the source meanwhile still find the old data there
-            self.source._drv_preadv(off, n, iov)
-            req = t._c_track_try(off, off + n, True)
-            if req is None:                   # overlapping requests in flight: the ordinary write waits
-                t.pwritev(off, n, iov, REQ_SERIALISING)
-                for b in bufs:
-                    store.recycle(b)
-                return True
-        except BaseException:
-            for b in bufs:
-                store.recycle(b)
-            raise
-        try:
-            store.adopt(off, bufs)
-        finally:
-            t._c_track_done(req)
-        return True
-
-    cdef bint c_before_write(self, long long offset, long long length, int flags) except -1:
-        cdef long long end = min(offset + length, self.length)
-        cdef long long cs = self.cluster_size
-        cdef long long first, last, idx, run
-        cdef int64_t nc
-        if flags & REQ_WRITE_UNCHANGED or self.stopped or offset >= end:
-            return True
-        first = offset // cs
-        last = (end - 1) // cs
-        nc = self.copied.c_next_clear(first * cs)
-        if nc < 0 or nc >= (last + 1) * cs:
-            return True
-        for idx in range(first, last + 1):
-            if not self.copied.c_get(idx * cs) and self.claimed.c_get(idx * cs):
-                return False                        # someone is copying it: the Python path waits
-        for idx in range(first, last + 1):
-            if not self.copied.c_get(idx * cs):
-                self.claimed.c_set(idx * cs, cs)
-        self.active += 1
-        try:
-            idx = first
-            while idx <= last:
-                if self.copied.c_get(idx * cs):
-                    idx += 1
-                    continue
-                run = 1
-                while idx + run <= last and not self.copied.c_get((idx + run) * cs):
-                    run += 1
-                try:
-                    self._copy_run(idx, run)
-                except BlockError as e:
-                    rest = [i for i in range(idx + run, last + 1) if not self.copied.c_get(i * cs)]
-                    if self.on_error(e, list(range(idx, idx + run)), rest):
-                        idx += run
-                        continue
-                    return True
-                except BaseException:
-                    self.release([i for i in range(idx, last + 1) if not self.copied.c_get(i * cs)], False)
-                    raise
-                idx += run
-        finally:
-            self.active -= 1
-            if self.waiters:
-                self.on_wake()
-        return True
 
 
 cdef class BackendCore:
@@ -570,87 +316,3 @@ cdef class BackendCore:
             return fn(*args)
         finally:
             self._leave()
-
-
-cdef class FileIO:
-    """The file driver's read and write: one syscall from the request's vector, GIL released.
-
-    Reads past EOF fill the rest with zeroes; errors raise BlockError with the errno."""
-    cdef public int fd
-    cdef public str path
-    cdef public long long size
-    cdef public bint nowait         # try cached small reads without releasing the GIL
-    cdef public bint memfs          # tmpfs/ramfs: small transfers are memory copies, keep the GIL
-
-    def __init__(self, int fd, str path, long long size):
-        cdef statfs_t st
-        self.fd = fd
-        self.path = path
-        self.size = size
-        self.nowait = True
-        self.memfs = fstatfs(fd, &st) == 0 and (st.f_type == TMPFS_MAGIC or st.f_type == RAMFS_MAGIC)
-
-    cpdef preadv(self, long long offset, long long length, IOVector iov):
-        cdef Py_ssize_t done = 0, r
-        cdef int err = 0
-        if not iov.all_writable:
-            raise BlockError(EINVAL, "file: read into a read-only buffer")
-        if length <= _SMALL_IO and self.nowait and iov.n <= 64:
-            # a small read the page cache can serve is cheaper than handing the GIL to another thread
-            # and taking it back: try it without blocking (RWF_NOWAIT) while holding the GIL; anything
-            # else (not cached, short, unsupported) takes the normal path below
-            r = preadv2(self.fd, iov.iov, <int>iov.n, offset, RWF_NOWAIT)
-            if r == length:
-                return None
-            if r < 0 and c_errno in (EOPNOTSUPP, ENOSYS, EINVAL):
-                self.nowait = False
-        iov.c_pin()
-        try:
-            done = _xfer(self.fd, iov, offset, False, &err, self.memfs and io_keep_gil(length))
-        finally:
-            iov.c_unpin()
-        if err:
-            raise BlockError(err, f"file: read of {length} bytes at {offset} failed: {_strerror(err)}", self.path)
-        if done < length:
-            iov.memset(done, 0, length - done)  # past EOF reads as zeroes
-        return None
-
-    cpdef pwritev(self, long long offset, long long length, IOVector iov, int flags=0):
-        cdef Py_ssize_t done
-        cdef int err = 0
-        iov.c_pin()
-        try:
-            done = _xfer(self.fd, iov, offset, True, &err, self.memfs and io_keep_gil(length))
-        finally:
-            iov.c_unpin()
-        if err:
-            raise BlockError(err, f"file: write of {length} bytes at {offset} failed: {_strerror(err)}", self.path)
-        if offset + length > self.size:
-            self.size = offset + length
-        if flags & REQ_FUA:
-            with nogil:
-                err = fdatasync(self.fd) and c_errno
-            if err:
-                raise BlockError(err, f"file: flush after FUA write failed: {_strerror(err)}", self.path)
-        return None
-
-
-cdef str _strerror(int err):
-    import os
-    return os.strerror(err)
-
-
-cdef Py_ssize_t _xfer(int fd, IOVector iov, long long offset, bint write, int *err, bint keep_gil=False):
-    """Move the whole vector; bytes done (short reads at EOF), ``err`` set on failure. The GIL is released
-    unless ``keep_gil`` (a small transfer on a memory file system, which never waits for a device)."""
-    cdef Py_ssize_t r
-    if keep_gil:
-        if iov.n == 1:
-            return _xfer_one(fd, <char *>iov.iov[0].iov_base, iov.iov[0].iov_len, offset, write, err)
-        return _xfer_vec(fd, iov.iov, iov.n, offset, write, err)
-    with nogil:
-        if iov.n == 1:
-            r = _xfer_one(fd, <char *>iov.iov[0].iov_base, iov.iov[0].iov_len, offset, write, err)
-        else:
-            r = _xfer_vec(fd, iov.iov, iov.n, offset, write, err)
-    return r

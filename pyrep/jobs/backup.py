@@ -43,7 +43,7 @@ Cancel is the normal end of a sync=none job: ``cancelled`` is True and
 """
 import threading
 
-from .._core.fastpath import CowGate
+from .._core.cowgate import CowGate
 from ..constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED)
 from ..errors import BlockError, OptionError
 from ..node import allocation_extents, is_allocated, skip_filters
