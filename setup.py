@@ -22,13 +22,15 @@ def _module_name(path):
 
 
 sources = sorted(glob.glob(os.path.join("pyrep", "_core", "*.pyx")) +
+                 glob.glob(os.path.join("pyrep", "nbd", "*.pyx")) +
                  glob.glob(os.path.join("drivers", "**", "*.pyx"), recursive=True))
 extensions = [Extension(_module_name(path), [path], extra_compile_args=["-O2"]) for path in sources]
 
 setup(
-    packages=["pyrep", "pyrep._core", "pyrep.drivers", "pyrep.drivers.qcow2", "pyrep.tools", "pyrep.tools.img", "pyrep.jobs"],
+    packages=["pyrep", "pyrep._core", "pyrep.drivers", "pyrep.drivers.qcow2", "pyrep.tools", "pyrep.tools.img",
+              "pyrep.jobs", "pyrep.nbd"],
     package_dir={"pyrep": "pyrep", "pyrep.drivers": "drivers", "pyrep.tools": "tools"},
-    package_data={"pyrep._core": ["*.pxd", "*.pyx"], "pyrep.drivers.qcow2": ["*.pxd", "*.pyx"]},
+    package_data={"pyrep._core": ["*.pxd", "*.pyx"], "pyrep.nbd": ["*.pxd", "*.pyx"], "pyrep.drivers.qcow2": ["*.pxd", "*.pyx"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,
