@@ -78,7 +78,7 @@ class BlkdebugDriver(BlockDriver):
         self._lock = threading.Lock()
         self.rules = []
         for i, spec in enumerate(opts.get("inject-error") or ()):
-            where = f"{self.node._path}inject-error.{i}"
+            where = f"{self.node.option_prefix}inject-error.{i}"
             if not isinstance(spec, dict):
                 raise OptionError(f"blkdebug: {where}: expected a dict of op/errno/offset/length/once/after")
             unknown = set(spec) - _RULE_KEYS
@@ -90,7 +90,7 @@ class BlkdebugDriver(BlockDriver):
             self.rules.append(Rule(where=where, **spec))
         align = opts["align"]
         if align & (align - 1):
-            raise OptionError(f"blkdebug: option '{self.node._path}align' must be a power of two, got {align}")
+            raise OptionError(f"blkdebug: option '{self.node.option_prefix}align' must be a power of two, got {align}")
         self.request_alignment = align
 
     def add_rule(self, rule):

@@ -105,7 +105,7 @@ class MemoryDriver(BlockDriver):
         self._compressor = None
         cs = opts["cluster-size"]
         if cs & (cs - 1) or not 512 <= cs <= 2 << 20:
-            raise OptionError(f"memory: option '{self.node._path}cluster-size' must be a power of two from 512 "
+            raise OptionError(f"memory: option '{self.node.option_prefix}cluster-size' must be a power of two from 512 "
                               f"to 2M, got {cs}")
         self.cluster_size = cs
         self._shift = cs.bit_length() - 1
@@ -119,7 +119,7 @@ class MemoryDriver(BlockDriver):
         size = opts.get("size")
         if size is None:
             if self.backing is None:
-                raise OptionError(f"memory: option '{self.node._path}size' is required when there is no backing")
+                raise OptionError(f"memory: option '{self.node.option_prefix}size' is required when there is no backing")
             size = self.backing.node.length
         self.size = size
         self._compress_above = opts["compress-above"]

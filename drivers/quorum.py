@@ -76,7 +76,7 @@ class QuorumDriver(BlockDriver):
 
     def open(self, opts):
         node = self.node
-        path = node._path
+        path = node.option_prefix
         self.parallel = opts["parallel"]
         specs = opts["children"]
         threshold = opts["vote-threshold"]

@@ -27,7 +27,7 @@ class RawDriver(BlockDriver):
         self.size = opts.get("size")
         flen = self.file.node.length
         if self.offset > flen:
-            raise OptionError(f"raw: option '{self.node._path}offset' ({self.offset}) is beyond the end of the file "
+            raise OptionError(f"raw: option '{self.node.option_prefix}offset' ({self.offset}) is beyond the end of the file "
                               f"({flen} bytes)")
         if self.size is not None and self.offset + self.size > flen and self.node.read_only:
             raise OptionError(f"raw: offset+size ({self.offset}+{self.size}) is beyond the end of the file "

@@ -71,7 +71,7 @@ class ReplicationDriver(BlockDriver):
 
     # ------------------------------------------------------------ life cycle
     def open(self, opts):
-        path = self.node._path
+        path = self.node.option_prefix
         mode = opts["mode"]
         top_id = opts.get("top-id")
         if mode == "primary" and top_id is not None:
@@ -296,7 +296,7 @@ class ReplicationDriver(BlockDriver):
         """Validate the secondary's graph; return (active, hidden, secondary, top) or raise."""
         from pyrep.backend import BlockBackend
         from pyrep.graph import is_root, lookup
-        from pyrep.node import _reaches
+        from pyrep.node import reaches
         who = self._who()
         active = self.node.file
         if active is None or active.backing is None:
@@ -327,7 +327,7 @@ class ReplicationDriver(BlockDriver):
             parents = ", ".join(c.user for c in top.parents)
             raise ReplicationError(f"{who}: top-id '{self.top_id}' (node '{top.name}') is not a root node: it is "
                                    f"used by {parents}")
-        if top is not self.node and not _reaches(top, self.node):
+        if top is not self.node and not reaches(top, self.node):
             raise ReplicationError(f"{who}: top-id '{self.top_id}' (node '{top.name}') does not contain this "
                                    f"replication node")
         return active, hidden, secondary, top

@@ -3,6 +3,8 @@
 See the README for a tour, ``docs/internals.md`` for the contracts between
 layers, and ``ARCHITECTURE.md`` for the public API this module exports.
 """
+import sys
+
 from . import constants
 from ._core.bitmap import Bitmap
 from ._core.iovec import IOVector
@@ -11,13 +13,21 @@ from .backend import BlockBackend, backend, backends, open_backend
 from .config import load_config
 from .driver import BlockDriver
 from .errors import BlockError, Error, OptionError, PermissionConflict, ReplicationError
-from .graph import (blockdev_add, blockdev_del, close_all, drained, is_root, lookup, nodes, reopen,
-                    reopen_multiple)
+from .graph import blockdev_add, blockdev_del, close_graph, is_root, lookup, nodes, reopen, reopen_multiple
 from .image import check_image, create_image
-from .node import BlockStatus, Child, Node, is_allocated, is_allocated_above
+from .node import BlockStatus, Child, Node, drained, is_allocated, is_allocated_above
 from .options import Opt, flatten, normalize, parse_drive, unflatten
 
 __version__ = "0.1.0"
+
+
+def close_all():
+    """Close every job, backend and node of this process: jobs are cancelled first (they hold edges
+    into the graph and may still write), then the graph closes (:func:`pyrep.graph.close_graph`)."""
+    job_registry = sys.modules.get("pyrep.jobs.job")     # not loaded: no job was ever made
+    if job_registry is not None:
+        job_registry.cancel_all()
+    close_graph()
 
 
 def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0, delay=None):

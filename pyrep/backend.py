@@ -171,8 +171,8 @@ class BlockBackend(BackendCore):
                 node.flush()
         finally:
             self._closed = True
-            if self.name and graph._backends.get(self.name) is self:
-                del graph._backends[self.name]
+            if self.name:
+                graph.remove_backend(self.name, self)
             node.remove_parent(self._root)
             self._root = None
             if not node.parents and not node.monitor_owned and not node.closed:
@@ -197,7 +197,7 @@ def open_backend(options, name=None, read_only=False, perm=None, shared=None, sh
     ``"consistent-read,write"`` or ``"all"``, or masks); ``share_rw`` adds
     write and resize to what is shared."""
     if name is not None:
-        graph._check_name(name, "backend name")
+        graph.check_name(name, "backend name")
     if isinstance(options, Node):
         node, created = options, False
     elif isinstance(options, str) and "=" not in options and not options.startswith("json:"):
@@ -216,20 +216,20 @@ def open_backend(options, name=None, read_only=False, perm=None, shared=None, sh
             node.close()
         raise
     if name is not None:
-        graph._backends[name] = blk
+        graph.add_backend(name, blk)
     return blk
 
 
 def backend(name):
     """The BlockBackend named ``name``."""
-    blk = graph._backends.get(name)
+    blk = graph.get_backend(name)
     if blk is None:
-        raise OptionError(f"no backend named '{name}'" +
-                          (f" (known: {', '.join(sorted(graph._backends))})" if graph._backends else ""))
+        known = graph.backends()
+        raise OptionError(f"no backend named '{name}'" + (f" (known: {', '.join(sorted(known))})" if known else ""))
     return blk
 
 
 def backends():
-    return dict(graph._backends)
+    return graph.backends()
 
 

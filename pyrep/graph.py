@@ -1,21 +1,29 @@
-"""The graph of this process: named nodes and backends, opening, lookup, reopen, drain.
+"""The graph of this process: named nodes and backends, opening, lookup, reopen.
 
 Node names and backend names share one namespace, so a string where a
-child's options belong can name either.
+child's options belong can name either. Opening a node's children is the
+graph's job (:func:`open_child`, :func:`open_backing`, QEMU's
+``bdrv_open_child``); drivers call them as ``node.open_child(...)``, which
+the graph wires up when it loads (:func:`pyrep.node.install_graph`). The
+graph knows nothing of jobs: :func:`pyrep.close_all` cancels them before it
+calls :func:`close_graph`.
 """
 import itertools
 import os
 import re
 import threading
+from types import SimpleNamespace
 from contextlib import contextmanager
 
 from ._core.registry import get_driver
 from .errors import BlockError, OptionError, PermissionConflict
-from .node import Node
+from . import node as _node_layer
+from .node import Node, drained
 from .options import normalize, validate
 
-__all__ = ["blockdev_add", "blockdev_del", "open_node", "lookup", "lookup_node_or_backend", "nodes",
-           "reopen", "reopen_multiple", "drained", "close_all", "is_root"]
+__all__ = ["blockdev_add", "blockdev_del", "open_node", "open_child", "open_backing", "lookup",
+           "lookup_node_or_backend", "nodes", "reopen", "reopen_multiple", "drained", "close_graph", "is_root",
+           "check_name", "add_backend", "remove_backend", "get_backend", "backends"]
 
 _lock = threading.RLock()
 _opening = threading.local()   # per thread: the nodes being opened, outermost first
@@ -25,7 +33,8 @@ _auto = itertools.count()
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 
 
-def _check_name(name, what):
+def check_name(name, what):
+    """Refuse ``name`` as a new node-name or backend name (``what``): bad spelling or already taken."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise OptionError(f"invalid {what} {name!r}: it must start with a letter and hold only letters, "
                           f"digits, '-', '_' and '.' (at most 128 characters)")
@@ -57,7 +66,7 @@ def open_node(options, prefix="", inherit=None):
         if node_name is None:
             node_name, auto = f"#block{next(_auto)}", True
         else:
-            _check_name(node_name, "node-name")
+            check_name(node_name, "node-name")
             auto = False
         node = Node(node_name, drv, opts, auto_named=auto, prefix=prefix)
         _nodes[node_name] = node
@@ -83,10 +92,60 @@ def _known_drivers():
     return drivers()
 
 
-def _forget_node(node):
+def forget_node(node):
+    """A node closed: its name is free again (called by :meth:`Node.close`)."""
     with _lock:
         if _nodes.get(node.name) is node:
             del _nodes[node.name]
+
+
+def open_child(parent, opts, key, role=None, required=True, read_only=None):
+    """Open (or reference) the child of ``parent`` described by ``opts[key]`` and attach it as ``role``.
+
+    ``opts[key]`` may be a dict of the child's options, a string naming
+    an existing node or backend, or None/absent (an error if required).
+    A child opened from a dict inherits ``read-only`` (``read_only``, default
+    the parent's), ``discard`` and ``cache`` unless it sets them, and closes
+    again if it cannot be attached. Returns the :class:`~pyrep.node.Child` or None."""
+    role = role or key
+    value = opts.get(key)
+    where = f"{parent.drv.format_name}: option '{parent.option_key(key)}'"
+    if value is None:
+        if required:
+            raise OptionError(f"{where} is required (a dict of options or the name of a node)")
+        return None
+    if isinstance(value, str):
+        return parent.attach_child(lookup_node_or_backend(value, where), role)
+    if read_only is None:
+        read_only = parent.read_only
+    child_node = open_node(value, prefix=parent.option_key(key) + ".", inherit=_inherited(parent, read_only))
+    try:
+        return parent.attach_child(child_node, role)
+    except BaseException:
+        if not child_node.parents and not child_node.monitor_owned:
+            child_node.close()
+        raise
+
+
+def _inherited(parent, read_only):
+    """Options a child opened from a dict takes from ``parent`` unless it sets them."""
+    inherit = {"read-only": read_only, "discard": parent.opts.get("discard", "ignore")}
+    if parent.opts.get("cache") is not None:
+        inherit["cache"] = parent.opts["cache"]
+    return inherit
+
+
+def open_backing(parent, opts, filename=None, fmt=None, relative_to=None):
+    """Open the backing child of ``parent``: from ``opts["backing"]`` when given (None: no backing),
+    else from ``filename``/``fmt`` (from the image header; relative names resolve against
+    ``relative_to``). Returns the :class:`~pyrep.node.Child` or None."""
+    if "backing" in opts:
+        if opts["backing"] is None:
+            return None
+        return open_child(parent, opts, "backing", role="backing", read_only=True)
+    if not filename:
+        return None
+    return parent.attach_child(open_backing_file(parent, filename, fmt, relative_to), "backing")
 
 
 def blockdev_add(options):
@@ -163,7 +222,7 @@ def open_backing_file(node, filename, fmt, relative_to):
     if fmt is None:
         fmt = probe_format(path)
     return open_node({"driver": fmt, "file": {"driver": "file", "filename": path}},
-                     prefix=f"{node._path}backing.",
+                     prefix=node.option_key("backing") + ".",
                      inherit={"read-only": True, "discard": node.opts.get("discard", "ignore")})
 
 
@@ -178,37 +237,6 @@ def probe_format(path):
 
 
 # ------------------------------------------------------------ drain & reopen
-
-def _users_above(nodes_):
-    """Backends and jobs (non-node parents) above any of ``nodes_``."""
-    found, stack, seen = [], list(nodes_), set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        for c in n.parents:
-            if isinstance(c.parent, Node):
-                stack.append(c.parent)
-            elif c.parent not in found:
-                found.append(c.parent)
-    return found
-
-
-@contextmanager
-def drained(*nodes_):
-    """Quiesce every backend and job above ``nodes_``: new requests wait, in-flight ones finish."""
-    users = [u for u in _users_above(nodes_) if hasattr(u, "drained_begin")]
-    done = []
-    try:
-        for u in users:
-            u.drained_begin()
-            done.append(u)
-        yield
-    finally:
-        for u in reversed(done):
-            u.drained_end()
-
 
 def reopen(node, read_only):
     """Switch one node between read-only and read-write (see :func:`reopen_multiple`)."""
@@ -263,13 +291,9 @@ def reopen_multiple(changes):
             n.opts["read-only"] = n.read_only
 
 
-def close_all():
-    """Close every backend, job and node of this process."""
-    try:
-        from .jobs import job as _jobmod
-        _jobmod.cancel_all()
-    except ImportError:
-        pass
+def close_graph():
+    """Close every backend and node of this process (:func:`pyrep.close_all` cancels jobs first:
+    they hold edges into the graph)."""
     for blk in list(_backends.values()):
         blk.close()
     for _ in range(4):
@@ -281,3 +305,31 @@ def close_all():
         node.monitor_owned = False
         node.close()
     _nodes.clear()
+
+
+# ------------------------------------------------------------ backends by name
+
+def add_backend(name, blk):
+    """Register backend ``blk`` under ``name`` (already checked with :func:`check_name`)."""
+    with _lock:
+        _backends[name] = blk
+
+
+def remove_backend(name, blk):
+    """Forget backend ``blk`` (if it is still the one registered under ``name``)."""
+    with _lock:
+        if _backends.get(name) is blk:
+            del _backends[name]
+
+
+def get_backend(name):
+    """The backend named ``name``, or None."""
+    return _backends.get(name)
+
+
+def backends():
+    """Every named backend, by name."""
+    return dict(_backends)
+
+
+_node_layer.install_graph(SimpleNamespace(open_child=open_child, open_backing=open_backing, forget_node=forget_node))

@@ -11,23 +11,58 @@ for it. The common request takes a fast path of one flag test and one call.
 A :class:`Child` is a user's edge to a node: it carries the role and the
 permissions that user takes and shares; conflicts raise
 :class:`~pyrep.errors.PermissionConflict` naming both users.
+
+What QEMU keeps apart lives apart here too: permissions and op blockers in
+:mod:`pyrep.perms`, block status in :mod:`pyrep.blockstatus`, request
+tracking in :mod:`pyrep.tracking` (a base of :class:`Node`), the C fast path
+in ``_core/fastpath.pyx``. Opening children from options is the graph's job
+(:func:`pyrep.graph.open_child`); this module never imports the graph: the
+graph installs its hooks here (:func:`install_graph`). Draining
+(:func:`drained`) sits here, with the edges it walks.
 """
 import errno
-import threading
-from collections import namedtuple
 from contextlib import contextmanager
 
-from ._core.fastpath import NodeIO, bump_length_epoch
+from . import perms
+from ._core.fastpath import bump_length_epoch
 from ._core.iovec import IOVector
-from .constants import (BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_RECURSE, BS_ZERO, PERM_ALL,
-                        REQ_MAY_UNMAP, REQ_SERIALISING, perm_names)
+from .blockstatus import (BlockStatus, allocation_extents, block_status, is_allocated, is_allocated_above,
+                          skip_filters)
+from .constants import PERM_ALL, REQ_MAY_UNMAP, REQ_SERIALISING
 from .errors import BlockError, OptionError, PermissionConflict
+from .perms import OPS
+from .tracking import RequestTracking
 
-__all__ = ["Node", "Child", "BlockStatus", "skip_filters", "is_allocated", "is_allocated_above", "allocation_extents"]
-
-BlockStatus = namedtuple("BlockStatus", "flags length offset file")
+__all__ = ["Node", "Child", "BlockStatus", "skip_filters", "is_allocated", "is_allocated_above", "allocation_extents",
+           "reaches", "drained", "users_above", "install_graph", "OPS"]
 
 _ZERO_CHUNK = 1 << 20
+
+
+class _NoGraph:
+    """Hooks before the graph installed its own: a node made outside a graph cannot open children."""
+
+    @staticmethod
+    def open_child(parent, *args, **kwargs):
+        raise OptionError(f"{parent.describe()}: children are opened by the graph (pyrep.graph), which is not loaded")
+
+    open_backing = open_child
+
+    @staticmethod
+    def forget_node(node):
+        pass
+
+
+_graph = _NoGraph
+
+
+def install_graph(hooks):
+    """The graph registers what nodes call into it, so this module stays below it: ``hooks`` has
+    ``open_child(parent, opts, key, role, required, read_only)``,
+    ``open_backing(parent, opts, filename, fmt, relative_to)`` (both return a :class:`Child` or
+    None) and ``forget_node(node)`` (a node closed)."""
+    global _graph
+    _graph = hooks
 
 
 class Child:
@@ -91,12 +126,12 @@ class Child:
         return f"<Child {self.role} -> {self.node.name if self.node else None}>"
 
 
-class Node(NodeIO):
+class Node(RequestTracking):
     """A node of the block graph; see the module docstring for its I/O layer."""
 
     def __init__(self, name, drv, opts, auto_named=False, prefix=""):
         self.name = name
-        self._path = prefix             # key path of this node's options, for messages
+        self.option_prefix = prefix     # key path of this node's options ("file.backing."), for messages
         self.auto_named = auto_named
         self.drv = drv
         self.opts = opts
@@ -115,9 +150,7 @@ class Node(NodeIO):
         self.blockers = {}              # op -> [reason, ...]
         self._write_notifiers = []
         self._notifier_skips = []
-        self._tracked = []
-        self._track_users = 0
-        self._track_cond = threading.Condition()
+        self._init_tracking()
         self._ops_bound = False
         self._refresh_paths()
 
@@ -151,56 +184,24 @@ class Node(NodeIO):
 
     # ----------------------------------------------------------- children
     def open_child(self, opts, key, role=None, required=True, read_only=None):
-        """Open (or reference) the child described by ``opts[key]`` and attach it as ``role``.
-
-        ``opts[key]`` may be a dict of the child's options, a string naming
-        an existing node or backend, or None/absent (an error if required).
-        Returns the :class:`Child` or None."""
-        from . import graph
-        role = role or key
-        value = opts.get(key)
-        if value is None:
-            if required:
-                raise OptionError(f"{self.drv.format_name}: option '{self._path}{key}' is required "
-                                  f"(a dict of options or the name of a node)")
-            return None
-        if isinstance(value, str):
-            child_node = graph.lookup_node_or_backend(value, f"{self.drv.format_name}: option '{self._path}{key}'")
-            return self.attach_child(child_node, role)
-        if read_only is None:
-            read_only = self.read_only
-        child_node = graph.open_node(value, prefix=f"{self._path}{key}.", inherit=self._inherited(read_only))
-        try:
-            return self.attach_child(child_node, role)
-        except BaseException:
-            if not child_node.parents and not child_node.monitor_owned:
-                child_node.close()
-            raise
-
-    def _inherited(self, read_only):
-        """Options a child opened from a dict takes from this node unless it sets them."""
-        inherit = {"read-only": read_only, "discard": self.opts.get("discard", "ignore")}
-        if self.opts.get("cache") is not None:
-            inherit["cache"] = self.opts["cache"]
-        return inherit
+        """Open (or reference) the child described by ``opts[key]`` and attach it as ``role``: the
+        drivers' name for :func:`pyrep.graph.open_child` (see there). Returns the :class:`Child`
+        or None."""
+        return _graph.open_child(self, opts, key, role=role, required=required, read_only=read_only)
 
     def open_backing(self, opts, filename=None, fmt=None, relative_to=None):
-        """Open the backing child: from ``opts["backing"]`` when given (None: no backing), else from
-        ``filename``/``fmt`` (from the image header; relative names resolve against ``relative_to``)."""
-        from . import graph
-        if "backing" in opts:
-            if opts["backing"] is None:
-                return None
-            return self.open_child(opts, "backing", role="backing", read_only=True)
-        if not filename:
-            return None
-        return self.attach_child(graph.open_backing_file(self, filename, fmt, relative_to), "backing")
+        """Open the backing child: the drivers' name for :func:`pyrep.graph.open_backing`."""
+        return _graph.open_backing(self, opts, filename=filename, fmt=fmt, relative_to=relative_to)
+
+    def option_key(self, key):
+        """``key`` as the user spelled its path, for messages: ``"file.offset"`` for a file child's."""
+        return f"{self.option_prefix}{key}"
 
     def attach_child(self, child_node, role, perm=None, shared=None):
         """Attach ``child_node`` as ``role``; permissions are the driver's ``child_perm`` unless given."""
         if role in self.children:
             raise OptionError(f"node '{self.name}' already has a '{role}' child")
-        if child_node is self or _reaches(child_node, self):
+        if child_node is self or reaches(child_node, self):
             raise OptionError(f"attaching '{child_node.name}' as {role} of '{self.name}' would make a loop")
         child = Child(self, child_node, role, 0, PERM_ALL)
         if perm is None:
@@ -239,7 +240,7 @@ class Node(NodeIO):
         moved = []
         try:
             for c in list(self.parents):
-                if c in keep or (isinstance(c.parent, Node) and _reaches(new, c.parent)):
+                if c in keep or (isinstance(c.parent, Node) and reaches(new, c.parent)):
                     continue
                 new.add_parent(c, c.perm, c.shared)
                 self.parents.remove(c)
@@ -265,75 +266,41 @@ class Node(NodeIO):
 
     def cumulative_perm(self):
         """What the parents together take and share."""
-        perm, shared = 0, PERM_ALL
-        for c in self.parents:
-            perm |= c.perm
-            shared &= c.shared
-        if self.opts.get("force-share"):
-            shared = PERM_ALL
-        return perm, shared
+        return perms.cumulative_perm(self)
 
-    # -------------------------------------------------------- permissions
+    # ---------------------------------------------- permissions, blockers (pyrep.perms)
     def add_parent(self, child, perm, shared):
         """Register ``child`` as a parent edge taking ``perm``/``shared``; raise on conflict."""
-        _check_conflicts(self, child, perm, shared)
-        child.perm, child.shared = perm, shared
-        self.parents.append(child)
-        try:
-            _refresh_perms(self)
-        except BaseException:
-            self.parents.remove(child)
-            _refresh_perms(self)
-            raise
+        perms.add_parent(self, child, perm, shared)
 
     def remove_parent(self, child):
-        if child in self.parents:
-            self.parents.remove(child)
-            try:
-                _refresh_perms(self)
-            except PermissionConflict:
-                pass
+        perms.remove_parent(self, child)
 
     def update_parent_perm(self, child, perm, shared):
         """Change what ``child`` takes/shares; on conflict nothing changes."""
-        old = child.perm, child.shared
-        _check_conflicts(self, child, perm, shared)
-        child.perm, child.shared = perm, shared
-        try:
-            _refresh_perms(self)
-        except BaseException:
-            child.perm, child.shared = old
-            _refresh_perms(self)
-            raise
+        perms.update_parent_perm(self, child, perm, shared)
 
     def refresh_perms(self):
-        _refresh_perms(self)
+        perms.refresh_perms(self)
 
-    # ------------------------------------------------------------- blockers
     def block_op(self, op, reason):
-        self.blockers.setdefault(op, []).append(reason)
+        perms.block_op(self, op, reason)
 
     def unblock_op(self, op, reason):
-        reasons = self.blockers.get(op)
-        if reasons and reason in reasons:
-            reasons.remove(reason)
-            if not reasons:
-                del self.blockers[op]
+        perms.unblock_op(self, op, reason)
 
     def block_all_ops(self, reason, except_ops=()):
         for op in OPS:
             if op not in except_ops:
-                self.block_op(op, reason)
+                perms.block_op(self, op, reason)
 
     def unblock_all_ops(self, reason):
         for op in list(self.blockers):
-            self.unblock_op(op, reason)
+            perms.unblock_op(self, op, reason)
 
     def check_op(self, op):
         """Raise PermissionConflict if ``op`` is blocked on this node."""
-        reasons = self.blockers.get(op)
-        if reasons:
-            raise PermissionConflict(f"node '{self.name}' is busy: '{op}' is blocked by {reasons[0]}")
+        perms.check_op(self, op)
 
     # --------------------------------------------------------- I/O layer
     def _refresh_paths(self):
@@ -500,7 +467,6 @@ class Node(NodeIO):
         node are drained first (their requests in flight finish, new ones wait): a write still in
         flight would otherwise land in a cluster the emptied layer frees and hands out again."""
         self._check_access(True)
-        from .graph import drained      # graph imports this module
         with drained(self):
             return self.driver.make_empty()
 
@@ -508,42 +474,9 @@ class Node(NodeIO):
         """:class:`BlockStatus` of ``[offset, offset+pnum)``; follows filters and protocols
         (``BS_RECURSE``) and marks unallocated ranges without a backing as zero."""
         self._check_access(False)
-        total = self.length
-        if offset >= total:
-            return BlockStatus(BS_EOF, 0, None, None)
-        length = min(length, total - offset)
-        flags, pnum, mapped, file = self.driver.block_status(offset, length)
-        if pnum <= 0:
-            raise BlockError(errno.EIO, f"node '{self.name}': block status made no progress at {offset}")
-        pnum = min(pnum, length)
-        if flags & BS_RECURSE and file is not None:
-            inner = file.block_status(mapped, pnum)
-            if inner.flags & BS_EOF and not inner.length:
-                # past the end of the protocol (a raw disk's tail, rounded up to a sector): zeroes
-                flags = BS_ZERO | BS_OFFSET_VALID | (flags & BS_ALLOCATED & ~BS_RECURSE)
-            else:
-                pnum = min(pnum, inner.length) if inner.length else pnum
-                flags = (inner.flags & ~BS_EOF) | (flags & BS_ALLOCATED & ~BS_RECURSE)
-                mapped, file = inner.offset, inner.file
-            if not self.is_filter:
-                flags |= BS_ALLOCATED
-                if not flags & (BS_DATA | BS_ZERO):
-                    flags |= BS_DATA
-        if not flags & BS_ALLOCATED:
-            back = self.backing
-            if back is None and not self.is_filter:
-                flags |= BS_ZERO
-            elif back is not None:
-                blen = back.length
-                if offset >= blen:
-                    flags |= BS_ZERO
-                else:
-                    pnum = min(pnum, blen - offset)
-        if offset + pnum >= total:
-            flags |= BS_EOF
-        return BlockStatus(flags, pnum, mapped if flags & BS_OFFSET_VALID else None, file)
+        return block_status(self, offset, length)
 
-    # ---------------------------------------------------------- tracking
+    # ----------------------------------------------------- write notifiers
     def add_write_notifier(self, fn, skip=None):
         """Call ``fn(node, offset, length, flags)`` before every write/zero/discard reaches the driver.
 
@@ -562,83 +495,11 @@ class Node(NodeIO):
         self._notifier_skips = [self._notifier_skips[i] for i in keep]
         self._refresh_paths()
 
-    def enable_tracking(self):
-        """Start tracking requests (needed by serialising users); pair with disable_tracking."""
-        with self._track_cond:
-            self._track_users += 1
-        self._refresh_paths()
-
-    def disable_tracking(self):
-        with self._track_cond:
-            self._track_users -= 1
-        self._refresh_paths()
-
-    @contextmanager
-    def tracked(self, offset, length, serialising=False):
-        """Track a request; a serialising one waits for and blocks every overlapping request,
-        and any request waits for an overlapping serialising one."""
-        req = self._track_begin(offset, length, serialising)
-        try:
-            yield
-        finally:
-            if req is not None:
-                self._track_end(req)
-
-    def _track_begin(self, offset, length, serialising):
-        """Register a request (waiting as ``tracked`` says); None when nothing is tracked. On a node with
-        a request alignment every request is tracked: an unaligned write is a serialising
-        read-modify-write of whole blocks, and an aligned write landing between its read and its write
-        would be overwritten with the old bytes around the unaligned part."""
-        if not self._track_users and not serialising and self.align <= 1:
-            return None
-        end = offset + length
-        req = self._track_try(offset, end, serialising)
-        if req is not None:
-            return req
-        # queue: registered now, so a request arriving later that conflicts with this one waits behind
-        # it (a serialising write is never overtaken for ever by a stream of overlapping reads, as in
-        # QEMU); this one waits only for the conflicting requests registered before it, so the waits
-        # follow arrival order and cannot form a cycle
-        req = (offset, end, serialising)
-        cond = self._track_cond
-        with cond:
-            self._track_waiters += 1        # before registering: a request ending now must wake us
-            self._tracked.append(req)
-            try:
-                while self._track_blocked(req):
-                    cond.wait()
-            except BaseException:
-                self._track_done(req)
-                raise
-            finally:
-                self._track_waiters -= 1
-        return req
-
-    def _track_end(self, req):
-        self._track_done(req)
-
-    def _track_wake(self):
-        with self._track_cond:
-            self._track_cond.notify_all()
-
-    def wait_for_overlaps(self, offset, length):
-        """Block until no tracked request overlaps the range."""
-        cond = self._track_cond
-        end = offset + length
-        with cond:
-            self._track_waiters += 1
-            try:
-                while any(r[0] < end and offset < r[1] for r in list(self._tracked)):
-                    cond.wait()
-            finally:
-                self._track_waiters -= 1
-
     # ------------------------------------------------------------- close
     def close(self):
         """Close the driver and drop the children (closing implicit ones left without parents)."""
         if self.closed:
             return
-        from . import graph
         self.closed = True
         self._refresh_paths()
         try:
@@ -647,7 +508,7 @@ class Node(NodeIO):
         finally:
             for child in list(self.children.values()):
                 self.detach_child(child)
-            graph._forget_node(self)
+            _graph.forget_node(self)
 
     def bind_driver(self):
         """Called once the driver is open: requests may now take the fast path."""
@@ -676,14 +537,8 @@ class Node(NodeIO):
         self._refresh_paths()
 
 
-# every op a blocker can stop (QEMU's BlockOpType)
-OPS = ("backup-source", "backup-target", "change", "commit-source", "commit-target", "dataplane", "drive-del",
-       "eject", "external-snapshot", "internal-snapshot", "internal-snapshot-delete", "mirror-source",
-       "mirror-target", "resize", "stream", "replace", "graph-mod")
-
-
-def _reaches(start, target):
-    """True if ``target`` is ``start`` or below it."""
+def reaches(start, target):
+    """True if ``target`` is ``start`` or below it (a walk of the children)."""
     stack, seen = [start], set()
     while stack:
         n = stack.pop()
@@ -696,99 +551,36 @@ def _reaches(start, target):
     return False
 
 
-def _check_conflicts(node, child, perm, shared):
-    for other in node.parents:
-        if other is child:
+# ------------------------------------------------------------------ drain
+
+def users_above(nodes_):
+    """Backends and jobs (the users that are not nodes) above any of ``nodes_``."""
+    found, stack, seen = [], list(nodes_), set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
             continue
-        if perm & ~other.shared:
-            raise PermissionConflict(
-                f"permission conflict on node '{node.name}': {child.user} wants '{perm_names(perm & ~other.shared)}' "
-                f"which {other.user} does not share")
-        if other.perm & ~shared:
-            raise PermissionConflict(
-                f"permission conflict on node '{node.name}': {child.user} does not share "
-                f"'{perm_names(other.perm & ~shared)}' which {other.user} holds")
+        seen.add(id(n))
+        for c in n.parents:
+            if isinstance(c.parent, Node):
+                stack.append(c.parent)
+            elif c.parent not in found:
+                found.append(c.parent)
+    return found
 
 
-def _refresh_perms(node):
-    """Recompute the permissions ``node`` takes on its children, down the graph.
-
-    Edges are updated while planning (a conflict stops the walk); drivers'
-    check_perm (file locks) all run before any set_perm. A caller that gets
-    an error restores its own change and calls this again, which recomputes
-    every edge from the restored state."""
-    plan = []
-    _plan_perms(node, plan, set())
-    drivers = [(n.driver, perm, shared) for n, perm, shared in plan if n.driver is not None]
-    for driver, perm, shared in drivers:
-        driver.check_perm(perm, shared)
-    for driver, perm, shared in drivers:
-        driver.set_perm(perm, shared)
-
-
-def _plan_perms(node, plan, seen):
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    perm, shared = node.cumulative_perm()
-    plan.append((node, perm, shared))
-    if node.driver is None:
-        return
-    for child in node.children.values():
-        cperm, cshared = node.driver.child_perm(child.role, perm, shared)
-        if (cperm, cshared) != (child.perm, child.shared):
-            _check_conflicts(child.node, child, cperm, cshared)
-            child.perm, child.shared = cperm, cshared
-        _plan_perms(child.node, plan, seen)
-
-
-def skip_filters(node):
-    """The first node at or below ``node`` that is not a filter with a file child."""
-    while node is not None and node.drv.is_filter and "file" in node.children:
-        node = node.file
-    return node
-
-
-def is_allocated(node, offset, length):
-    """``(allocated, pnum)``: whether this layer (filters skipped) provides ``[offset, offset+pnum)``."""
-    st = skip_filters(node).block_status(offset, length)
-    return bool(st.flags & BS_ALLOCATED), st.length
-
-
-def is_allocated_above(top, base, offset, length, include_base=False):
-    """``(allocated, pnum)``: whether any layer from ``top`` down to ``base`` (excluded unless
-    ``include_base``) provides ``[offset, offset+pnum)`` — a range past the end of a shorter
-    backing counts as allocated, since it reads as zeroes there."""
-    node = skip_filters(top)
-    base = skip_filters(base) if base is not None else None
-    n = length
-    while node is not None:
-        if node is base and not include_base:
-            break
-        st = node.block_status(offset, n)
-        if st.length == 0:
-            return False, n
-        if st.flags & BS_ALLOCATED:
-            return True, st.length
-        n = min(n, st.length)
-        nxt = skip_filters(node.backing)
-        if node is base:
-            break
-        if nxt is not None and offset >= nxt.length:
-            return True, n
-        node = nxt
-    return False, n
-
-
-def allocation_extents(probe, offset, end):
-    """Walk ``[offset, end)`` with ``probe(pos, n) -> (allocated, pnum)`` (``is_allocated`` or
-    ``is_allocated_above`` bound to their nodes); yield ``(pos, pnum, allocated)`` for each extent
-    in order. Stops early if the probe makes no progress."""
-    pos = offset
-    while pos < end:
-        alloc, n = probe(pos, end - pos)
-        if n <= 0:
-            return
-        n = min(n, end - pos)
-        yield pos, n, alloc
-        pos += n
+@contextmanager
+def drained(*nodes_):
+    """Quiesce every backend and job above ``nodes_``: new requests wait, in-flight ones finish.
+    A user takes part by having ``drained_begin()``/``drained_end()`` (QEMU's drained sections);
+    this module knows no kind of user by name."""
+    users = [u for u in users_above(nodes_) if hasattr(u, "drained_begin")]
+    done = []
+    try:
+        for u in users:
+            u.drained_begin()
+            done.append(u)
+        yield
+    finally:
+        for u in reversed(done):
+            u.drained_end()

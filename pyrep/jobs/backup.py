@@ -46,7 +46,8 @@ import threading
 from .._core.cowgate import CowGate
 from ..constants import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED)
 from ..errors import BlockError, OptionError
-from ..node import allocation_extents, is_allocated, skip_filters
+from ..blockstatus import allocation_extents, is_allocated, skip_filters
+from ..node import drained
 from .job import Job, resolve_pair
 
 __all__ = ["BackupJob", "backup"]
@@ -102,7 +103,6 @@ class BackupJob(Job):
                 self._skip_unallocated()
             target.enable_tracking()
             self._tracking = True
-            from ..graph import drained
             with drained(source):       # no write may be past the notifier hook without a copy
                 source.add_write_notifier(self._before_write, skip=gate)
                 self._notifier_on = True
@@ -144,7 +144,6 @@ class BackupJob(Job):
             raise OptionError(f"{self.describe()} has concluded" +
                               (f" with an error: {self.error}" if self.error else ""))
         if drain:
-            from ..graph import drained
             with drained(self.source):
                 self._reset_copied()
         else:

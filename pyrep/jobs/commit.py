@@ -31,7 +31,7 @@ target is in the chain first: its copies would change the chain).
 from ..constants import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
 from ..errors import OptionError
 from ..graph import reopen
-from ..node import is_allocated_above
+from ..blockstatus import is_allocated_above
 from .job import Job, move_parents, resolve_node
 from .mirror import GRANULARITY, MirrorJob, check_pivot
 

@@ -34,8 +34,10 @@ import threading
 import time
 import warnings
 
+from ..blockstatus import allocation_extents
 from ..errors import BlockError, OptionError
-from ..node import Child, Node, allocation_extents
+from ..graph import lookup
+from ..node import Child, Node
 
 __all__ = ["Job", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES", "add_status_listener",
            "remove_status_listener"]
@@ -72,8 +74,9 @@ def _tell(job, old, new):
             warnings.warn(f"{job.describe()}: status listener {fn!r} raised {e!r}", RuntimeWarning)
 
 
-class _Cancelled(Exception):
-    """Raised at a pause point when the job was cancelled."""
+class Cancelled(Exception):
+    """Raised at a pause point when the job was cancelled; a job's ``run`` may raise it too, to end
+    the same way (the job concludes as cancelled)."""
 
 
 class Job:
@@ -197,7 +200,7 @@ class Job:
     def _main(self):
         try:
             self.run()
-        except _Cancelled:
+        except Cancelled:
             pass
         except BaseException as e:       # noqa: B902 - the job records every failure
             if self.error is None:
@@ -258,7 +261,7 @@ class Job:
             while (self._user_paused or self._drain) and not self._cancel:
                 self._cond.wait()
             if self._cancel:
-                raise _Cancelled()
+                raise Cancelled()
             self._busy = True
 
     def sleep(self, seconds):
@@ -404,7 +407,6 @@ def cancel_all():
 
 def resolve_node(value, what):
     """A Node from a Node or a node/backend name."""
-    from ..graph import lookup
     if isinstance(value, Node):
         if value.closed:
             raise OptionError(f"{what}: node '{value.name}' is closed")

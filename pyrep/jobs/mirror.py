@@ -31,8 +31,10 @@ from .._core.bitmap import Bitmap
 from .._core.iovec import IOVector
 from ..constants import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, REQ_WRITE_UNCHANGED
 from ..errors import BlockError, OptionError
-from ..node import is_allocated
-from .job import Job, _Cancelled, move_parents, resolve_pair
+from ..blockstatus import is_allocated
+from ..node import drained
+from ..perms import check_conflicts
+from .job import Job, Cancelled, move_parents, resolve_pair
 
 __all__ = ["MirrorJob", "mirror"]
 
@@ -82,7 +84,6 @@ class MirrorJob(Job):
         self.pivoted = False
 
     def _install(self):
-        from ..graph import drained
         self.source.enable_tracking()
         self._tracking = True
         with drained(self.source):
@@ -150,7 +151,7 @@ class MirrorJob(Job):
 
     def _check_cancel(self):
         if self._cancel:
-            raise _Cancelled()
+            raise Cancelled()
 
     def _became_ready(self):
         with self._cond:
@@ -195,7 +196,6 @@ class MirrorJob(Job):
 
     def _converge(self):
         """Under drain: copy what is still dirty, then switch the graph."""
-        from ..graph import drained
         while True:
             err = None
             with drained(*self._drain_nodes()):
@@ -240,10 +240,9 @@ class MirrorJob(Job):
 
 def check_pivot(old, new):
     """Raise PermissionConflict now if the parents of ``old`` could not move to ``new`` at the end."""
-    from ..node import _check_conflicts
     for c in old.parents:
         if not isinstance(c.parent, Job):
-            _check_conflicts(new, c, c.perm, c.shared)
+            check_conflicts(new, c, c.perm, c.shared)
 
 
 def mirror(source, target, sync="full", job_id=None, on_error="report", on_complete=None):
