@@ -1,4 +1,5 @@
-"""Shared fixtures: every test ends with a clean graph (no node, backend or job left)."""
+"""Shared fixtures: every test ends with a clean graph (no node, backend or job left) and no NBD server
+it started still running."""
 import os
 import shutil
 import subprocess
@@ -8,13 +9,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # for driver_conformance and helpers
 
+import nbd_peers  # noqa: E402
 import pyrep  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _clean_graph():
     yield
-    pyrep.close_all()
+    try:
+        pyrep.close_all()
+    finally:
+        nbd_peers.stop_all()        # NBD servers a test started (tests/nbd_peers.py)
 
 
 def have_qemu_img():

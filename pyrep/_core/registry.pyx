@@ -23,6 +23,7 @@ cdef dict _builtin = {
     "qcow2": "pyrep.drivers.qcow2:Qcow2Driver",
     "replication": "pyrep.drivers.replication:ReplicationDriver",
     "quorum": "pyrep.drivers.quorum:QuorumDriver",
+    "nbd": "pyrep.drivers.nbd:NbdDriver",
 }
 cdef dict _drivers = {}
 cdef dict _entry_points = {}

@@ -1,4 +1,5 @@
 """The built-in drivers join the conformance suite, one line each."""
+import nbd_peers
 from driver_conformance import Conformance
 
 
@@ -76,3 +77,8 @@ def _qcow2_over_memory(tmp_path, disk_size):
 class TestQcow2OverlayConformance(Conformance):
     persistent = False  # its backing lives in RAM
     make = staticmethod(_qcow2_over_memory)
+
+
+class TestNbdConformance(Conformance):
+    # a real server: qemu-nbd serving a raw file (stopped after the test by conftest's fixture)
+    make = staticmethod(lambda tmp, size: nbd_peers.qemu_nbd(tmp, _raw_file(tmp, size)["file"]["filename"]).opts())
