@@ -79,7 +79,7 @@ def test_compressed_convert_of_a_raw_file_of_any_size(tmp_path, size):
     (["create", "-f", "qcow2", "-o", "lazy_refcounts=maybe", "{d}/y.qcow2", "1M"], "lazy_refcounts"),
     (["create", "-f", "qcow2", "-o", "size=2M", "{d}/y.qcow2", "3M"], "Image size must be specified only once"),
     (["create", "-f", "raw", "-o", "cluster_size=64k", "{d}/y.raw", "1M"], "Invalid parameter 'cluster_size'"),
-    (["map", "-s", "-1", "{img}"], "Invalid offset specified"),
+    (["map", "-s", "-1", "{img}"], "Invalid start offset specified"),
     (["map", "-l", "abc", "{img}"], "Invalid length specified"),
 ])
 def test_bad_options_and_values_are_one_clear_error(img, tmp_path, args, msg):

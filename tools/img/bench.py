@@ -6,8 +6,9 @@ import time
 from pyrep._core.iovec import IOVector
 from pyrep.errors import Error
 
+from ..opening import open_image
+from . import args
 from .common import cache_opts, qprint, size_arg, UsageError
-from .image import open_image
 
 
 def _int(text):
@@ -16,26 +17,34 @@ def _int(text):
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-c", dest="count", type=int, default=75000)
-    s.add_argument("-d", dest="depth", type=int, default=64)
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("-s", dest="size", default="4096")
-    s.add_argument("-S", dest="step")
-    s.add_argument("-o", dest="offset")
-    s.add_argument("-w", dest="write", action="store_true")
-    s.add_argument("-P", "--pattern", dest="pattern", type=_int, default=0)
-    s.add_argument("-t", dest="cache", default="writeback")
-    s.add_argument("-n", dest="native", action="store_true")
-    s.add_argument("-i", dest="aio")
-    s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("-U", "--force-share", action="store_true")
-    s.add_argument("--flush-interval", dest="flush_interval", type=int, default=0)
-    s.add_argument("--no-drain", dest="no_drain", action="store_true")
+    s.add_argument("-c", dest="count", type=int, default=75000, metavar="COUNT",
+                   help="number of requests (default 75000)")
+    s.add_argument("-d", dest="depth", type=int, default=64, metavar="DEPTH",
+                   help="requests in flight at once (default 64)")
+    args.add_format(s)
+    args.add_image_opts(s)
+    s.add_argument("-s", dest="size", default="4096", metavar="BUFFER_SIZE",
+                   help="bytes per request (default 4096)")
+    s.add_argument("-S", dest="step", metavar="STEP_SIZE",
+                   help="offset step between requests (default: the buffer size)")
+    s.add_argument("-o", dest="offset", metavar="OFFSET", help="offset of the first request (default 0)")
+    s.add_argument("-w", dest="write", action="store_true", help="write (default: read)")
+    s.add_argument("-P", "--pattern", dest="pattern", type=_int, default=0, metavar="PATTERN",
+                   help="byte value written by -w (default 0)")
+    args.add_cache(s, default="writeback")
+    s.add_argument("-n", dest="native", action="store_true", help="accepted for qemu-img compatibility (no effect)")
+    s.add_argument("-i", dest="aio", metavar="AIO", help="accepted for qemu-img compatibility (no effect)")
+    args.add_quiet(s)
+    args.add_force_share(s)
+    s.add_argument("--flush-interval", dest="flush_interval", type=int, default=0, metavar="N",
+                   help="flush after every N requests (write tests)")
+    s.add_argument("--no-drain", dest="no_drain", action="store_true",
+                   help="flush without waiting for the requests in flight")
     s.add_argument("--threads", type=int, default=0,
                    help="pyrep only: worker threads for depth > 1 (default: depth, one per in-flight request)")
     s.add_argument("--path", choices=("backend", "node"), default="backend",
                    help="pyrep only: issue requests through the BlockBackend (default) or its root edge")
-    s.add_argument("filename")
+    args.add_filename(s)
 
 
 def run(a):
@@ -63,7 +72,7 @@ def run(a):
     extra = None
     if a.native:
         extra = None  # aio=native has no meaning for pyrep: requests run on the caller's threads
-    blk = open_image(a.filename, a.fmt, read_only=not a.write, cache=cache, force_share=a.force_share,
+    blk = open_image(a.filename, a.fmt, image_opts=a.image_opts, read_only=not a.write, cache=cache, force_share=a.force_share,
                      extra=extra)
     try:
         image_size = blk.length

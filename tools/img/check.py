@@ -1,24 +1,24 @@
 """``pyrep-img check``: check an image for consistency."""
-import os
 import sys
 
-import pyrep
-from pyrep._core.registry import get_driver
-from pyrep.errors import Error
-from pyrep.graph import probe_format
+from pyrep.node import skip_filters
 
-from .common import err, jdump, qprint
+from ..opening import open_image
+from . import args
+from .common import UsageError, err, jdump, qprint
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("-r", dest="repair", choices=("leaks", "all"))
-    s.add_argument("--output", choices=("human", "json"), default="human")
-    s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("-U", "--force-share", action="store_true")
-    s.add_argument("-T", dest="src_cache")
-    s.add_argument("filename")
+    args.add_format(s)
+    args.add_image_opts(s)
+    s.add_argument("-r", dest="repair", type=_repair, metavar="{leaks,all}",
+                   help="repair: leaked clusters only, or all errors (corruptions too)")
+    args.add_output(s)
+    args.add_quiet(s)
+    args.add_force_share(s)
+    args.add_cache(s, "-T", "src_cache")
+    args.add_filename(s)
 
 
 _CHECK_ORDER = ("image-end-offset", "total-clusters", "check-errors", "leaks", "leaks-fixed", "corruptions",
@@ -26,28 +26,41 @@ _CHECK_ORDER = ("image-end-offset", "total-clusters", "check-errors", "leaks", "
                 "filename", "format")
 
 
+def _repair(text):
+    if text not in ("leaks", "all"):
+        raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {text}", hint=True)
+    return text
+
+
+def check(a, repair=None):
+    """One check of the image, opened with its backing chain as qemu-img opens it (a missing backing
+    file is an error, exit 1); None if its format has no check."""
+    with open_image(a.filename, a.fmt, image_opts=a.image_opts, read_only=repair is None,
+                    force_share=a.force_share and repair is None, repair=repair is not None) as blk:
+        node = skip_filters(blk.node)
+        if not node.drv.implements("check"):
+            return None
+        res = node.driver.check(repair)
+        res.setdefault("format", node.drv.format_name)
+        return res
+
+
 def run(a):
-    fmt = a.fmt or probe_format(a.filename) if os.path.exists(a.filename) else a.fmt
-    if not os.path.exists(a.filename):
-        raise Error(f"Could not open '{a.filename}': No such file or directory")
-    if not get_driver(fmt).implements("check"):
+    res = check(a, a.repair)
+    if res is None:
         err("This image format does not support checks")
         return 63
-    res = pyrep.check_image(a.filename, fmt, repair=a.repair)
     if res.get("leaks-fixed") or res.get("corruptions-fixed"):
         lf, cf = res.get("leaks-fixed", 0), res.get("corruptions-fixed", 0)
         if a.output == "human":
             qprint(a.quiet, "The following inconsistencies were found and repaired:\n\n"
                             f"    {lf} leaked clusters\n    {cf} corruptions\n\n"
                             "Double checking the fixed image now...")
-        for m in res.get("messages") or ():
-            pass
-        res = pyrep.check_image(a.filename, fmt, repair=None)
+        res = check(a)
         res["leaks-fixed"], res["corruptions-fixed"] = lf, cf
     for m in res.get("messages") or ():
         print(m, file=sys.stderr)
     res["filename"] = a.filename
-    res.setdefault("format", fmt)
     g = lambda k: int(res.get(k) or 0)  # noqa: E731
     if a.output == "json":
         out = {}

@@ -5,10 +5,12 @@ only the module of the command being run is imported (the others cost start-up t
 """
 import argparse
 import importlib
+import re
 import sys
 
 from pyrep.errors import Error
 
+from ..console import quiet_broken_pipe, version_text
 from .common import PROG, UsageError, err
 
 # name -> one-line help; the module pyrep.tools.img.<name> implements it
@@ -28,12 +30,43 @@ COMMANDS = {
 ERROR_EXIT = {"compare": 2}
 
 
+# what qemu-img says when a command's file operands are missing or too many (with its --help hint)
+OPERANDS = {"compare": "Expecting two image file names", "create": "Expecting image file name"}
+
+
 class _Parser(argparse.ArgumentParser):
-    """qemu-img exits 1 on a usage error (argparse would exit 2, compare's "error" code)."""
+    """Usage errors as qemu-img reports them: one line in its words (and its "Try --help" hint), exit 1
+    (argparse would print its usage and exit 2, compare's "error" code)."""
+
+    def __init__(self, *a, command=None, **kw):
+        super().__init__(*a, **kw)
+        self.command = command
 
     def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: {message}\n")
+        raise UsageError(*usage_message(self.command, message))
+
+
+def usage_message(cmd, message):
+    """(qemu-img's text, hint) for one of argparse's messages."""
+    operands = OPERANDS.get(cmd, "Expecting one image file name")
+    if message == "the following arguments are required: command":
+        return "Not enough arguments", True
+    m = re.match(r"argument command: invalid choice: '([^']*)'", message)
+    if m:
+        return f"Command not found: {m.group(1)}", True
+    if message.startswith("the following arguments are required:"):
+        return operands, True
+    m = re.match(r"unrecognized arguments: (\S+)", message)
+    if m:
+        word = m.group(1)
+        return (f"unrecognized option '{word}'" if word.startswith("-") else operands), True
+    m = re.match(r"argument (-\w)(?:/\S+)?: expected one argument", message)
+    if m:
+        return f"option requires an argument -- '{m.group(1)[1:]}'", True
+    m = re.match(r"argument (?:-\w/)?(--[\w-]+): expected one argument", message)
+    if m:
+        return f"option '{m.group(1)}' requires an argument", True
+    return message, True
 
 
 def command_module(name):
@@ -45,10 +78,13 @@ def build_parser(cmd=None):
     """The argument parser; with ``cmd`` (the command being run), only that command's module is
     imported and only its sub-parser gets its options."""
     p = _Parser(prog=PROG, description="pyrep disk image utility (qemu-img compatible)")
-    sub = p.add_subparsers(dest="cmd", metavar="command", parser_class=_Parser)
+    p.add_argument("-V", "--version", action="version", version=version_text(PROG),
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", metavar="command", parser_class=_Parser,
+                           help="the command to run; 'pyrep-img COMMAND --help' describes its options")
     sub.required = True
     for name, help_ in COMMANDS.items():
-        s = sub.add_parser(name, help=help_, description=help_)
+        s = sub.add_parser(name, help=help_, description=help_, command=name)
         if name == cmd:
             mod = command_module(name)
             mod.add_arguments(s)
@@ -58,16 +94,17 @@ def build_parser(cmd=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_broken_pipe()
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     try:
         args = parser.parse_args(argv)
-    except UsageError as e:             # raised by a type= check (sizes, offsets)
-        err(str(e))
+    except UsageError as e:             # from the parser or a type= check (sizes, offsets)
+        err(str(e), e.hint)
         return 1
     try:
         rc = args.func(args)
     except UsageError as e:
-        err(str(e))
+        err(str(e), e.hint)
         return 1
     except (Error, OSError) as e:
         err(str(e))

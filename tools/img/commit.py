@@ -7,23 +7,27 @@ from pyrep.constants import BS_ALLOCATED, BS_ZERO
 from pyrep.errors import Error
 from pyrep.node import skip_filters
 
+from ..opening import open_image
+from . import args
 from .common import IO_BUF_SIZE, cache_opts, progress_bar, qprint
-from .image import chain_nodes, open_image, status_above
+from .image import chain_nodes, status_above
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("-b", dest="base")
-    s.add_argument("-d", dest="drop", action="store_true")
-    s.add_argument("-p", dest="progress", action="store_true")
-    s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("-t", dest="cache")
-    s.add_argument("filename")
+    args.add_format(s)
+    args.add_image_opts(s)
+    s.add_argument("-b", dest="base", metavar="BASE",
+                   help="commit down to this image of the backing chain (default: the backing file)")
+    s.add_argument("-d", dest="drop", action="store_true", help="do not empty the image after the commit")
+    args.add_progress(s)
+    args.add_quiet(s)
+    args.add_cache(s)
+    args.add_filename(s)
 
 
 def run(a):
-    blk = open_image(a.filename, a.fmt, read_only=False, cache=cache_opts(a.cache))
+    blk = open_image(a.filename, a.fmt, image_opts=a.image_opts, read_only=False, cache=cache_opts(a.cache))
     try:
         top = skip_filters(blk.node)
         chain = chain_nodes(top)

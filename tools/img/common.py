@@ -15,11 +15,18 @@ SECTOR = 512
 
 
 class UsageError(Exception):
-    """A command-line mistake: message on stderr, exit code 1."""
+    """A command-line mistake: message on stderr, exit code 1; ``hint``: qemu-img adds "Try ... --help"."""
+
+    def __init__(self, message, hint=False):
+        super().__init__(message)
+        self.hint = hint
 
 
-def err(msg):
+def err(msg, hint=False):
+    """An error line on stderr, as qemu-img prints it (``hint``: its "Try ... --help" line too)."""
     print(f"{PROG}: {msg}", file=sys.stderr)
+    if hint:
+        print(f"Try '{PROG} --help' for more information", file=sys.stderr)
 
 
 def qprint(quiet, *args, **kw):

@@ -3,21 +3,25 @@ from pyrep._core.iovec import IOVector
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_OFFSET_VALID, BS_ZERO
 from pyrep.errors import Error
 
+from ..opening import open_image
+from . import args
 from .common import IO_BUF_SIZE, SECTOR, cache_opts, err, progress_bar, qprint, UsageError
-from .image import open_image, status_above
+from .image import status_above
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt1")
-    s.add_argument("-F", dest="fmt2")
-    s.add_argument("-s", dest="strict", action="store_true")
-    s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("-p", dest="progress", action="store_true")
-    s.add_argument("-T", dest="cache")
-    s.add_argument("-U", "--force-share", action="store_true")
-    s.add_argument("filename1")
-    s.add_argument("filename2")
+    args.add_format(s, "-f", "fmt1", "the first image")
+    args.add_format(s, "-F", "fmt2", "the second image")
+    args.add_image_opts(s)
+    s.add_argument("-s", dest="strict", action="store_true",
+                   help="strict: images of different sizes or allocation differ")
+    args.add_quiet(s)
+    args.add_progress(s)
+    args.add_cache(s, "-T", "cache", "both images")
+    args.add_force_share(s)
+    s.add_argument("filename1", help="the first image")
+    s.add_argument("filename2", help="the second image")
 
 
 def _first_mismatch(b1, b2, n, base):
@@ -65,12 +69,12 @@ def run(a):
         err(str(e))
         return 2
     try:
-        blk1 = open_image(a.filename1, a.fmt1, cache=cache, force_share=a.force_share)
+        blk1 = open_image(a.filename1, a.fmt1, image_opts=a.image_opts, cache=cache, force_share=a.force_share)
     except Error as e:
         err(str(e))
         return 2
     try:
-        blk2 = open_image(a.filename2, a.fmt2, cache=cache, force_share=a.force_share)
+        blk2 = open_image(a.filename2, a.fmt2, image_opts=a.image_opts, cache=cache, force_share=a.force_share)
     except Error as e:
         blk1.close()
         err(str(e))

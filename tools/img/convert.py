@@ -1,31 +1,38 @@
 """``pyrep-img convert``: convert an image to another format."""
 import pyrep
-from pyrep._core.registry import get_driver
 from pyrep.errors import Error
 
+from ..opening import driver_of, open_image
+from . import args
 from .common import cache_opts, create_kwargs, OptionsHelp, parse_o, print_create_options, progress_bar, size_arg, sparse_arg, UsageError
-from .image import open_image, status_above
+from .image import status_above
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("-O", dest="out_fmt")
-    s.add_argument("-c", dest="compress", action="store_true")
-    s.add_argument("-p", dest="progress", action="store_true")
-    s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("-o", dest="options", action="append")
-    s.add_argument("-B", dest="backing")
-    s.add_argument("-F", dest="backing_fmt")
-    s.add_argument("-n", dest="no_create", action="store_true")
-    s.add_argument("-S", dest="min_sparse")
-    s.add_argument("-t", dest="cache")
-    s.add_argument("-T", dest="src_cache")
-    s.add_argument("-m", dest="num_coroutines", type=int)
-    s.add_argument("-W", dest="unordered", action="store_true")
-    s.add_argument("-U", "--force-share", action="store_true")
-    s.add_argument("--target-size", dest="target_size")
-    s.add_argument("filenames", nargs="*")
+    args.add_format(s, what="the source")
+    s.add_argument("-O", dest="out_fmt", metavar="OUTPUT_FMT", help="format of the output image (default: raw)")
+    args.add_image_opts(s)
+    s.add_argument("-c", dest="compress", action="store_true", help="write compressed clusters (qcow2)")
+    args.add_progress(s)
+    args.add_quiet(s)
+    s.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="format options of the output (key=value,...; -o help lists them); repeatable")
+    s.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="backing file of the output: only what differs from it is copied")
+    s.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT", help="format of the -B backing file")
+    s.add_argument("-n", dest="no_create", action="store_true", help="the output exists: do not create it")
+    s.add_argument("-S", dest="min_sparse", metavar="SPARSE_SIZE",
+                   help="zero runs of this size are not written (default 4k; 0: write every byte)")
+    args.add_cache(s, "-t", "cache", "the output")
+    args.add_cache(s, "-T", "src_cache", "the source")
+    s.add_argument("-m", dest="num_coroutines", type=int, metavar="N",
+                   help="copy with N parallel requests (1-16)")
+    s.add_argument("-W", dest="unordered", action="store_true", help="write out of order (faster, fragments)")
+    args.add_force_share(s)
+    s.add_argument("--target-size", dest="target_size", metavar="SIZE",
+                   help="virtual size of the output (not smaller than the source)")
+    s.add_argument("filenames", nargs="*", metavar="filename", help="the source image, then the output image")
 
 
 def _compressed_writer(node):
@@ -44,7 +51,7 @@ def run(a):
     except OptionsHelp:
         return print_create_options(a.out_fmt or "raw")
     if not a.filenames or len(a.filenames) < 2:
-        raise UsageError("Expecting one image file name (and an output file)")
+        raise UsageError("Must specify image file name")
     if len(a.filenames) > 2:
         raise UsageError("pyrep-img convert takes exactly one source image")
     if a.num_coroutines is not None and not 1 <= a.num_coroutines <= 16:
@@ -56,12 +63,14 @@ def run(a):
     backing_fmt = a.backing_fmt if a.backing_fmt is not None else opts.pop("backing_fmt", None)
     opts.pop("backing_file", None)
     opts.pop("backing_fmt", None)
-    odrv = get_driver(out_fmt)
+    odrv = driver_of(out_fmt, "Unknown file format '{name}'")
+    if not a.no_create and not odrv.implements("create"):
+        raise Error(f"Format driver '{out_fmt}' does not support image creation")
     if a.compress and not odrv.supports_backing and out_fmt != "qcow2":
         raise Error("Compression not supported for this file format")
     if backing is not None and not odrv.supports_backing:
         raise Error(f"Backing file not supported for file format '{out_fmt}'")
-    src = open_image(src_name, a.fmt, cache=cache_opts(a.src_cache), force_share=a.force_share)
+    src = open_image(src_name, a.fmt, image_opts=a.image_opts, cache=cache_opts(a.src_cache), force_share=a.force_share)
     try:
         size = src.length
         if a.target_size is not None:

@@ -2,24 +2,27 @@
 import os
 
 import pyrep
-from pyrep._core.registry import get_driver
 from pyrep.errors import Error
 from pyrep.graph import probe_format
 
+from ..opening import driver_of, open_image
+from . import args
 from .common import create_kwargs, OptionsHelp, parse_o, print_create_options, qprint, size_arg, UsageError
-from .image import full_backing_name, open_image
+from .image import full_backing_name
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("-b", dest="backing")
-    s.add_argument("-F", dest="backing_fmt")
-    s.add_argument("-o", dest="options", action="append")
-    s.add_argument("-u", dest="unsafe", action="store_true")
-    s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("filename", nargs="?")          # not needed for -o help
-    s.add_argument("size", nargs="?")
+    s.add_argument("-f", dest="fmt", metavar="FMT", help="format of the new image (default: raw)")
+    s.add_argument("-b", dest="backing", metavar="BACKING", help="backing file of the new image")
+    s.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT", help="format of the backing file")
+    s.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="format options (key=value,...; -o help lists them); repeatable")
+    s.add_argument("-u", dest="unsafe", action="store_true",
+                   help="unsafe: do not open the backing file (it need not exist yet; a size is then needed)")
+    args.add_quiet(s)
+    s.add_argument("filename", nargs="?", help="the image to create")          # not needed for -o help
+    s.add_argument("size", nargs="?", help="its virtual size (1024, 64k, 10G...; default: the backing file's)")
 
 
 def _formatting_parts(fmt, size, backing, backing_fmt, opts):
@@ -54,7 +57,7 @@ def run(a):
     except OptionsHelp:
         return print_create_options(a.fmt or "raw")
     if a.filename is None:
-        raise UsageError("Expecting image file name")
+        raise UsageError("Expecting image file name", hint=True)
     fmt = a.fmt or "raw"
     backing = a.backing if a.backing is not None else opts.pop("backing_file", None)
     backing_fmt = a.backing_fmt if a.backing_fmt is not None else opts.pop("backing_fmt", None)
@@ -66,9 +69,9 @@ def run(a):
             raise Error(f"{a.filename}: Image size must be specified only once")
         size = a.size
     size = size_arg(size, "image size") if size is not None else None
-    drv = get_driver(fmt)
+    drv = driver_of(fmt, f"{a.filename}: Unknown file format '{{name}}'")
     if not drv.implements("create"):
-        raise Error(f"Format driver '{fmt}' does not support image creation")
+        raise Error(f"{a.filename}: Format driver '{fmt}' does not support image creation")
     if backing is not None and not drv.supports_backing:
         raise Error(f"{a.filename}: Backing file not supported for file format '{fmt}'")
     if backing is not None and not a.unsafe:
@@ -83,7 +86,7 @@ def run(a):
     elif backing is not None and size is None:
         raise Error("Backing file specified without a size (-u needs one)")
     if size is None:
-        raise UsageError("Image creation needs a size parameter")
+        raise UsageError(f"{a.filename}: Image creation needs a size parameter")
     kw = create_kwargs(drv, fmt, opts)
     # the line qemu-img prints
     qprint(a.quiet, f"Formatting '{a.filename}', " + " ".join(_formatting_parts(fmt, size, backing, backing_fmt, opts)))

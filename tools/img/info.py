@@ -3,27 +3,32 @@ import os
 
 from pyrep.errors import Error
 
+from ..opening import is_local, open_image
+from . import args
 from .common import jdump, size_to_str
-from .image import full_backing_name, open_image
+from .image import full_backing_name
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("--output", choices=("human", "json"), default="human")
-    s.add_argument("--backing-chain", action="store_true")
-    s.add_argument("-U", "--force-share", action="store_true")
-    s.add_argument("filename")
+    args.add_format(s)
+    args.add_image_opts(s)
+    args.add_output(s)
+    s.add_argument("--backing-chain", action="store_true", help="show every image of the backing chain")
+    args.add_force_share(s)
+    args.add_filename(s)
 
 
 _INFO_KEYS = ("backing-filename-format", "virtual-size", "filename", "cluster-size", "format", "actual-size",
               "encrypted", "format-specific", "full-backing-filename", "backing-filename", "dirty-flag")
 
 
-def image_info(filename, fmt=None, force_share=False):
+def image_info(name, fmt=None, force_share=False, image_opts=False):
     """qemu-img's ImageInfo for one image (its backing chain is not opened)."""
-    with open_image(filename, fmt, backing=False, force_share=force_share) as blk:
+    with open_image(name, fmt, image_opts=image_opts, backing=False, force_share=force_share) as blk:
         node = blk.node
+        # a drive string or json: names a graph; the image is the file it opened, as qemu-img shows it
+        filename = name if not image_opts and is_local(name) else (node.filename or name)
         fmt = node.drv.format_name
         extra = {}
         try:
@@ -121,17 +126,17 @@ def dump_human_info(info):
 
 def run(a):
     infos = []
-    filename, fmt, seen = a.filename, a.fmt, set()
+    filename, fmt, image_opts, seen = a.filename, a.fmt, a.image_opts, set()
     while True:
         real = os.path.realpath(filename)
         if real in seen:
             raise Error(f"Backing file '{filename}' creates an infinite loop.")
         seen.add(real)
-        info = image_info(filename, fmt, force_share=a.force_share)
+        info = image_info(filename, fmt, force_share=a.force_share, image_opts=image_opts)
         infos.append(info)
         if not a.backing_chain or "full-backing-filename" not in info:
             break
-        filename = info["full-backing-filename"]
+        filename, image_opts = info["full-backing-filename"], False
         fmt = info.get("backing-filename-format")
     if a.output == "json":
         jdump(infos if a.backing_chain else infos[0])

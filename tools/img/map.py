@@ -6,18 +6,22 @@ from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_EOF, BS_OFFSET_VALID, BS_Z
 from pyrep.errors import Error
 from pyrep.node import skip_filters
 
+from ..opening import open_image
+from . import args
 from .common import size_arg
-from .image import open_image
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("--output", choices=("human", "json"), default="human")
-    s.add_argument("-s", "--start-offset", type=lambda v: size_arg(v, "offset"))
-    s.add_argument("-l", "--max-length", type=lambda v: size_arg(v, "length"))
-    s.add_argument("-U", "--force-share", action="store_true")
-    s.add_argument("filename")
+    args.add_format(s)
+    args.add_image_opts(s)
+    args.add_output(s)
+    s.add_argument("-s", "--start-offset", type=lambda v: size_arg(v, "start offset"), metavar="OFFSET",
+                   help="guest offset to start from (default 0)")
+    s.add_argument("-l", "--max-length", type=lambda v: size_arg(v, "length"), metavar="LENGTH",
+                   help="map at most this many bytes (default: to the end)")
+    args.add_force_share(s)
+    args.add_filename(s)
 
 
 def _qemu_recurses(node):
@@ -119,7 +123,7 @@ def _dump_map(fmt, e, nxt, out):
 
 
 def run(a):
-    with open_image(a.filename, a.fmt, force_share=a.force_share) as blk:
+    with open_image(a.filename, a.fmt, image_opts=a.image_opts, force_share=a.force_share) as blk:
         top = blk.node
         length = blk.length
         start = a.start_offset or 0

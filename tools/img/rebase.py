@@ -4,23 +4,26 @@ import os
 from pyrep._core.iovec import IOVector
 from pyrep.constants import BS_ALLOCATED
 from pyrep.errors import Error
-from pyrep.graph import probe_format
 from pyrep.node import skip_filters
 
+from ..opening import driver_of, open_image
+from . import args
 from .common import IO_BUF_SIZE, ZEROS, cache_opts, progress_bar, UsageError
-from .image import full_backing_name, open_image
+from .image import full_backing_name
 
 
 def add_arguments(s):
     """The command's options and operands."""
-    s.add_argument("-f", dest="fmt")
-    s.add_argument("-b", dest="backing")
-    s.add_argument("-F", dest="backing_fmt")
-    s.add_argument("-u", dest="unsafe", action="store_true")
-    s.add_argument("-p", dest="progress", action="store_true")
-    s.add_argument("-q", dest="quiet", action="store_true")
-    s.add_argument("-t", dest="cache")
-    s.add_argument("filename")
+    args.add_format(s)
+    args.add_image_opts(s)
+    s.add_argument("-b", dest="backing", metavar="BACKING", help="the new backing file ('' for none)")
+    s.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT", help="format of the new backing file")
+    s.add_argument("-u", dest="unsafe", action="store_true",
+                   help="unsafe: only rewrite the backing file name, copy no data")
+    args.add_progress(s)
+    args.add_quiet(s)
+    args.add_cache(s)
+    args.add_filename(s)
 
 
 def _backing_setter(node):
@@ -37,14 +40,18 @@ def run(a):
         raise UsageError("Must specify backing file (-b) or use '-b \"\"' to remove it")
     new_backing = a.backing or None
     new_fmt = a.backing_fmt
-    if new_backing and new_fmt is None:
+    if new_fmt is not None:
+        driver_of(new_fmt, "Invalid format name: '{name}'")
+    if new_backing and not a.unsafe:
         full = full_backing_name(a.filename, new_backing)
-        if os.path.exists(full):
-            new_fmt = probe_format(full)
-        elif not a.unsafe:
-            raise Error(f"Could not open new backing file '{full}': No such file or directory")
+        if not os.path.exists(full):
+            raise Error(f"Could not open new backing file '{full}': Could not open '{full}': "
+                        f"No such file or directory")
+    if new_backing and new_fmt is None:
+        # qemu-img 7.2: no probing of the new backing file's format, ever (probing raw is a security hole)
+        raise Error(f"Could not change the backing file to '{new_backing}': backing format must be specified")
     if a.unsafe:
-        blk = open_image(a.filename, a.fmt, backing=False, read_only=False, cache=cache_opts(a.cache))
+        blk = open_image(a.filename, a.fmt, image_opts=a.image_opts, backing=False, read_only=False, cache=cache_opts(a.cache))
         try:
             setter = _backing_setter(blk.node)
             if setter is None:
@@ -56,7 +63,7 @@ def run(a):
             blk.close()
         return 0
     # safe mode: copy into the image whatever reads differently through the new backing
-    blk = open_image(a.filename, a.fmt, read_only=False, cache=cache_opts(a.cache))
+    blk = open_image(a.filename, a.fmt, image_opts=a.image_opts, read_only=False, cache=cache_opts(a.cache))
     try:
         top = skip_filters(blk.node)
         setter = _backing_setter(top)

@@ -1,0 +1,157 @@
+"""How pyrep-img and pyrep-io turn the image named on their command line into a BlockBackend.
+
+An image is named as qemu-img and qemu-io name it:
+
+- a file name (``x.qcow2``), its format probed unless ``-f`` gives it;
+- a ``json:{...}`` pseudo-filename, or with ``--image-opts`` a drive string
+  (``driver=qcow2,file.filename=x.qcow2``): any graph the option layer can build;
+- a URI that names a protocol (``nbd://host:port/export``, ``nbd+unix:///export?socket=path``), the
+  format probed through that protocol.
+
+Errors are worded as QEMU words them for the common cases (``open_error``), so a script that reads
+qemu-img's messages reads ours.
+"""
+import errno
+import os
+
+import pyrep
+from pyrep._core.registry import drivers, get_driver
+from pyrep.errors import BlockError, Error
+from pyrep.graph import probe_format
+from pyrep.options import normalize
+
+QCOW2_MAGIC = b"QFI\xfb"
+URI_SCHEMES = ("nbd", "nbd+tcp", "nbd+unix")    # filenames that name a protocol, not a local file
+
+
+def formats():
+    """The names ``-f`` most likely means: image formats (not protocols, not filters)."""
+    return [name for name in drivers() if get_driver(name).is_format]
+
+
+def unknown_format(name, template="Unknown driver '{name}'"):
+    """The error for a ``-f``/``-O``/``-F`` that names no driver: QEMU's words, then the formats."""
+    return Error(template.format(name=name) + f" (known formats: {', '.join(formats())})")
+
+
+def driver_of(name, template="Unknown driver '{name}'"):
+    """The driver class registered as ``name``; an unknown name is ``unknown_format``."""
+    if name not in drivers():
+        raise unknown_format(name, template)
+    return get_driver(name)
+
+
+def is_uri(name):
+    scheme, sep, _ = name.partition("://")
+    return bool(sep) and scheme in URI_SCHEMES
+
+
+def is_local(name):
+    """Whether ``name`` is a plain file name (not ``json:``, not a URI)."""
+    return not name.startswith("json:") and not is_uri(name)
+
+
+def _probe(file_opts):
+    """QEMU's format probe through the protocol: qcow2 if its magic is at offset 0, else raw."""
+    filename = file_opts.get("filename")
+    if file_opts.get("driver", "file") == "file" and isinstance(filename, str) and is_local(filename):
+        return probe_format(filename)
+    with pyrep.open_backend(dict(file_opts), read_only=True, shared="all") as blk:
+        head = blk.pread(0, min(4, blk.length)) if blk.length else b""
+    return "qcow2" if head == QCOW2_MAGIC else "raw"
+
+
+def _file_child(name, force_share):
+    f = {"filename": name} if is_uri(name) else {"driver": "file", "filename": name}
+    if force_share and not is_uri(name):
+        f["locking"] = "off"
+    return f
+
+
+def image_options(name, fmt=None, image_opts=False, backing=True, read_only=True, cache=None,
+                  force_share=False, extra=None, repair=False):
+    """The option dict that opens ``name`` (a file name, URI, ``json:`` string or, with
+    ``image_opts``, a drive string). ``backing=False`` opens the image alone (no backing chain);
+    ``extra`` is merged into the top node's options; ``repair``: opened for a check's repair, which
+    may open an image marked corrupt (QEMU's BDRV_O_CHECK)."""
+    if image_opts or name.startswith("json:"):
+        opts = normalize(name)
+        child = opts.get("file")
+        if isinstance(child, dict) and "driver" not in child and isinstance(child.get("filename"), str) \
+                and is_local(child["filename"]):
+            child["driver"] = "file"    # QEMU's bdrv_open: a filename without a driver is a local file
+        if "driver" not in opts:
+            if fmt is None:
+                child = opts.get("file")
+                if isinstance(child, dict):
+                    fmt = _probe(child)
+                elif isinstance(opts.get("filename"), str):
+                    child = _file_child(opts.pop("filename"), force_share)
+                    opts["file"] = child
+                    fmt = _probe(child)
+                else:
+                    raise Error("A block device must be specified for \"file\"" if image_opts
+                                else "Cannot find device=\"\" nor node-name=\"\"")
+            opts["driver"] = fmt
+    else:
+        f = _file_child(name, force_share)
+        if fmt is None:
+            fmt = _probe(f)
+        drv = driver_of(fmt)
+        # -f file (a protocol named as the format) opens the protocol alone, as qemu-img does
+        opts = dict(f, driver=fmt) if drv.protocol_name else {"driver": fmt, "file": f}
+    drv = driver_of(opts["driver"])
+    opts["read-only"] = read_only
+    if not backing and drv.supports_backing:
+        opts["backing"] = None
+    if cache:
+        opts["cache"] = dict(cache)
+    if force_share:
+        opts["force-share"] = True
+    if repair and any(o.name == "x-check-repair" for o in drv.options):
+        opts["x-check-repair"] = True
+    if extra:
+        opts.update(extra)
+    return opts
+
+
+def open_error(name, e, plain=True):
+    """The reason ``name`` did not open, as QEMU words it (without qemu-img's "Could not open 'x': ").
+    ``plain``: ``name`` is a plain file name (not a drive string, ``json:`` or URI)."""
+    if isinstance(e, BlockError):
+        if e.errno == errno.ENOENT and e.filename:
+            if plain and os.path.abspath(e.filename) != os.path.abspath(name):
+                # a missing backing file; QEMU names it as the image names it, relative to the image
+                missing = e.filename if os.path.isabs(name) else os.path.relpath(e.filename)
+                return f"Could not open backing file: Could not open '{missing}': No such file or directory"
+            return f"Could not open '{e.filename}': No such file or directory"
+        return e.strerror or os.strerror(e.errno)
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
+
+
+def open_image(name, fmt=None, image_opts=False, backing=True, read_only=True, cache=None,
+               force_share=False, extra=None, repair=False):
+    """A BlockBackend on the image ``name`` (see ``image_options``). Errors: ``Error`` whose message is
+    QEMU's reason (``open_error``), the image not named; ``OpenError`` carries the name."""
+    if image_opts and fmt is not None:
+        raise Error("--image-opts and --format are mutually exclusive")
+    if not image_opts and is_local(name):
+        if not os.path.exists(name):
+            raise OpenError(name, f"Could not open '{name}': No such file or directory")
+        if fmt == "qcow2" and probe_format(name) != "qcow2":
+            raise OpenError(name, "Image is not in qcow2 format")
+    try:
+        opts = image_options(name, fmt, image_opts, backing, read_only, cache, force_share, extra, repair)
+        return pyrep.open_backend(opts, read_only=read_only, shared="all" if force_share else None)
+    except (Error, OSError) as e:
+        raise OpenError(name, open_error(name, e, not image_opts and is_local(name))) from None
+
+
+class OpenError(Error):
+    """An image that did not open: ``.name`` as given, ``.reason`` in QEMU's words."""
+
+    def __init__(self, name, reason):
+        super().__init__(f"Could not open '{name}': {reason}")
+        self.name, self.reason = name, reason
