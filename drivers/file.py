@@ -122,6 +122,20 @@ class FileDriver(BlockDriver):
         self.preadv = self._io.preadv
         self.pwritev = self._io.pwritev
 
+    def direct_io(self):
+        """The ``FileIO`` behind this node's ``preadv``/``pwritev``, for a format driver above that
+        issues preadv(2)/pwritev(2)/copy_file_range(2) on its ``fd`` itself (qcow2's C path), or None
+        once requests no longer go to it. Such a caller may only do what ``preadv``/``pwritev`` would
+        (same fd, same offsets), must check that they are still the node's request functions (a
+        filter or a reopen may replace them), and must report every byte it wrote past the end with
+        :meth:`note_written`, so that the node's length stays right."""
+        return self._io
+
+    def note_written(self, end):
+        """A direct writer (see :meth:`direct_io`) wrote up to byte ``end``: the file is at least that long."""
+        if end > self._io.size:
+            self._io.size = end
+
     @property
     def _size(self):
         return self._io.size

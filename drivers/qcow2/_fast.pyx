@@ -187,15 +187,150 @@ cdef uint64_t CP = 1ULL << 63
 cdef uint64_t REFT_MASK = 0xFFFFFFFFFFFFFE00ULL
 cdef uint64_t FM = (1ULL << 63) | (1ULL << 62) | 1ULL
 
+cdef class TableCore:
+    """The storage of one metadata cache (``cache.Qcow2Cache`` holds the logic): tables by host offset
+    and the offsets of those changed since written. The C paths only read ``tables``; every change
+    goes through Qcow2Cache, under the lock of the object that owns the cache."""
+    cdef public dict tables
+    cdef public set dirty
+    cdef public Py_ssize_t capacity
+
+
+cdef class ClusterCore:
+    """The state of the cluster map (``cluster.Clusters`` holds the logic). Every field is guarded by
+    ``lock`` (the C paths read L1/L2 entries and the in-flight set without it, under the GIL, with no
+    Python code run between a check and its use)."""
+    cdef public object lock
+    cdef public object cond         # on ``lock``: an in-flight allocation finished
+    cdef public int waiters         # threads blocked on ``cond`` (finishers skip notify_all when 0)
+    cdef public array l1            # L1 table, host byte order
+    cdef public long long l1_offset
+    cdef public set l1_dirty        # L1 indexes changed since written
+    cdef public TableCore l2        # the L2 table cache
+    cdef public set inflight        # guest clusters being allocated (data written, L2 entry not yet)
+
+
+cdef class RefcountCore:
+    """The state of the refcount side (``refcount.Refcounts`` holds the logic): the refcount table, the
+    refcount-block cache, where free clusters are looked for, and how far the file reaches. Every
+    field is guarded by ``lock``; taken inside ``ClusterCore.lock`` when both are held, never the other
+    way round."""
+    cdef public object lock
+    cdef public array table                 # refcount table, host byte order
+    cdef public long long table_offset
+    cdef public long long table_clusters
+    cdef public TableCore blocks            # the refcount-block cache (F.RefBlock by host offset)
+    cdef public int order                   # refcount_order: entries are 1 << order bits wide
+    cdef public int block_bits              # log2(entries per refcount block)
+    cdef public long long block_mask
+    cdef public long long free_hint         # no free cluster below this one (a lower bound)
+    # every cluster ever reserved lies below this one: the file is never truncated below it, and a
+    # cluster at or past it that the file reaches reads as zeroes
+    cdef public long long reserved_end
+    # bytes of the file known to exist (grows as clusters are written; read without the lock as a
+    # lower bound by validity checks)
+    cdef public long long file_size
+
+    cdef inline uint64_t _rb_get(self, object arr, long long i):
+        cdef int o = self.order
+        cdef array a = <array>arr
+        if o == 4:
+            return a.data.as_ushorts[i]
+        if o == 3:
+            return a.data.as_uchars[i]
+        if o == 5:
+            return a.data.as_uints[i]
+        return a.data.as_ulonglongs[i]
+
+    cdef inline void _rb_set1(self, object arr, long long i):
+        cdef int o = self.order
+        cdef array a = <array>arr
+        if o == 4:
+            a.data.as_ushorts[i] = 1
+        elif o == 3:
+            a.data.as_uchars[i] = 1
+        elif o == 5:
+            a.data.as_uints[i] = 1
+        else:
+            a.data.as_ulonglongs[i] = 1
+
+    cdef object _refarr(self, long long cc):
+        """The refcount array covering cluster ``cc`` if its block is cached (else None), and its offset."""
+        cdef long long r = cc >> self.block_bits
+        cdef array rt = self.table
+        cdef uint64_t boff
+        cdef PyObject *b
+        if rt is None or r >= len(rt):
+            return None
+        boff = rt.data.as_ulonglongs[r] & REFT_MASK
+        if not boff:
+            return None
+        b = PyDict_GetItem(self.blocks.tables, boff)
+        if b is NULL:
+            return None
+        arr = (<object>b).arr
+        if arr is None:
+            return None
+        return (arr, boff)
+
+    cdef long long _scan_free(self, long long k, long long *first_free) except -2:
+        """First run of ``k`` free clusters from the free hint; -1 if that needs the Python path
+        (refcount table growth, new or uncached refcount block, sub-byte refcounts). Changes nothing."""
+        cdef long long c = self.free_hint, start, cc, j
+        cdef bint ok
+        first_free[0] = -1
+        while True:
+            start = c
+            ok = True
+            j = 0
+            while j < k:
+                cc = start + j
+                ra = self._refarr(cc)
+                if ra is None:
+                    return -1
+                if self._rb_get(ra[0], cc & self.block_mask):
+                    c = cc + 1
+                    ok = False
+                    break
+                if first_free[0] < 0:
+                    first_free[0] = cc
+                j += 1
+            if ok:
+                return start
+
+    cpdef note_written(self, long long end):
+        """The file reaches at least ``end`` (a write there is done). Atomic under the GIL (no Python
+        code runs between the test and the store), so it needs no lock: ``file_size`` never shrinks
+        except in make_empty, with both locks held and nothing in flight."""
+        if end > self.file_size:
+            self.file_size = end
+
+    cdef void _take(self, long long hc, long long k, long long first_free):
+        """``lock`` held, right after ``_scan_free`` returned ``hc`` (and ``first_free``) with nothing run
+        in between: set the refcounts of clusters [hc, hc+k) to 1 and move the hints."""
+        cdef long long j, cc
+        for j in range(k):
+            cc = hc + j
+            ra = self._refarr(cc)
+            self._rb_set1(ra[0], cc & self.block_mask)
+            self.blocks.dirty.add(ra[1])
+        if first_free < 0 or first_free >= hc:
+            self.free_hint = hc + k
+        else:
+            self.free_hint = first_free
+        if hc + k > self.reserved_end:
+            self.reserved_end = hc + k
+
+
 cdef class Qcow2Core:
-    # metadata shared with driver.py (assigned there as plain attributes)
-    cdef public array _l1
-    cdef public dict _l2_cache
-    cdef public set _inflight
+    # the image's two metadata objects (cluster.Clusters, refcount.Refcounts: they own their locks)
+    cdef public ClusterCore clusters
+    cdef public RefcountCore refs
     cdef public object backing
     cdef public object file
     cdef public object _file_preadv
     cdef public object _file_pwritev
+    # set once when corruption is found (then every write fails with it); read by the C write paths
     cdef public object _corrupt_msg
     cdef public int cluster_bits
     cdef public int _l2_bits
@@ -203,24 +338,6 @@ cdef class Qcow2Core:
     cdef public long long _cmask
     cdef public long long _l2_mask
     cdef public long long _backing_len
-    cdef public long long _l1_offset
-    cdef public long long _reftable_offset
-    cdef public long long _reftable_clusters
-    # threads blocked on the condition variable (driver.py only notifies when > 0)
-    cdef public int _waiters
-    # allocation state (see driver.py: _alloc_clusters, _plan_alloc, _commit_alloc)
-    cdef public object _lock
-    cdef public object _cond
-    cdef public array _reftable
-    cdef public dict _rb_cache
-    cdef public set _rb_dirty
-    cdef public set _l2_dirty
-    cdef public int refcount_order
-    cdef public int _rb_bits
-    cdef public long long _rb_mask
-    cdef public long long _free_hint
-    cdef public long long _zero_from
-    cdef public long long _file_size
     # direct file access cache: the file node seen last, its driver, FileIO and FileIO.preadv
     cdef object _fnode
     cdef object _fdrv
@@ -232,7 +349,7 @@ cdef class Qcow2Core:
     cdef public long long cow_copies    # copy-on-write clusters copied in the kernel (stats, tests)
     # data requests that reach a host cluster found in an L2 entry, counted per epoch while they run
     # outside the lock: a freed cluster is handed out again only when those that started before its
-    # entry changed have finished (see Qcow2Driver._settle_frees)
+    # entry changed have finished (see Refcounts.settle_frees)
     cdef int _dio_epoch
     cdef int _dio_n[2]
     cdef bint _fmemfs           # that FileIO is on tmpfs/ramfs
@@ -296,12 +413,14 @@ cdef class Qcow2Core:
         cdef long long cidx, l1i, host
         cdef uint64_t toff, e
         cdef PyObject *t
-        cdef array l1 = self._l1
+        cdef ClusterCore m = self.clusters
+        cdef array l1
         cdef long long last, j, k
         cdef int de
         cdef unsigned long long *ents
-        if l1 is None:
+        if m is None or m.l1 is None:
             return 0
+        l1 = m.l1
         cidx = offset >> self.cluster_bits
         l1i = cidx >> self._l2_bits
         if l1i >= len(l1):
@@ -317,7 +436,7 @@ cdef class Qcow2Core:
             k = 1
         toff = l1.data.as_ulonglongs[l1i] & L1M
         if toff:
-            t = PyDict_GetItem(self._l2_cache, toff)
+            t = PyDict_GetItem(m.l2.tables, toff)
             if t is NULL:
                 return 0
             ents = (<array>t).data.as_ulonglongs + (cidx & self._l2_mask)
@@ -423,7 +542,8 @@ cdef class Qcow2Core:
         if fn is not self._fnode:
             self._fnode = fn
             drv = getattr(fn, "driver", None)
-            fio = getattr(drv, "_io", None)
+            hook = getattr(drv, "direct_io", None)
+            fio = hook() if hook is not None else None
             if isinstance(fio, FileIO):
                 self._fdrv, self._fio = drv, fio
                 self._fpre, self._fpw = getattr(drv, "preadv", None), getattr(drv, "pwritev", None)
@@ -447,13 +567,17 @@ cdef class Qcow2Core:
         cdef long long host
         cdef uint64_t toff
         cdef PyObject *t
-        cdef array l1 = self._l1
-        if l1 is None or l1i >= len(l1) or (offset & self._cmask) + n > self.cluster_size:
+        cdef ClusterCore m = self.clusters
+        cdef array l1
+        if m is None or m.l1 is None:
+            return -1
+        l1 = m.l1
+        if l1i >= len(l1) or (offset & self._cmask) + n > self.cluster_size:
             return -1
         toff = l1.data.as_ulonglongs[l1i] & L1M
         if not toff:
             return -1
-        t = PyDict_GetItem(self._l2_cache, toff)
+        t = PyDict_GetItem(m.l2.tables, toff)
         if t is NULL:
             return -1
         host = self._plain_host((<array>t).data.as_ulonglongs[cidx & self._l2_mask])
@@ -504,8 +628,7 @@ cdef class Qcow2Core:
         if err:
             # again through the node layer: it raises the proper error
             self._file_pwritev(host + in_off, length, v)
-        if host + cs > self._fio.size:
-            self._fio.size = host + cs
+        self._fdrv.note_written(host + cs)
         self.cow_copies += 1
         return 1
 
@@ -553,7 +676,8 @@ cdef class Qcow2Core:
         cdef int de
         cdef uint64_t toff
         cdef PyObject *t
-        cdef array l1 = self._l1
+        cdef ClusterCore m = self.clusters
+        cdef array l1 = m.l1 if m is not None else None
         if not flags & REQ_FUA and self._corrupt_msg is None and l1 is not None and not self._bm_pending:
             if in_off + length <= self.cluster_size:
                 # overwrite inside an allocated cluster whose L2 table is cached
@@ -561,8 +685,8 @@ cdef class Qcow2Core:
                 l1i = cidx >> self._l2_bits
                 if l1i < len(l1):
                     toff = l1.data.as_ulonglongs[l1i] & L1M
-                    if toff and (not self._inflight or cidx not in self._inflight):
-                        t = PyDict_GetItem(self._l2_cache, toff)
+                    if toff and (not m.inflight or cidx not in m.inflight):
+                        t = PyDict_GetItem(m.l2.tables, toff)
                         if t is not NULL:
                             host = self._plain_host((<array>t).data.as_ulonglongs[cidx & self._l2_mask])
                             if host >= 0 and not self.meta_overlap(host, length):
@@ -575,81 +699,15 @@ cdef class Qcow2Core:
                 return None
         return self._pwritev_slow(offset, length, iov, flags)
 
-    cdef inline uint64_t _rb_get(self, object arr, long long i):
-        cdef int o = self.refcount_order
-        cdef array a = <array>arr
-        if o == 4:
-            return a.data.as_ushorts[i]
-        if o == 3:
-            return a.data.as_uchars[i]
-        if o == 5:
-            return a.data.as_uints[i]
-        return a.data.as_ulonglongs[i]
-
-    cdef inline void _rb_set1(self, object arr, long long i):
-        cdef int o = self.refcount_order
-        cdef array a = <array>arr
-        if o == 4:
-            a.data.as_ushorts[i] = 1
-        elif o == 3:
-            a.data.as_uchars[i] = 1
-        elif o == 5:
-            a.data.as_uints[i] = 1
-        else:
-            a.data.as_ulonglongs[i] = 1
-
-    cdef object _refarr(self, long long cc):
-        """The refcount array covering cluster ``cc`` if its block is cached (else None), and its offset."""
-        cdef long long r = cc >> self._rb_bits
-        cdef array rt = self._reftable
-        cdef uint64_t boff
-        cdef PyObject *b
-        if rt is None or r >= len(rt):
-            return None
-        boff = rt.data.as_ulonglongs[r] & REFT_MASK
-        if not boff:
-            return None
-        b = PyDict_GetItem(self._rb_cache, boff)
-        if b is NULL:
-            return None
-        arr = (<object>b).arr
-        if arr is None:
-            return None
-        return (arr, boff)
-
-    cdef long long _scan_free(self, long long k, long long *first_free) except -2:
-        """First run of ``k`` free clusters from the free hint; -1 if that needs the Python path
-        (refcount table growth, new or uncached refcount block, sub-byte refcounts). Changes nothing."""
-        cdef long long c = self._free_hint, start, cc, j
-        cdef bint ok
-        first_free[0] = -1
-        while True:
-            start = c
-            ok = True
-            j = 0
-            while j < k:
-                cc = start + j
-                ra = self._refarr(cc)
-                if ra is None:
-                    return -1
-                if self._rb_get(ra[0], cc & self._rb_mask):
-                    c = cc + 1
-                    ok = False
-                    break
-                if first_free[0] < 0:
-                    first_free[0] = cc
-                j += 1
-            if ok:
-                return start
-
     cdef int _alloc_fast(self, long long offset, long long length, object iov) except -1:
         """Allocating write into clusters that are unallocated (entry 0) in a cached L2 table, whose
         partial head/tail need no copy (no backing file, new clusters past everything written), with
         the refcount blocks needed already cached. Also the copy-on-write case: a partial write inside
         one cluster that lies wholly inside the backing (the backing cluster is read whole, the new data
         laid over it, and the full cluster written once). 1 if done, 0 if the Python path must do it
-        (nothing changed then). Same steps and crash-safety order as _plan_alloc/_alloc_write/
-        _commit_alloc: reserve (refcount, in-flight) under the lock, data written, then the L2 entry."""
+        (nothing changed then). Same steps and crash-safety order as Clusters.plan_alloc/alloc_write/
+        commit_alloc: reserve (in-flight under the cluster lock, refcounts under the refcount lock inside
+        it), data written, then the L2 entry."""
         cdef int cb = self.cluster_bits
         cdef long long cs = self.cluster_size
         cdef long long cidx = offset >> cb
@@ -659,16 +717,18 @@ cdef class Qcow2Core:
         cdef long long tail_len = k * cs - in_off - length
         cdef long long l1i = cidx >> self._l2_bits
         cdef long long l2i = cidx & self._l2_mask
-        cdef long long j, hc, host, first_free, cc
+        cdef long long j, hc, host, first_free
         cdef uint64_t toff
         cdef PyObject *t
-        cdef array l1 = self._l1
+        cdef ClusterCore m = self.clusters
+        cdef RefcountCore r = self.refs
+        cdef array l1 = m.l1
         cdef bint partial = in_off != 0 or tail_len != 0
-        cdef set inflight = self._inflight
+        cdef set inflight = m.inflight
         cdef bint cow = False
         cdef char *cbuf
         cdef IOVector src, wv
-        if (last >> self._l2_bits) != l1i or self._reftable is None or self._rb_cache is None:
+        if (last >> self._l2_bits) != l1i or r is None or r.table is None:
             return 0
         if partial and self.backing is not None:
             # copy-on-write: one cluster, wholly inside the backing, source data an IOVector
@@ -676,7 +736,7 @@ cdef class Qcow2Core:
                     or <long long>(<IOVector>iov).nbytes != length):
                 return 0
             cow = True
-        lock = self._lock
+        lock = m.lock
         lock.acquire()
         try:
             if self._corrupt_msg is not None or l1i >= len(l1):
@@ -684,7 +744,7 @@ cdef class Qcow2Core:
             toff = l1.data.as_ulonglongs[l1i] & L1M
             if not toff:
                 return 0
-            t = PyDict_GetItem(self._l2_cache, toff)
+            t = PyDict_GetItem(m.l2.tables, toff)
             if t is NULL:
                 return 0
             for j in range(k):
@@ -692,26 +752,20 @@ cdef class Qcow2Core:
                     return 0
                 if inflight and (cidx + j) in inflight:
                     return 0
-            hc = self._scan_free(k, &first_free)
-            if hc < 0:
-                return 0
-            host = hc << cb
-            if partial and not cow and hc < self._zero_from:
-                return 0
-            if host < cs or self.meta_overlap(host, k * cs):
-                return 0
-            # reserve: refcounts, hints, in-flight
-            for j in range(k):
-                cc = hc + j
-                ra = self._refarr(cc)
-                self._rb_set1(ra[0], cc & self._rb_mask)
-                self._rb_dirty.add(ra[1])
-            if first_free < 0 or first_free >= hc:
-                self._free_hint = hc + k
-            else:
-                self._free_hint = first_free
-            if hc + k > self._zero_from:
-                self._zero_from = hc + k
+            rlock = r.lock
+            rlock.acquire()
+            try:
+                hc = r._scan_free(k, &first_free)
+                if hc < 0:
+                    return 0
+                host = hc << cb
+                if partial and not cow and hc < r.reserved_end:
+                    return 0
+                if host < cs or self.meta_overlap(host, k * cs):
+                    return 0
+                r._take(hc, k, first_free)
+            finally:
+                rlock.release()
             for j in range(k):
                 inflight.add(cidx + j)
         finally:
@@ -740,20 +794,19 @@ cdef class Qcow2Core:
                 in_off = 0
                 length = cs
             else:
-                if tail_len and host + k * cs > self._file_size:
-                    self._ensure_file_size(host + k * cs, host)
+                if tail_len and host + k * cs > r.file_size:
+                    (<object>r).ensure_file_size(host + k * cs, host)
                 self._file_pwritev(host + in_off, length, iov)
             lock.acquire()
             try:
-                if host + in_off + length > self._file_size:
-                    self._file_size = host + in_off + length
-                toff = (<array>self._l1).data.as_ulonglongs[l1i] & L1M
-                tab = self._l2_cache.get(toff)
+                r.note_written(host + in_off + length)
+                toff = (<array>m.l1).data.as_ulonglongs[l1i] & L1M
+                tab = m.l2.tables.get(toff)
                 if tab is None:
-                    tab = self._l2_table(l1i, False)[0]
+                    tab = (<object>m).l2_table(l1i, False)[0]
                 for j in range(k):
                     (<array>tab).data.as_ulonglongs[l2i + j] = <uint64_t>(host + j * cs) | CP
-                self._l2_dirty.add(toff)
+                m.l2.dirty.add(toff)
             finally:
                 lock.release()
         finally:
@@ -761,16 +814,18 @@ cdef class Qcow2Core:
             try:
                 for j in range(k):
                     inflight.discard(cidx + j)
-                if self._waiters:
-                    self._cond.notify_all()
+                if m.waiters:
+                    m.cond.notify_all()
             finally:
                 lock.release()
         return 1
 
     cpdef bint meta_overlap(self, long long host, long long n):
         """Does [host, host+n) overlap the L1 table or the refcount table?"""
-        cdef long long l1o = self._l1_offset
-        cdef long long rto = self._reftable_offset
-        if host < l1o + len(self._l1) * 8 and l1o < host + n:
+        cdef ClusterCore m = self.clusters
+        cdef RefcountCore r = self.refs
+        cdef long long l1o = m.l1_offset
+        cdef long long rto = r.table_offset
+        if host < l1o + len(m.l1) * 8 and l1o < host + n:
             return True
-        return host < rto + (self._reftable_clusters << self.cluster_bits) and rto < host + n
+        return host < rto + (r.table_clusters << self.cluster_bits) and rto < host + n

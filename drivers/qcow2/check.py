@@ -12,7 +12,7 @@ class _Ctx:
 
 
 def run_check(drv, repair):
-    """Called with the driver's metadata flushed and its lock held. Returns the result dict."""
+    """Called with the driver's metadata flushed and both its locks held (clusters, then refcounts). Returns the result dict."""
     x = _Ctx()
     h = drv.header
     x.drv, x.h = drv, h
@@ -39,10 +39,10 @@ def run_check(drv, repair):
 
     _inc(x, 0, cs)   # header
     # active L1/L2
-    l1 = F.be64_to_array(rd(drv._l1_offset, len(drv._l1) * 8).ljust(len(drv._l1) * 8, b"\0"))
-    if len(drv._l1):
-        _inc(x, drv._l1_offset, len(drv._l1) * 8)
-    _walk_l1(x, l1, drv._l1_offset, active=True)
+    l1 = F.be64_to_array(rd(drv.clusters.l1_offset, len(drv.clusters.l1) * 8).ljust(len(drv.clusters.l1) * 8, b"\0"))
+    if len(drv.clusters.l1):
+        _inc(x, drv.clusters.l1_offset, len(drv.clusters.l1) * 8)
+    _walk_l1(x, l1, drv.clusters.l1_offset, active=True)
     # snapshots
     if h.nb_snapshots:
         _walk_snapshots(x)
@@ -57,8 +57,8 @@ def run_check(drv, repair):
             for off, n in B.referenced(d, rd, cs):
                 _inc(x, off, n)
     # refcount structures
-    rt = F.be64_to_array(rd(drv._reftable_offset, drv._reftable_clusters * cs).ljust(drv._reftable_clusters * cs, b"\0"))
-    _inc(x, drv._reftable_offset, drv._reftable_clusters * cs)
+    rt = F.be64_to_array(rd(drv.refs.table_offset, drv.refs.table_clusters * cs).ljust(drv.refs.table_clusters * cs, b"\0"))
+    _inc(x, drv.refs.table_offset, drv.refs.table_clusters * cs)
     bad_rt = False
     blocks = {}
     for r, e in enumerate(rt):
@@ -72,7 +72,7 @@ def run_check(drv, repair):
             continue
         _inc(x, off, cs)
         blocks[r] = off
-    rb_bits = drv._rb_bits
+    rb_bits = drv.refs.block_bits
     E = 1 << rb_bits
     refs = {}
 
@@ -83,7 +83,7 @@ def run_check(drv, repair):
             return 0
         b = refs.get(off)
         if b is None:
-            b = refs[off] = F.RefBlock(drv.refcount_order, rd(off, cs).ljust(cs, b"\0"))
+            b = refs[off] = F.RefBlock(drv.refs.order, rd(off, cs).ljust(cs, b"\0"))
         return b.get(c & (E - 1))
 
     # compare
@@ -99,7 +99,7 @@ def run_check(drv, repair):
         if off is not None:
             b = refs.get(off)
             if b is None:
-                b = refs[off] = F.RefBlock(drv.refcount_order, rd(off, cs).ljust(cs, b"\0"))
+                b = refs[off] = F.RefBlock(drv.refs.order, rd(off, cs).ljust(cs, b"\0"))
         for c in range(r_c, min(r_c + E, last)):
             u = x.used[c] if c < nclus else x.beyond.get(c, 0)
             rc = b.get(c & (E - 1)) if b is not None else 0
@@ -120,7 +120,7 @@ def run_check(drv, repair):
             x.msgs.append(f"ERROR cluster {c} refcount={rc} reference={u}")
     fix_leaks = repair in ("leaks", "all")
     fix_all = repair == "all"
-    rc_max = drv._rc_max
+    rc_max = drv.refs.max
     if fix_all and (bad_rt or any(rc < u for c, rc, u, off in mismatches)
                     or any(u > rc_max for c, rc, u, off in mismatches)):
         rebuild = True
@@ -169,7 +169,7 @@ def run_check(drv, repair):
             e = l1[l1i]
             e = (e | OFLAG_COPIED) if want else (e & ~OFLAG_COPIED)
             l1[l1i] = e
-            x.file.pwrite(drv._l1_offset + l1i * 8, struct.pack(">Q", e))
+            x.file.pwrite(drv.clusters.l1_offset + l1i * 8, struct.pack(">Q", e))
             x.corr_fixed += 1
     if l2_fix:
         for l2off, fixes in l2_fix.items():
@@ -313,7 +313,7 @@ def _rebuild(x, old_blocks, mismatches):
     """Write a fresh refcount table and blocks past the end of the file from the computed references."""
     drv = x.drv
     cs, cb = x.cs, x.cb
-    rb_bits = drv._rb_bits
+    rb_bits = drv.refs.block_bits
     E = 1 << rb_bits
     # references without the old refcount structures
     counts = {}
@@ -323,8 +323,8 @@ def _rebuild(x, old_blocks, mismatches):
             counts[c] = u
     for c, u in x.beyond.items():
         counts[c] = counts.get(c, 0) + u
-    old_rt_first = drv._reftable_offset >> cb
-    for i in range(drv._reftable_clusters):
+    old_rt_first = drv.refs.table_offset >> cb
+    for i in range(drv.refs.table_clusters):
         _dec(counts, old_rt_first + i)
     for off in old_blocks.values():
         _dec(counts, off >> cb)
@@ -346,9 +346,9 @@ def _rebuild(x, old_blocks, mismatches):
     for i, r in enumerate(sorted(ranges)):
         boff = (base + i) << cb
         rt[r] = boff
-        blobs[r] = (boff, F.RefBlock(drv.refcount_order, bytes(cs)))
+        blobs[r] = (boff, F.RefBlock(drv.refs.order, bytes(cs)))
     for c, u in counts.items():
-        blobs[c >> rb_bits][1].set(c & (E - 1), min(u, drv._rc_max))
+        blobs[c >> rb_bits][1].set(c & (E - 1), min(u, drv.refs.max))
     for r, (boff, b) in blobs.items():
         x.file.pwrite(boff, b.tobytes())
     rt_off = (base + nrb) << cb
@@ -356,7 +356,7 @@ def _rebuild(x, old_blocks, mismatches):
     x.file.flush()
     x.file.pwrite(48, struct.pack(">QI", rt_off, rtc))
     x.file.flush()
-    drv._reftable_offset, drv._reftable_clusters = rt_off, rtc
+    drv.refs.table_offset, drv.refs.table_clusters = rt_off, rtc
     drv.header.refcount_table_offset, drv.header.refcount_table_clusters = rt_off, rtc
     for c, rc, u, off in mismatches:
         if rc > u:

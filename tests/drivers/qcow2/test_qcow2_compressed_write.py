@@ -145,11 +145,11 @@ def test_compressed_cluster_rewritten_in_place_of_a_freed_one_reads_new_data(tmp
     try:
         drv.pwritev_compressed(0, 65536, IOVector(bytearray(b"\x01" * 65536)))
         assert blk.pread(0, 65536) == b"\x01" * 65536
-        e0 = drv._l2_cache[next(iter(drv._l2_cache))][0]
+        e0 = drv.clusters.l2.tables[next(iter(drv.clusters.l2.tables))][0]
         blk.pwrite_zeroes(0, 65536, may_unmap=True)
         blk.flush()
         drv.pwritev_compressed(65536, 65536, IOVector(bytearray(b"\x02" * 65536)))
-        assert drv._l2_cache[next(iter(drv._l2_cache))][1] == e0     # the very same entry value
+        assert drv.clusters.l2.tables[next(iter(drv.clusters.l2.tables))][1] == e0     # the very same entry value
         assert blk.pread(65536, 65536) == b"\x02" * 65536
     finally:
         blk.close()

@@ -124,13 +124,13 @@ def test_cluster_freed_under_a_write_in_flight_is_not_reused_before_it_lands(tmp
         t, _ = _start_held_write(blk, 0, b"\x02" * 4096, hold=0.5)
         blk.pwrite_zeroes(0, 65536, may_unmap=True)
         blk.flush()
-        assert drv._grace_free                      # the free waits for the write in flight
+        assert drv.refs.grace                      # the free waits for the write in flight
         blk.pwrite(5 * 65536, b"\xbb" * 65536)
         t.join()
         assert blk.pread(5 * 65536, 65536) == b"\xbb" * 65536
         assert blk.pread(0, 65536) == bytes(65536)
         blk.flush()
-        assert not drv._grace_free and not drv._pending_free
+        assert not drv.refs.grace and not drv.refs.pending
     finally:
         pyrep.clear_errors("heldfile")
         blk.close()
@@ -151,11 +151,11 @@ def test_frees_are_not_starved_by_later_requests_in_flight(tmp_path):
         first, _ = _start_held_write(blk, 0, b"\x02" * 4096)
         blk.pwrite_zeroes(0, 65536, may_unmap=True)
         blk.flush()                                 # queued behind the held write
-        assert drv._grace_free
+        assert drv.refs.grace
         first.join()
         second, _ = _start_held_write(blk, 2 * 65536, b"\x03" * 4096)    # after the free was queued
         blk.flush()
-        assert not drv._grace_free                  # applied although a write is in flight
+        assert not drv.refs.grace                  # applied although a write is in flight
         second.join()
     finally:
         pyrep.clear_errors("heldfile")
