@@ -20,7 +20,9 @@ def _patch(path, offset, fmt, value):
         f.write(struct.pack(fmt, value))
 
 
-def test_make_empty_1g_fast_keeps_backing(tmp_path):
+def test_make_empty_1g_keeps_backing(tmp_path):
+    """make_empty of an overlay with 1 GiB mapped swaps in a fresh layout (it does not walk the
+    clusters: how long it takes is measured by bench/bench_qcow2.py, make-empty-1g)."""
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
     qimg("create", "-q", "-f", "qcow2", base, "1G")
@@ -33,15 +35,12 @@ def test_make_empty_1g_fast_keeps_backing(tmp_path):
     try:
         assert blk.pread(0, 65536) == b"\x55" * 65536
         assert blk.pread(1 << 20, 4096) == bytes(4096)
-        t0 = time.perf_counter()
         blk.node.make_empty()
-        dt = time.perf_counter() - t0
         assert blk.pread(0, 1 << 20) == b"\x33" * (1 << 20)
         assert blk.pread(1023 << 20, 1 << 20) == b"\x44" * (1 << 20)
         blk.pwrite(5 << 20, b"\x66" * 100000)
     finally:
         blk.close()
-    assert dt < 0.05, f"make_empty took {dt * 1000:.1f} ms"
     res = qcheck(top)
     assert res.get("allocated-clusters", 0) <= 3
     info = qimg("info", top).stdout
