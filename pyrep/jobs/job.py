@@ -7,7 +7,7 @@ chunks it passes a *pause point*: there it stops while the user paused it
 is a parent of its nodes through :class:`~pyrep.node.Child` edges), and there
 a cancel takes effect.
 
-Life cycle (``job.status``)::
+Life cycle (``job.status``, a :class:`JobStatus`), drawn from :data:`TRANSITIONS`::
 
     created -> running [-> ready] -> concluded        (success or error)
                   |  ^
@@ -15,6 +15,11 @@ Life cycle (``job.status``)::
                   v  |
                  paused
     cancel(): running/paused/ready -> aborting -> concluded
+
+Every status change goes through :meth:`Job.transition`, which looks the
+move up in :data:`TRANSITIONS` (QEMU's job status table) and refuses an
+illegal one with :class:`JobStatusError` naming the job, the status and the
+event.
 
 A concluded job has ``error`` (None on success and on cancel, else the
 exception) and ``cancelled``. Completion callbacks ``fn(job)`` run once, in
@@ -29,21 +34,58 @@ Error policies (``on_error``), applied to errors of the job's own I/O:
   (commit/mirror retry the range later; backup's copy-before-write skips the cluster);
 - ``"stop"``: the job pauses with ``job.io_error`` set; :meth:`Job.resume` retries.
 """
+import enum
 import itertools
 import threading
 import time
 import warnings
 
 from ..blockstatus import allocation_extents
-from ..errors import BlockError, OptionError
+from ..errors import BlockError, Error, OptionError
 from ..graph import lookup
 from ..node import Child, Node
 
-__all__ = ["Job", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES", "add_status_listener",
+__all__ = ["Job", "JobStatus", "JobStatusError", "TRANSITIONS", "Cancelled", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES", "add_status_listener",
            "remove_status_listener"]
 
 ERROR_POLICIES = ("report", "ignore", "stop")
-STATUSES = ("created", "running", "paused", "ready", "concluded", "aborting")
+
+
+class JobStatus(str, enum.Enum):
+    """A job's status. A ``str``: it compares equal to (and prints as) its lower-case name."""
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    READY = "ready"
+    ABORTING = "aborting"
+    CONCLUDED = "concluded"
+
+    def __str__(self):
+        return self.value
+
+    __format__ = str.__format__
+
+
+STATUSES = tuple(s.value for s in JobStatus)
+
+_C, _R, _P, _Y, _A, _D = (JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.READY,
+                          JobStatus.ABORTING, JobStatus.CONCLUDED)
+
+#: event -> {status: next status}; a frozenset of statuses where the caller picks (resume goes back to
+#: whichever of running/ready the job had before the pause). A move to the status the job already has
+#: is a no-op. Anything not listed is an illegal move (:class:`JobStatusError`).
+TRANSITIONS = {
+    "start": {_C: _R},
+    "pause": {_C: _P, _R: _P, _Y: _P},
+    "resume": {_P: frozenset((_R, _Y))},
+    "ready": {_R: _Y},
+    "cancel": {_C: _D, _R: _A, _P: _A, _Y: _A, _A: _A},
+    "conclude": {_R: _D, _P: _D, _Y: _D, _A: _D},
+}
+
+
+class JobStatusError(Error, RuntimeError):
+    """An illegal status move: a bug in the job machinery or a subclass, never a user error."""
 
 _lock = threading.RLock()
 _jobs = {}                 # id -> Job, while not concluded
@@ -89,7 +131,7 @@ class Job:
             raise OptionError(f"{self.type}: on_error must be one of {', '.join(ERROR_POLICIES)}, got {on_error!r}")
         self.on_error = on_error
         self._cond = threading.Condition(threading.RLock())
-        self._status = "created"
+        self._status = JobStatus.CREATED
         self.error = None          # the error that ended the job (None: success or cancel)
         self.io_error = None       # the error that paused the job (on_error="stop"), cleared by resume()
         self.last_error = None     # the last ignored error (on_error="ignore")
@@ -124,13 +166,27 @@ class Job:
 
     @property
     def status(self):
-        """One of :data:`STATUSES`; every change is told to the status listeners."""
+        """The :class:`JobStatus`; changed only by :meth:`transition`."""
         return self._status
 
-    @status.setter
-    def status(self, new):
-        old, self._status = self._status, new
+    def transition(self, event, to=None):
+        """Move the status as ``event`` says in :data:`TRANSITIONS` (``to`` picks the target where the
+        table allows several); raise :class:`JobStatusError` naming the job, status and event if the
+        table has no such move. Every change is told to the status listeners. Call with ``_cond`` held."""
+        old = self._status
+        to = JobStatus(to) if to is not None else None
+        target = TRANSITIONS.get(event, {}).get(old)
+        if isinstance(target, frozenset):
+            if to not in target:
+                raise JobStatusError(f"{self.describe()}: event '{event}' in status '{old}' cannot lead to "
+                                     f"'{to}' (allowed: {', '.join(sorted(t.value for t in target))})")
+        elif target is None or (to is not None and to != target):
+            raise JobStatusError(f"{self.describe()}: event '{event}' is not allowed in status '{old}'")
+        else:
+            to = target
+        new = JobStatus(to)
         if new != old:
+            self._status = new
             _tell(self, old, new)
 
     # ------------------------------------------------------------ identity
@@ -176,9 +232,9 @@ class Job:
     # ------------------------------------------------------------ life cycle
     def start(self):
         with self._cond:
-            if self.status != "created":
+            if self.status != JobStatus.CREATED:
                 raise OptionError(f"{self.describe()} was already started")
-            self.status = "running"
+            self.transition("start")
         self._thread = threading.Thread(target=self._main, name=f"pyrep-job-{self.id}", daemon=True)
         self._thread.start()
         return self
@@ -217,7 +273,7 @@ class Job:
         with self._cond:
             if self._cancel and self.error is None:
                 self.cancelled = True
-            self.status = "concluded"
+            self.transition("conclude")
             self._busy = False
             self._cond.notify_all()
             callbacks, self._callbacks = self._callbacks, None
@@ -280,13 +336,13 @@ class Job:
     def pause(self):
         """Ask the job to stop at its next pause point (status ``paused``)."""
         with self._cond:
-            if self.status in ("concluded", "aborting"):
+            if self.status in (JobStatus.CONCLUDED, JobStatus.ABORTING):
                 return
             if not self._user_paused:
                 self._user_paused = True
-                if self.status in ("running", "ready", "created"):
-                    self._status_before_pause = self.status if self.status != "created" else "running"
-                    self.status = "paused"
+                if self.status in (JobStatus.RUNNING, JobStatus.READY, JobStatus.CREATED):
+                    self._status_before_pause = JobStatus.READY if self.status == JobStatus.READY else JobStatus.RUNNING
+                    self.transition("pause")
             self._cond.notify_all()
 
     def resume(self):
@@ -295,8 +351,8 @@ class Job:
             self.io_error = None
             if self._user_paused:
                 self._user_paused = False
-                if self.status == "paused":
-                    self.status = self._status_before_pause or "running"
+                if self.status == JobStatus.PAUSED:
+                    self.transition("resume", self._status_before_pause or JobStatus.RUNNING)
             self._cond.notify_all()
 
     @property
@@ -309,16 +365,13 @@ class Job:
         """Stop the job; ``sync=True`` waits until it concluded. A cancelled job has
         ``cancelled == True`` and ``error is None`` (for mirror after ``ready`` the graph is unchanged)."""
         with self._cond:
-            if self.status == "concluded":
+            if self.status == JobStatus.CONCLUDED:
                 return
-            if self.status == "created":
-                self._cancel = True
+            self._cancel = True
+            if self.status == JobStatus.CREATED:
                 self.cancelled = True
-                self.status = "concluded"
-            else:
-                self._cancel = True
-                self.status = "aborting"
-                self._cond.notify_all()
+            self.transition("cancel")
+            self._cond.notify_all()
         self._on_cancel()
         if sync and threading.current_thread() is not self._thread:
             self.wait()

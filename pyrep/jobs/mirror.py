@@ -156,7 +156,7 @@ class MirrorJob(Job):
     def _became_ready(self):
         with self._cond:
             if self.status == "running":
-                self.status = "ready"
+                self.transition("ready")
             elif self.status == "paused" and self._status_before_pause == "running":
                 self._status_before_pause = "ready"
 
