@@ -10,10 +10,13 @@ import select
 import shutil
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
 _running = []
+_tick = threading.Event()       # never set: a bounded wait between looks at a condition
 _STOP_TIMEOUT = 10.0
 
 
@@ -38,12 +41,27 @@ class Peer:
         r = subprocess.run(self.argv, capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             raise RuntimeError(f"{self.name} did not start ({r.returncode}): {r.stderr.strip()}\n{self.argv}")
-        with open(self.pidfile) as f:
-            self.pid = int(f.read().strip())
+        self.pid = self._read_pidfile()
         self._pidfd = os.pidfd_open(self.pid)
         if self not in _running:
             _running.append(self)
         return self
+
+    def _read_pidfile(self):
+        """The daemon's pid. The socket listens once the forking parent has exited, but nbdkit's child
+        writes its pid file just after: wait for that condition, bounded."""
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while True:
+            try:
+                with open(self.pidfile) as f:
+                    text = f.read()
+                if text.endswith("\n"):        # written whole
+                    return int(text)
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} wrote no pid file {self.pidfile}")
+            _tick.wait(0.001)
 
     def uri(self, export=None):
         return f"nbd+unix:///{self.export if export is None else export}?socket={self.sock}"

@@ -75,34 +75,34 @@ class Address:
         self.type, self.host, self.port, self.path = type, host, port, path
 
     @classmethod
-    def from_dict(cls, d, where="nbd: option 'server'"):
-        """Validate a SocketAddress dict (OptionError naming the key)."""
+    def from_dict(cls, d, driver="nbd", key="server"):
+        """Validate a SocketAddress dict (OptionError naming the driver and the key)."""
         if not isinstance(d, dict):
-            raise OptionError(f"{where}: expected a dict such as {{'type': 'unix', 'path': ...}}, got {d!r}")
+            raise OptionError(f"{driver}: option '{key}': expected a dict such as {{'type': 'unix', 'path': ...}}, got {d!r}")
         kind = d.get("type")
         if kind == "inet":
             extra = set(d) - {"type", "host", "port", "numeric", "ipv4", "ipv6", "keep-alive", "to"}
             host = d.get("host")
             if not isinstance(host, str) or not host:
-                raise OptionError(f"{where}.host: required for type 'inet' (a host name or address)")
+                raise OptionError(f"{driver}: option '{key}.host': required for type 'inet' (a host name or address)")
             port = d.get("port", DEFAULT_PORT)
             try:
                 port = int(port)
             except (TypeError, ValueError):
-                raise OptionError(f"{where}.port: expected a port number, got {port!r}") from None
+                raise OptionError(f"{driver}: option '{key}.port': expected a port number, got {port!r}") from None
             if not 0 < port < 65536:
-                raise OptionError(f"{where}.port: {port} is not a TCP port")
+                raise OptionError(f"{driver}: option '{key}.port': {port} is not a TCP port")
             addr = cls("inet", host=host.strip("[]"), port=port)
         elif kind == "unix":
             extra = set(d) - {"type", "path", "abstract", "tight"}
             path = d.get("path")
             if not isinstance(path, str) or not path:
-                raise OptionError(f"{where}.path: required for type 'unix' (the socket's path)")
+                raise OptionError(f"{driver}: option '{key}.path': required for type 'unix' (the socket's path)")
             addr = cls("unix", path=path)
         else:
-            raise OptionError(f"{where}.type: expected 'inet' or 'unix', got {kind!r}")
+            raise OptionError(f"{driver}: option '{key}.type': expected 'inet' or 'unix', got {kind!r}")
         if extra:
-            raise OptionError(f"{where}: unknown key(s) {', '.join(sorted(extra))} for type '{kind}'")
+            raise OptionError(f"{driver}: option '{key}': unknown key(s) {', '.join(sorted(extra))} for type '{kind}'")
         return addr
 
     def to_dict(self):
