@@ -125,3 +125,22 @@ def nbdkit(tmp_path, *plugin_args, export="", filters=(), extra=(), name="nbdkit
     peer = Peer(argv, sock, pidfile, name)
     peer.export = export
     return peer.start()
+
+
+def wait_for(cond, what, timeout=30.0):
+    """Wait until ``cond()`` is true (checked every millisecond), failing the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        _tick.wait(0.001)
+
+
+def log_has(path, text):
+    """A condition for :func:`wait_for`: nbdkit's log file holds ``text``."""
+    def cond():
+        try:
+            return text in path.read_text()
+        except FileNotFoundError:
+            return False
+    return cond

@@ -1,0 +1,179 @@
+"""The server going away never hangs a caller: requests fail with EIO (no reconnect-delay, or the delay
+passed), or wait for a reconnect and resume with nothing lost. Real servers, really killed."""
+import errno
+import random
+import threading
+
+import pytest
+
+import nbd_peers
+import pyrep
+from nbd_peers import log_has, wait_for
+from threadlib import run_in_threads
+
+MiB = 1 << 20
+_JOIN = 60          # far beyond any bound below: a thread still alive then is a hang
+
+
+def _call_in_thread(fn):
+    """Run ``fn`` on a thread; returns (thread, result dict with 'value' or 'error')."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _held_read_server(tmp_path, log):
+    """nbdkit that holds every read for a minute: a read sent to it stays in flight."""
+    return nbd_peers.nbdkit(tmp_path, "memory", "4M", f"logfile={log}", "delay-read=60",
+                            filters=("log", "delay"))
+
+
+def test_server_killed_requests_in_flight_fail_with_eio(tmp_path):
+    log = tmp_path / "nbdkit.log"
+    peer = _held_read_server(tmp_path, log)
+    blk = pyrep.open_backend(peer.opts())
+    t, out = _call_in_thread(lambda: blk.pread(0, 4096))
+    wait_for(log_has(log, "Read id="), "the read to reach the server")
+    peer.kill()
+    t.join(_JOIN)
+    assert not t.is_alive()
+    assert isinstance(out.get("error"), pyrep.BlockError) and out["error"].errno == errno.EIO
+    assert "connection lost" in str(out["error"])
+    with pytest.raises(pyrep.BlockError) as e:         # later requests fail at once
+        blk.pwrite(0, b"x")
+    assert e.value.errno == errno.EIO
+
+
+def test_server_gone_for_longer_than_reconnect_delay(tmp_path):
+    log = tmp_path / "nbdkit.log"
+    peer = _held_read_server(tmp_path, log)
+    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 1}))
+    client = blk.node.driver.client
+    t, out = _call_in_thread(lambda: blk.pread(0, 4096))
+    wait_for(log_has(log, "Read id="), "the read to reach the server")
+    peer.kill()
+    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    t2, out2 = _call_in_thread(lambda: blk.pwrite(0, b"late"))      # sent while the server is away
+    for th in (t, t2):
+        th.join(_JOIN)
+        assert not th.is_alive()
+    for o in (out, out2):
+        assert isinstance(o.get("error"), pyrep.BlockError) and o["error"].errno == errno.EIO, o
+        assert "reconnect-delay" in str(o["error"])
+    assert client.state == "failed"
+    with pytest.raises(pyrep.BlockError):
+        blk.pread(0, 1)
+
+
+def test_server_back_within_reconnect_delay_resends_what_was_in_flight(tmp_path):
+    """A write held by the server when it dies is sent again to the restarted server, and writes issued
+    while it was away wait and go through: all of them are on disk afterwards."""
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(4 * MiB))
+    log = tmp_path / "nbdkit.log"
+    peer = nbd_peers.nbdkit(tmp_path, "file", str(img), f"logfile={log}", "delay-write=60",
+                            filters=("log", "delay"))
+    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 60}))
+    client = blk.node.driver.client
+    t1, out1 = _call_in_thread(lambda: blk.pwrite(MiB, b"\xa1" * 65536))
+    wait_for(log_has(log, "Write id="), "the write to reach the server")
+    peer.kill()
+    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    t2, out2 = _call_in_thread(lambda: blk.pwrite(2 * MiB, b"\xb2" * 4096))
+    t3, out3 = _call_in_thread(lambda: blk.pread(0, 4))
+    wait_for(lambda: len(client._inflight) == 3, "three requests waiting")
+    again = nbd_peers.nbdkit(tmp_path, "file", str(img), name="nbdkit")      # same socket, no delay
+    for th in (t1, t2, t3):
+        th.join(_JOIN)
+        assert not th.is_alive()
+    assert "error" not in out1 and "error" not in out2 and out3["value"] == bytes(4), (out1, out2, out3)
+    assert client.reconnects == 1 and client.state == "connected"
+    blk.flush()
+    blk.close()
+    again.stop()
+    data = img.read_bytes()
+    assert data[MiB:MiB + 65536] == b"\xa1" * 65536 and data[2 * MiB:2 * MiB + 4096] == b"\xb2" * 4096
+
+
+def test_16_threads_carry_on_across_a_server_restart(tmp_path):
+    """qemu-nbd is killed while 16 threads write and read against a model; restarted, every thread
+    finishes without an error and the disk holds exactly the model."""
+    size, nthreads, block = 8 * MiB, 16, 4096
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(size))
+    peer = nbd_peers.qemu_nbd(tmp_path, img)
+    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 60}))
+    client = blk.node.driver.client
+    model = bytearray(size)
+    done = [0] * nthreads
+    restarted = threading.Event()
+
+    def worker(t):
+        rng = random.Random(t)
+        mine = list(range(t, size // block, nthreads))
+        i = 0
+        while i < 100 or not restarted.is_set():
+            if i > 5000:
+                raise AssertionError("the restart never came")
+            off = rng.choice(mine) * block
+            if rng.random() < 0.6:
+                data = rng.randbytes(block)
+                blk.pwrite(off, data)
+                model[off:off + block] = data       # each thread owns its blocks: no lock needed
+            else:
+                assert blk.pread(off, block) == model[off:off + block]
+            i += 1
+            done[t] = i
+
+    errors = []
+    runner = threading.Thread(target=lambda: errors.extend(run_in_threads(worker, [(t,) for t in range(nthreads)])))
+    runner.start()
+    try:
+        wait_for(lambda: min(done) >= 20, "every thread to get going")
+        peer.kill()
+        wait_for(lambda: client.state == "reconnecting", "the client to notice")
+        nbd_peers.qemu_nbd(tmp_path, img)
+    finally:
+        restarted.set()
+        runner.join(_JOIN * 2)
+    assert not runner.is_alive() and not errors, errors[:3]
+    assert client.reconnects == 1
+    assert blk.pread(0, size) == bytes(model)
+    blk.close()
+    assert img.read_bytes() == bytes(model)
+
+
+def test_close_while_reconnecting_fails_waiters_at_once(tmp_path):
+    log = tmp_path / "nbdkit.log"
+    peer = _held_read_server(tmp_path, log)
+    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 3600}))
+    client = blk.node.driver.client
+    t, out = _call_in_thread(lambda: blk.pread(0, 4096))
+    wait_for(log_has(log, "Read id="), "the read to reach the server")
+    peer.kill()
+    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    client.close()
+    t.join(_JOIN)
+    assert not t.is_alive() and out["error"].errno == errno.EIO
+    assert client.state == "closed"
+
+
+def test_export_back_with_another_size_is_refused(tmp_path):
+    log = tmp_path / "nbdkit.log"
+    peer = _held_read_server(tmp_path, log)
+    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 60}))
+    client = blk.node.driver.client
+    t, out = _call_in_thread(lambda: blk.pread(0, 4096))
+    wait_for(log_has(log, "Read id="), "the read to reach the server")
+    peer.kill()
+    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    nbd_peers.nbdkit(tmp_path, "memory", "8M")              # same socket, twice the size
+    t.join(_JOIN)
+    assert not t.is_alive() and out["error"].errno == errno.EIO and "another size" in str(out["error"])
