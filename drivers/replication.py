@@ -101,7 +101,7 @@ class ReplicationDriver(BlockDriver):
         self.file = self.node.open_child(opts, "file", role="file")
         # the primary's writes while RUNNING: forwarded and counted in C (see the stage setter)
         self._fwd = Forwarder(self.file, self._forward_failed)
-        _registry._register(self)
+        _registry.register(self)
 
     def close(self):
         if not hasattr(self, "_ctl"):
@@ -126,7 +126,7 @@ class ReplicationDriver(BlockDriver):
                 else:
                     self._release(restore=False)
         finally:
-            _registry._unregister(self)
+            _registry.unregister(self)
 
     def child_perm(self, role, perm, shared):
         perm = PERM_CONSISTENT_READ
@@ -231,6 +231,11 @@ class ReplicationDriver(BlockDriver):
             else:
                 self.__dict__.pop("pwritev", None)
             self.node.driver_ops_changed()
+
+    @property
+    def backup_job(self):
+        """The copy-before-write backup job of a running secondary, else None."""
+        return self._backup
 
     @property
     def stats(self):

@@ -57,6 +57,12 @@ class BlockBackend(BackendCore):
 
     # --------------------------------------------------------- identity
     @property
+    def root(self):
+        """The root :class:`~pyrep.node.Child` edge (requests through it skip the backend's gate:
+        benchmarks compare the two paths); None once closed."""
+        return self._root
+
+    @property
     def node(self):
         return self._root.node if self._root is not None else None
 

@@ -32,13 +32,15 @@ _drivers = []          # ReplicationDriver instances, in opening order
 MODES = ("primary", "secondary")
 
 
-def _register(drv):
+def register(drv):
+    """Count ``drv`` (a replication driver, at open) among this process's replication nodes."""
     with _lock:
         if drv not in _drivers:
             _drivers.append(drv)
 
 
-def _unregister(drv):
+def unregister(drv):
+    """Forget ``drv`` (at close)."""
     with _lock:
         if drv in _drivers:
             _drivers.remove(drv)
@@ -155,7 +157,7 @@ def stats():
     for d in nodes():
         s = dict(d.stats)
         s["checkpoint_durations"] = list(s["checkpoint_durations"])
-        job = d._backup
+        job = d.backup_job
         if job is not None:
             s["bytes_copied_before_write"] += getattr(job, "bytes_copied", 0)
         s["mode"], s["stage"] = d.mode, d.stage

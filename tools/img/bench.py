@@ -98,7 +98,7 @@ def run_bench(blk, count, depth, bufsize, step, offset, image_size, write, patte
     """Issue the requests; returns the elapsed seconds (setup excluded, as in qemu-img)."""
     # request function: the backend (public path) or its root edge (node graph, no in-flight gate)
     if path == "node":
-        fn = blk._root.pwritev if write else blk._root.preadv
+        fn = blk.root.pwritev if write else blk.root.preadv
     else:
         fn = blk.pwritev if write else blk.preadv
     nthreads = min(threads or depth, depth, count)
