@@ -1,37 +1,43 @@
-"""Shared fixtures: every test ends with a clean graph (no node, backend or job left) and no NBD server
-it started still running."""
+"""Shared fixtures and hooks: every test ends with a clean graph (no node, backend or job left), no worker
+thread and no NBD server it started still running; a test marked ``needs(...)`` runs only where its
+referees are installed (and fails under ``CI=true`` where one is missing). Shared helpers are in
+``tests/helpers/``."""
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # for driver_conformance and helpers
+sys.path.insert(0, os.path.dirname(__file__))  # for helpers and driver_conformance
 
-import nbd_peers  # noqa: E402
 import pyrep  # noqa: E402
+
+from helpers import nbd_peers, referees, threads  # noqa: E402
+
+REFEREES = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy", "nbdkit", "fio", "qemu-system-x86_64")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "referee(*tools): the outside programs that judge this test's results")
+
+
+def pytest_report_header(config):
+    found = ", ".join(f"{t}={'yes' if shutil.which(t) else 'MISSING'}" for t in REFEREES)
+    return [f"referees: {found}" + (" (CI: a missing referee fails its tests)" if referees.IN_CI else "")]
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("referee"):
+        referees.require(*mark.args)
 
 
 @pytest.fixture(autouse=True)
 def _clean_graph():
     yield
     try:
-        pyrep.close_all()
+        threads.reap()              # a worker the test left running, or one that failed unjoined
     finally:
-        nbd_peers.stop_all()        # NBD servers a test started (tests/nbd_peers.py)
-
-
-def have_qemu_img():
-    return shutil.which("qemu-img") is not None
-
-
-@pytest.fixture
-def qemu_img():
-    """Run qemu-img with arguments; returns CompletedProcess (text)."""
-    if not have_qemu_img():
-        pytest.fail("qemu-img is required for the interop tests (apt-get install qemu-utils)")
-
-    def run(*args, check=True):
-        return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, check=check)
-    return run
+        try:
+            pyrep.close_all()
+        finally:
+            nbd_peers.stop_all()    # NBD servers a test started (tests/helpers/nbd_peers.py)

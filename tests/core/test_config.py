@@ -5,6 +5,8 @@ import pytest
 
 import pyrep
 
+from helpers.referees import needs, qimg
+
 TOML = """
 [[blockdev]]
 node-name = "base0"
@@ -75,13 +77,14 @@ def test_missing_file(tmp_path):
         pyrep.load_config(tmp_path / "nope.toml")
 
 
-def test_the_example_secondary_config_starts_replication(tmp_path, qemu_img):
+@needs("qemu-img")
+def test_the_example_secondary_config_starts_replication(tmp_path):
     import os
     import shutil
     here = os.path.dirname(os.path.abspath(__file__))
     cfg = os.path.join(here, "..", "..", "examples", "configs", "secondary.toml")
     shutil.copy(cfg, tmp_path / "secondary.toml")
-    qemu_img("create", "-f", "qcow2", tmp_path / "secondary.qcow2", "16M")
+    qimg("create", "-f", "qcow2", tmp_path / "secondary.qcow2", "16M")
     g = pyrep.load_config(tmp_path / "secondary.toml")
     pyrep.backend("s_disk_blk").pwrite(0, b"checkpoint")
     pyrep.replication.start_all("secondary")

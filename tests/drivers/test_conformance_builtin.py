@@ -1,6 +1,6 @@
 """The built-in drivers join the conformance suite, one line each."""
-import nbd_peers
 from driver_conformance import Conformance
+from helpers import nbd_peers
 
 
 def _raw_file(tmp_path, disk_size, **extra):

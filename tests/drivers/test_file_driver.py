@@ -7,11 +7,15 @@ import pytest
 
 import pyrep
 
+from helpers.referees import needs, qimg
+
+pytestmark = needs("qemu-img", "qemu-io")
+
 
 @pytest.fixture
-def image(tmp_path, qemu_img):
+def image(tmp_path):
     path = tmp_path / "disk.raw"
-    qemu_img("create", "-f", "raw", path, "1M")
+    qimg("create", "-f", "raw", path, "1M")
     return path
 
 
@@ -19,13 +23,13 @@ def opts(path, **file_extra):
     return {"driver": "raw", "file": {"driver": "file", "filename": str(path), **file_extra}}
 
 
-def test_qemu_img_cannot_write_while_pyrep_writes(image, qemu_img):
+def test_qemu_img_cannot_write_while_pyrep_writes(image):
     with pyrep.open_backend(opts(image)) as blk:
         blk.pwrite(0, b"pyrep")
         r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)], capture_output=True, text=True)
         assert r.returncode != 0 or "Failed to get" in r.stderr + r.stdout
         assert "Failed to get" in r.stderr + r.stdout
-        assert qemu_img("info", "-U", image).returncode == 0
+        assert qimg("info", "-U", image).returncode == 0
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x70 0 1", str(image)], capture_output=True, text=True)
     assert r.returncode == 0 and "verification failed" not in r.stdout  # 'p' == 0x70, written by pyrep
 

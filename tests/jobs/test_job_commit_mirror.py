@@ -9,7 +9,7 @@ import pyrep
 import pyrep.jobs
 from pyrep.errors import BlockError, OptionError
 
-from jobs_testlib import CS, SIZE  # noqa: E402  (also registers the 'slowtest' filter)
+from helpers.jobs import CS, SIZE
 
 
 def raw_opts(tmp_path, name, fill=None, size=SIZE):

@@ -3,7 +3,7 @@ import pytest
 
 import pyrep
 from pyrep import replication
-from repl_testlib import M, S_LOCAL, Secondary, clean_graph, stage  # noqa: F401
+from helpers.replication import M, S_LOCAL, Secondary, stage
 
 
 def mem(name, size=4 * M, **kw):

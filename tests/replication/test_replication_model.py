@@ -13,7 +13,8 @@ import pytest
 
 import pyrep
 from pyrep import replication
-from repl_testlib import (M, Primary, Secondary, clean_graph, qemu_img)  # noqa: F401
+from helpers.replication import M, Primary, Secondary
+from helpers.referees import qimg
 
 SIZE = 8 * M
 
@@ -65,7 +66,7 @@ def test_random_model(tmp_path, kind, seed):
     model = os.path.join(str(tmp_path), "model.raw")
     with open(model, "wb") as f:
         f.write(view)
-    qemu_img("compare", "-f", fmt, "-F", "raw", sd_file, model)
+    qimg("compare", "-f", fmt, "-F", "raw", sd_file, model)
 
 
 def test_concurrent_primary_writes_and_secondary_reads(tmp_path):

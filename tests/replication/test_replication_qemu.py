@@ -4,14 +4,13 @@ Primary: read/write before start fail; start; stop; checkpoint; get_error.
 Secondary: read/write before start fail; start with copy-before-write preserving
 old data; stop with failover committing active and hidden; continuous
 replication; checkpoint; get_error. Parametrized over the kinds of
-repl_testlib (qcow2 images made by qemu-img, and memory/raw variants).
+helpers.replication (qcow2 images made by qemu-img, and memory/raw variants).
 """
 import pytest
 
 import pyrep
 from pyrep import replication
-from repl_testlib import (IMG_SIZE, KINDS, S_LOCAL_BLK, Secondary, clean_graph, disk_opts,  # noqa: F401
-                          expect_pattern, need_commit, stage)
+from helpers.replication import (IMG_SIZE, KINDS, S_LOCAL_BLK, Secondary, disk_opts, expect_pattern, need_commit, stage)
 
 HALF = IMG_SIZE // 2
 

@@ -22,7 +22,7 @@ import pytest
 import pyrep
 from pyrep import replication
 from pyrep.node import is_allocated
-from repl_testlib import M, Primary, Secondary
+from helpers.replication import M, Primary, Secondary
 
 SIZE = 2 * M
 CL = 65536                  # the backup's cluster size (memory hidden disk: 64 KiB clusters)

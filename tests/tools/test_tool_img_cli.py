@@ -8,6 +8,8 @@ import pytest
 
 from pyrep.tools.img import cli
 
+from helpers.referees import needs
+
 
 def test_only_the_command_run_is_imported(tmp_path):
     img = tmp_path / "a.raw"
@@ -40,7 +42,7 @@ def test_console_script(tmp_path):
 
 
 # ------------------------------------------------ qemu-img's command line, judged by qemu-img itself
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+needs_qemu_img = needs("qemu-img")
 
 
 def run(tool, *args, cwd=None, stdout=subprocess.PIPE):

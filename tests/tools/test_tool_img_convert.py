@@ -16,33 +16,12 @@ import pytest
 import pyrep
 from pyrep._core.copy import nonzero_runs
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
-                                reason="qemu-img/qemu-io not installed")
+from helpers.referees import needs, pimg, qimg, qio
+
+pytestmark = needs("qemu-img", "qemu-io")
 
 MiB = 1 << 20
 SIZE = 24 * MiB + 4096 + 512     # not a multiple of any cluster size
-
-
-def run(tool, *args, check=0):
-    p = subprocess.run([*tool, *map(str, args)], capture_output=True, text=True)
-    if check is not None:
-        assert p.returncode == check, (args, p.returncode, p.stdout, p.stderr)
-    return p
-
-
-def pimg(*args, check=0):
-    return run([sys.executable, "-m", "pyrep.tools.img"], *args, check=check)
-
-
-def qimg(*args, check=0):
-    return run(["qemu-img"], *args, check=check)
-
-
-def qio(img, *cmds):
-    args = []
-    for c in cmds:
-        args += ["-c", c]
-    run(["qemu-io", "-f", "qcow2"], *args, img)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +58,7 @@ def data_ranges(img):
 def test_convert_chain(tmp_path, chain, fmt, opts):
     _, _, top = chain
     out = tmp_path / f"out.{fmt}"
-    p = pimg("convert", "-O", fmt, *opts, top, out)
+    p = pimg("convert", "-O", fmt, *opts, top, out, check=0)
     if "-p" in opts:
         assert "(100.00/100%)" in p.stdout
     qimg("compare", top, out)
@@ -103,7 +82,7 @@ def test_convert_raw_to_qcow2_sparse_data(tmp_path):
     for opts in ([], ["-m", "2", "-W"], ["-S", "0"]):
         out = tmp_path / "out.qcow2"
         out.unlink(missing_ok=True)
-        pimg("convert", "-O", "qcow2", *opts, src, out)
+        pimg("convert", "-O", "qcow2", *opts, src, out, check=0)
         qimg("compare", "-f", "raw", src, out)
         qimg("check", out)
         if not opts or "-W" in opts:
@@ -119,7 +98,7 @@ def test_convert_into_existing_target(tmp_path, chain):
     out = tmp_path / "full.qcow2"
     qimg("create", "-q", "-f", "qcow2", out, SIZE)
     qio(out, f"write -P 0x77 0 {SIZE}")
-    pimg("convert", "-n", "-O", "qcow2", top, out)
+    pimg("convert", "-n", "-O", "qcow2", top, out, check=0)
     qimg("compare", top, out)
     qimg("check", out)
 
@@ -128,7 +107,7 @@ def test_convert_overlay_with_backing(tmp_path, chain):
     """-B: only what the top layer allocates is copied; the rest stays with the target's backing file."""
     _, mid, top = chain
     out = tmp_path / "ov.qcow2"
-    pimg("convert", "-O", "qcow2", "-B", mid, "-F", "qcow2", "-m", "3", top, out)
+    pimg("convert", "-O", "qcow2", "-B", mid, "-F", "qcow2", "-m", "3", top, out, check=0)
     qimg("compare", top, out)
     qimg("check", out)
     entries = json.loads(qimg("map", "--output=json", out).stdout)
@@ -139,7 +118,7 @@ def test_convert_overlay_with_backing(tmp_path, chain):
 def test_convert_compressed(tmp_path, chain, opts):
     _, _, top = chain
     out = tmp_path / "c.qcow2"
-    pimg("convert", "-c", "-O", "qcow2", *opts, top, out)
+    pimg("convert", "-c", "-O", "qcow2", *opts, top, out, check=0)
     qimg("compare", top, out)
     res = json.loads(qimg("check", "--output=json", out).stdout)
     assert res["compressed-clusters"] > 0 and not res.get("leaks") and not res.get("corruptions")

@@ -7,16 +7,17 @@ import time
 
 import pytest
 
-from test_tool_img import MiB, needs_qcow2, pimg, qimg, qio
+from helpers.referees import needs, pimg, qimg, qio
 
-pytestmark = needs_qcow2
+pytestmark = needs("qemu-img", "qemu-io")
+MiB = 1 << 20
 
 
 @pytest.fixture
 def img(tmp_path):
     p = tmp_path / "a.qcow2"
     qimg("create", "-q", "-f", "qcow2", p, "10M", check=0)
-    qio("qcow2", p, "write -P 0x41 0 1M", "write -P 0x42 5M 64k")
+    qio(p, "write -P 0x41 0 1M", "write -P 0x42 5M 64k")
     return p
 
 
@@ -25,7 +26,7 @@ def test_convert_onto_its_own_source_is_refused_and_keeps_it(img):
         p = pimg("convert", "-O", fmt, img, img)
         assert p.returncode == 1 and 'Failed to get "write" lock' in p.stderr, p.stderr
         assert "Traceback" not in p.stderr
-    qio("qcow2", img, "read -P 0x41 0 1M", "read -P 0x42 5M 64k")
+    qio(img, "read -P 0x41 0 1M", "read -P 0x42 5M 64k")
 
 
 def test_create_or_convert_over_an_image_in_use_is_refused(img, tmp_path):
@@ -53,7 +54,7 @@ def test_create_or_convert_over_an_image_in_use_is_refused(img, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    qio("qcow2", img, "read -P 0x41 0 1M", "read -P 0x42 5M 64k")
+    qio(img, "read -P 0x41 0 1M", "read -P 0x42 5M 64k")
 
 
 def test_target_size_below_the_source_is_refused(img, tmp_path):
@@ -98,7 +99,7 @@ def test_valid_create_options_and_hex_sizes(tmp_path):
 
 
 def test_compare_errors_exit_2_and_progress_follows_qemu(img, tmp_path):
-    assert pimg("compare", "-T", "bogus", img, img).returncode == qimg("compare", "-T", "bogus", img, img).returncode
+    assert pimg("compare", "-T", "bogus", img, img).returncode == qimg("compare", "-T", "bogus", img, img, check=None).returncode
     out = tmp_path / "o.raw"
     p = pimg("convert", "-p", "-O", "raw", img, out, check=0)
     assert "(100.00/100%)" in p.stdout and "/100%" not in p.stderr      # on stdout, as qemu-img draws it
@@ -114,11 +115,11 @@ def test_commit_into_a_base_with_bitmaps_and_a_relative_base_path(tmp_path):
     qimg("bitmap", "--add", base, "bm0", check=0)                  # the base needs a write when opened rw
     qimg("create", "-q", "-f", "qcow2", "-b", "../base/b.qcow2", "-F", "qcow2", mid, check=0)
     qimg("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, check=0)
-    qio("qcow2", top, "write -P 0x33 0 64k")
+    qio(top, "write -P 0x33 0 64k")
     # -b relative to the image's directory, as qemu-img resolves it
     p = pimg("commit", "-b", "../base/b.qcow2", top)
     assert p.returncode == 0, p.stderr
-    qio("qcow2", base, "read -P 0x33 0 64k")
+    qio(base, "read -P 0x33 0 64k")
     res = json.loads(qimg("check", "--output=json", base).stdout)
     assert not res.get("corruptions") and not res.get("leaks")
     bitmaps = json.loads(qimg("info", "--output=json", base).stdout)["format-specific"]["data"]["bitmaps"]
@@ -147,7 +148,7 @@ def test_raw_files_of_odd_size_are_whole_sectors_as_in_qemu(tmp_path):
     assert mine["virtual-size"] == json.loads(qimg("info", "--output=json", odd).stdout)["virtual-size"] == 3000320
     o1.write_bytes(b"\x01" * 1000)
     o2.write_bytes(b"\x01" * 1000 + bytes(24))
-    mine, theirs = pimg("compare", o1, o2), qimg("compare", o1, o2)
+    mine, theirs = pimg("compare", o1, o2), qimg("compare", o1, o2, check=None)
     assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout) == (0, "Images are identical.\n")
     pimg("create", "-q", "-f", "raw", tmp_path / "c.raw", "1000", check=0)
     assert os.path.getsize(tmp_path / "c.raw") == 1024
@@ -160,7 +161,7 @@ def test_strict_compare_tells_compressed_from_plain_clusters(img, tmp_path):
     c = tmp_path / "c.qcow2"
     qimg("convert", "-c", "-O", "qcow2", img, c, check=0)
     for args in (("-s", img, c), ("-s", img, img), (img, c)):
-        mine, theirs = pimg("compare", *args), qimg("compare", *args)
+        mine, theirs = pimg("compare", *args), qimg("compare", *args, check=None)
         assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout), args
 
 

@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io not installed")
+from helpers.referees import needs
+
+pytestmark = needs("qemu-io")
 
 
 def pio(*args):

@@ -6,7 +6,8 @@ import pytest
 import pyrep
 from pyrep.errors import BlockError, OptionError
 
-from qcow2_testutil import needs_qemu, open_q, qimg
+from helpers.qcow2 import open_q
+from helpers.referees import needs_qemu, qimg
 
 pytestmark = needs_qemu
 
@@ -122,7 +123,7 @@ def test_backing_loop_two(tmp_path):
 def test_corrupt_bit(tmp_path):
     img = _image(tmp_path)
     qimg("create", "-q", "-f", "qcow2", img, "1M")
-    from qcow2_testutil import qio
+    from helpers.referees import qio
     qio(img, "write -P 5 0 64k")
     _patch(img, 72, ">Q", 2)
     msg = _refused(img, "corrupt")
@@ -134,7 +135,7 @@ def test_corrupt_bit(tmp_path):
 
 def test_l2_entry_beyond_eof_detected_by_check(tmp_path):
     img = _image(tmp_path)
-    from qcow2_testutil import qio, qcheck
+    from helpers.referees import qcheck, qio
     qio(img, "write -P 5 0 64k")
     # L1 at 0x30000 -> L2 table; make its first entry point far past EOF
     l2 = struct.unpack(">Q", img.read_bytes()[0x30000:0x30008])[0] & 0x00FFFFFFFFFFFE00
@@ -148,7 +149,7 @@ def test_l2_entry_beyond_eof_detected_by_check(tmp_path):
 
 
 def test_corrupt_bit_repair_open(tmp_path):
-    from qcow2_testutil import qcheck, qio
+    from helpers.referees import qcheck, qio
     img = _image(tmp_path)
     qio(img, "write -P 5 0 64k")
     _patch(img, 72, ">Q", 2)

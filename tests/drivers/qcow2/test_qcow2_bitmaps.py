@@ -8,7 +8,8 @@ import pytest
 import pyrep
 from pyrep.errors import BlockError
 
-from qcow2_testutil import needs_qemu, open_q, qcheck, qimg, qio
+from helpers.qcow2 import open_q
+from helpers.referees import needs_qemu, qcheck, qimg, qio
 
 pytestmark = needs_qemu
 MB = 1 << 20

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qcow2_testutil import needs_qemu, qimg, run
+from helpers.referees import needs_qemu, qimg, run
 
 pytestmark = needs_qemu
 
@@ -69,7 +69,7 @@ def test_sigkill_writer(tmp_path, cluster_size, compat):
         _check_no_corruption(img)
         # every acknowledged write is there, and the rest of its slot still shows the backing
         data = run("qemu-io", "-f", "qcow2", "-c", "help", img)  # the image opens with qemu
-        from qcow2_testutil import open_q
+        from helpers.qcow2 import open_q
         blk = open_q(img, read_only=True)
         try:
             for slot, (off, n, val) in acked.items():

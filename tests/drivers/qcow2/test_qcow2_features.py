@@ -8,8 +8,9 @@ import pytest
 import pyrep
 from pyrep.errors import BlockError
 
-from qcow2_testutil import needs_qemu, open_q, qcheck, qimg, qio
-from threadlib import run_in_threads  # noqa: E402
+from helpers.qcow2 import open_q
+from helpers.referees import needs_qemu, qcheck, qimg, qio
+from helpers.threads import run_in_threads
 
 pytestmark = needs_qemu
 
@@ -294,7 +295,8 @@ def test_info_fields(tmp_path):
 
 def test_small_caches_evict_correctly(tmp_path):
     import random
-    from qcow2_testutil import compare_with_model, random_model_op
+    from helpers.qcow2 import random_model_op
+    from helpers.referees import compare_with_model
     img = tmp_path / "ev.qcow2"
     pyrep.create_image(str(img), "qcow2", 32 << 20, cluster_size=4096)
     blk = open_q(img, **{"l2-cache-size": 16384, "refcount-cache-size": 16384})

@@ -6,7 +6,8 @@ import pytest
 import pyrep
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
 
-from qcow2_testutil import compare_with_model, needs_qemu, open_q, qcheck, qimg, qio, qmap, random_model_op
+from helpers.qcow2 import open_q, random_model_op
+from helpers.referees import compare_with_model, needs_qemu, qcheck, qimg, qio, qmap
 
 pytestmark = needs_qemu
 

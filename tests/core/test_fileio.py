@@ -10,7 +10,7 @@ from pyrep._core.fileio import (fallocate, fdatasync, lseek_data, lseek_hole, pr
                                 pwrite_from, pwritev)
 from pyrep._core.iovec import IOVector
 
-from threadlib import run_in_threads  # noqa: E402
+from helpers.threads import run_in_threads
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import pyrep
 from pyrep._core.fileio import io_active
 
-from threadlib import run_in_threads  # noqa: E402
+from helpers.threads import run_in_threads
 
 
 def test_requests_in_flight_are_counted_and_always_uncounted(tmp_path):

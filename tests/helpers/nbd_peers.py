@@ -15,14 +15,15 @@ import time
 
 import pytest
 
+from helpers.referees import require
+
 _running = []
 _tick = threading.Event()       # never set: a bounded wait between looks at a condition
 _STOP_TIMEOUT = 10.0
 
 
 def need(tool):
-    if shutil.which(tool) is None:
-        pytest.fail(f"{tool} is required for the NBD tests (.ci/run installs it)")
+    require(tool)
 
 
 class Peer:

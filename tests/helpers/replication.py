@@ -9,12 +9,12 @@ Kinds of secondary graphs (``KINDS``):
 - ``memory``: everything in memory.
 """
 import os
-import shutil
-import subprocess
 
 import pytest
 
 import pyrep
+
+from helpers.referees import qimg
 
 M = 1 << 20
 IMG_SIZE = 64 * M
@@ -28,21 +28,8 @@ REP = "rep"                  # the secondary replication node
 P_ID = "primary"
 
 
-@pytest.fixture(autouse=True)
-def clean_graph():
-    """Every test ends with an empty graph (no node, backend or job)."""
-    yield
-    pyrep.close_all()
-
-
-def qemu_img(*args):
-    if shutil.which("qemu-img") is None:
-        pytest.fail("qemu-img is required (apt-get install qemu-utils)")
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, check=True)
-
-
 def new_image(path, fmt, size=IMG_SIZE):
-    qemu_img("create", "-f", fmt, path, size)
+    qimg("create", "-f", fmt, path, size)
     return str(path)
 
 
