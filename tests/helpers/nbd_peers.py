@@ -7,13 +7,11 @@ fixture of ``tests/conftest.py`` calls after every test.
 """
 import os
 import select
-import shutil
 import signal
 import subprocess
 import threading
 import time
 
-import pytest
 
 from helpers.referees import require
 

@@ -15,7 +15,7 @@ import pytest
 import pyrep
 from pyrep import replication
 from pyrep.drivers.quorum import child_errors
-from helpers.replication import (M, S_LOCAL, Primary, Secondary, error_of, expect_pattern, stage)
+from helpers.replication import (M, S_LOCAL, Primary, Secondary, expect_pattern, stage)
 
 SIZE = 16 * M
 CL = 65536

@@ -7,9 +7,6 @@ clusters, data clusters that hold zeroes, extents that are not aligned to the en
 """
 import json
 import random
-import shutil
-import subprocess
-import sys
 
 import pytest
 

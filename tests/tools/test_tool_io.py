@@ -1,5 +1,4 @@
 """pyrep-io run as a subprocess; images cross-checked with qemu-io."""
-import shutil
 import subprocess
 import sys
 
