@@ -62,3 +62,52 @@ def __getattr__(name):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyrep' has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------ network (loaded on first use)
+def object_add(qom_type, id, **props):
+    """Create a user object (``"tls-creds-x509"``: dir, endpoint, verify_peer); see pyrep.objects."""
+    from .objects import object_add as _add
+    return _add(qom_type, id, **props)
+
+
+def object_del(id):
+    """Remove the user object ``id``."""
+    from .objects import object_del as _del
+    return _del(id)
+
+
+def lookup_object(id):
+    """The user object ``id`` (OptionError if there is none)."""
+    from .objects import lookup_object as _lookup
+    return _lookup(id)
+
+
+def nbd_server_start(addr, tls_creds=None, max_connections=0, **kwargs):
+    """Start this process's NBD server (see pyrep.nbd.server); returns it (``.address``: the bound address)."""
+    from .nbd.server import nbd_server_start as _start
+    return _start(addr, tls_creds=tls_creds, max_connections=max_connections, **kwargs)
+
+
+def nbd_server_stop(timeout=None):
+    """Stop the NBD server: in-flight requests finish, exports are flushed and removed."""
+    from .nbd.server import nbd_server_stop as _stop
+    return _stop(timeout)
+
+
+def export_add(node_or_name, name=None, writable=False, description=None, id=None):
+    """Export a node over NBD (its backend shares writes); returns the Export."""
+    from .nbd.server import export_add as _add
+    return _add(node_or_name, name=name, writable=writable, description=description, id=id)
+
+
+def export_del(name, timeout=None):
+    """Remove an NBD export (by name or id) after its clients' in-flight requests finish."""
+    from .nbd.server import export_del as _del
+    return _del(name, timeout)
+
+
+def nbd_exports():
+    """The NBD exports as dicts (id, type, node-name, shutting-down, name, description, writable, size, clients)."""
+    from .nbd.server import nbd_exports as _list
+    return _list()

@@ -73,3 +73,11 @@ def unpack_reply_header(const unsigned char[::1] buf not None):
             return None
         return ("chunk", get16(p + 4), get16(p + 6), get64(p + 8), get32(p + 16))
     raise ProtocolError(f"NBD reply with bad magic {magic:#x}")
+
+
+def validate_request(int cmd, int flags, uint64_t offset, uint64_t length, uint64_t size, int tflags,
+                     bint structured=False, uint32_t meta_id=0):
+    """The NBD error for a request before any I/O (0: valid); see transmission.validate_request."""
+    if cmd < 0 or cmd > 0xFFFF or flags < 0 or flags > 0xFFFF:
+        return 22
+    return c_validate(<uint16_t>cmd, <uint16_t>flags, offset, length, size, tflags, structured, meta_id)

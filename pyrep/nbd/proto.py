@@ -134,6 +134,7 @@ STATE_ZERO = 1 << 1
 META_BASE_ALLOCATION = "base:allocation"
 
 # ------------------------------------------------------------------ limits
+DEFAULT_PORT = 10809                    # IANA port for NBD
 MAX_PAYLOAD = 32 * 1024 * 1024        # largest READ/WRITE payload we send or accept (32 MiB)
 MAX_STRING = 4096                      # export names, descriptions, messages
 MAX_OPTION_DATA = 64 * 1024            # an option's data beyond this is refused (the connection closes)

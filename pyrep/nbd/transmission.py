@@ -9,6 +9,16 @@ follows); ``unpack_request(buf)`` → ``(flags, cmd, handle, offset, length)``.
 Replies: ``pack_simple_reply(handle, error=0)`` → 16 bytes (a successful READ's data follows);
 ``pack_chunk_header(handle, type, length, flags=0)`` → 20 bytes; ``unpack_reply_header(buf)`` →
 ``("simple", error, handle)`` / ``("chunk", flags, type, handle, length)`` / ``None`` (need more).
+``validate_request(cmd, flags, offset, length, size, tflags, structured=False, meta_id=0)`` → the NBD
+error the server answers before any I/O (0: valid). ``size``/``tflags``: the export's size and
+transmission flags; ``structured``: structured replies negotiated; ``meta_id``: the
+``base:allocation`` context id (0: none). Rules, in order: unknown command → EINVAL; flags the command
+does not take → EINVAL; DF without structured replies → EINVAL; DISC and FLUSH are then valid; a
+write-type command (WRITE, TRIM, WRITE_ZEROES) on a read-only export → EPERM; a READ/WRITE over 32
+MiB → EINVAL (for WRITE the server closes instead: it cannot skip the payload safely); zero length
+(all but CACHE) → EINVAL; past the end → ENOSPC for WRITE/WRITE_ZEROES, EINVAL otherwise;
+BLOCK_STATUS without a negotiated context → EINVAL; FAST_ZERO when not advertised → EINVAL.
+
 Chunk payloads: :func:`offset_data_prefix`, :func:`offset_hole`, :func:`block_status_payload`,
 :func:`error_payload`, :func:`error_offset_payload`; :func:`parse_chunk` decodes any of them.
 
@@ -17,7 +27,8 @@ All errors carried on the wire are NBD error numbers (see ``proto.errno_to_nbd``
 from collections import namedtuple
 
 from . import proto as P
-from ._wire import pack_chunk_header, pack_request, pack_simple_reply, unpack_reply_header, unpack_request
+from ._wire import (pack_chunk_header, pack_request, pack_simple_reply, unpack_reply_header, unpack_request,
+                    validate_request)
 from .proto import ProtocolError
 
 __all__ = ["pack_request", "unpack_request", "pack_simple_reply", "pack_chunk_header", "unpack_reply_header",
@@ -35,41 +46,6 @@ NoneChunk = namedtuple("NoneChunk", "")
 def expects_payload(cmd):
     """Does a request of ``cmd`` carry ``length`` bytes of payload after its header?"""
     return cmd == P.CMD_WRITE
-
-
-def validate_request(cmd, flags, offset, length, size, tflags, structured=False, meta_id=0):
-    """The NBD error (0: valid) the server answers a request with, before doing any I/O.
-
-    ``size``/``tflags``: the export's size and transmission flags; ``structured``: structured
-    replies were negotiated; ``meta_id``: the ``base:allocation`` context id (0: none). Rules, in
-    order: unknown command → EINVAL; flags the command does not take → EINVAL; DF without structured
-    replies → EINVAL; a write-type command on a read-only export → EPERM; a READ/WRITE payload over
-    32 MiB → EINVAL (for WRITE the caller must close instead: it cannot skip the payload safely);
-    zero length (READ, WRITE, TRIM, WRITE_ZEROES, BLOCK_STATUS) → EINVAL; past the end → ENOSPC for
-    WRITE/WRITE_ZEROES, EINVAL otherwise; BLOCK_STATUS without a negotiated context → EINVAL;
-    FAST_ZERO when not advertised → EINVAL."""
-    allowed = P.CMD_ALLOWED_FLAGS.get(cmd)
-    if allowed is None:
-        return P.NBD_EINVAL
-    if flags & ~allowed:
-        return P.NBD_EINVAL
-    if flags & P.CMD_FLAG_DF and not structured:
-        return P.NBD_EINVAL
-    if cmd in (P.CMD_DISC, P.CMD_FLUSH):
-        return 0
-    if cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and tflags & P.TFLAG_READ_ONLY:
-        return P.NBD_EPERM
-    if cmd in (P.CMD_READ, P.CMD_WRITE) and length > P.MAX_PAYLOAD:
-        return P.NBD_EINVAL
-    if length == 0 and cmd != P.CMD_CACHE:
-        return P.NBD_EINVAL
-    if offset + length > size:
-        return P.NBD_ENOSPC if cmd in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.NBD_EINVAL
-    if cmd == P.CMD_BLOCK_STATUS and not meta_id:
-        return P.NBD_EINVAL
-    if flags & P.CMD_FLAG_FAST_ZERO and not tflags & P.TFLAG_SEND_FAST_ZERO:
-        return P.NBD_EINVAL
-    return 0
 
 
 # ------------------------------------------------------------ chunk payloads
