@@ -24,6 +24,7 @@ from libc.errno cimport errno, EINTR
 from posix.uio cimport iovec
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
+from pyrep._core.constants cimport REQ_FUA
 from pyrep.nbd._wire cimport put16, put32, put64, get16, get32, get64, c_validate
 
 import logging
@@ -90,7 +91,6 @@ cdef enum:
     TYPE_BLOCK_STATUS = 5
     TYPE_ERROR = (1 << 15) | 1
     NBD_EIO = 5
-    REQ_FUA = 0x1       # pyrep.constants.REQ_FUA
 
 # A request holding the reader role this long lets a waiting thread read the requests behind it.
 cdef long long STEAL_NS = 1000000
