@@ -199,30 +199,76 @@ def is_root(node):
     return not any(isinstance(c.parent, Node) for c in node.parents)
 
 
-def open_backing_file(node, filename, fmt, relative_to):
-    """Open a backing file named in an image header (read-only, as QEMU does)."""
+def backing_options(filename, fmt, relative_to):
+    """The options of the backing node an image header names: ``filename`` (as written there) with
+    format ``fmt`` (None: probed), relative names resolved against the image ``relative_to``. A
+    ``json:{...}`` name is parsed by the option layer, as any filename is; when it names no driver the
+    header's format is used (QEMU's rule)."""
+    if filename.startswith("json:"):
+        opts = normalize(filename)
+        if "driver" not in opts:
+            if fmt is None:
+                raise OptionError(f"backing file {filename!r} of '{relative_to}' names no driver and the image "
+                                  f"names no backing format")
+            opts["driver"] = fmt
+        return opts
     path = filename
     if relative_to and not os.path.isabs(filename) and ":" not in filename.split("/")[0]:
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), filename)
+    if not os.path.exists(path):
+        raise BlockError(2, f"could not open backing file '{filename}' of '{relative_to}': no such file", path)
+    return {"driver": fmt or probe_format(path), "file": {"driver": "file", "filename": path}}
+
+
+def _files_named(opts):
+    """The real paths of the ``file`` protocol nodes that options ``opts`` would open."""
+    out = set()
+    if isinstance(opts, dict):
+        if opts.get("driver") == "file" and isinstance(opts.get("filename"), str):
+            out.add(os.path.realpath(opts["filename"]))
+        for v in opts.values():
+            out |= _files_named(v)
+    elif isinstance(opts, list):
+        for v in opts:
+            out |= _files_named(v)
+    return out
+
+
+def _files_open_under(n):
+    """The real paths of the ``file`` nodes at or below node ``n`` (its protocol layer)."""
+    out = set()
+    stack, seen = [n], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.drv.format_name == "file" and n.filename:
+            out.add(os.path.realpath(n.filename))
+        stack.extend(c.node for r, c in n.children.items() if r != "backing")
+    return out
+
+
+def open_backing_file(node, filename, fmt, relative_to):
+    """Open a backing file named in an image header (read-only, as QEMU does), through the option layer
+    (:func:`backing_options`). The one backing-loop check: a backing whose files are already open
+    in the chain above (being opened on this thread, or parents of ``node``) is refused, and so is a
+    chain deeper than 256 nodes (which also bounds loops through protocols that have no file name)."""
+    opts = backing_options(filename, fmt, relative_to)
     # the images being opened on this thread (a chain opens recursively) and those above the node
     chain = list(getattr(_opening, "stack", ()))
     parent = node
     while parent is not None:
         chain.append(parent)
         parent = next((c.parent for c in parent.parents if isinstance(c.parent, Node)), None)
-    seen = {os.path.realpath(relative_to)} if relative_to else set()
-    seen.update(os.path.realpath(n.filename) for n in chain if n.filename)
-    seen.update(os.path.realpath(n.file.filename) for n in chain if n.file is not None and n.file.filename)
-    if os.path.realpath(path) in seen:
-        raise OptionError(f"backing chain of '{relative_to or node.name}' loops: '{filename}' is already in the chain")
     if len(chain) > 256:
         raise OptionError(f"backing chain of '{relative_to or node.name}' is too deep (more than 256 nodes)")
-    if not os.path.exists(path):
-        raise BlockError(2, f"could not open backing file '{filename}' of '{relative_to}': no such file", path)
-    if fmt is None:
-        fmt = probe_format(path)
-    return open_node({"driver": fmt, "file": {"driver": "file", "filename": path}},
-                     prefix=node.option_key("backing") + ".",
+    seen = {os.path.realpath(relative_to)} if relative_to and ":" not in relative_to.split("/")[0] else set()
+    for n in chain:
+        seen |= _files_open_under(n)
+    if _files_named(opts) & seen:
+        raise OptionError(f"backing chain of '{relative_to or node.name}' loops: '{filename}' is already in the chain")
+    return open_node(opts, prefix=node.option_key("backing") + ".",
                      inherit={"read-only": True, "discard": node.opts.get("discard", "ignore")})
 
 

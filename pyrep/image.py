@@ -1,9 +1,7 @@
 """Image files: create and check (the library side of ``pyrep-img create/check``)."""
-import os
-
 from ._core.registry import get_driver
-from .errors import BlockError, OptionError
-from .graph import open_node, probe_format
+from .errors import OptionError
+from .graph import backing_options, open_node, probe_format
 from .options import parse_size
 
 __all__ = ["create_image", "check_image"]
@@ -21,15 +19,15 @@ def create_image(filename, fmt, size, backing_file=None, backing_fmt=None, **fmt
     if backing_file is not None and not drv.supports_backing:
         raise OptionError(f"format '{fmt}' does not support backing files")
     if backing_file is not None:
-        bpath = backing_file if os.path.isabs(backing_file) else os.path.join(
-            os.path.dirname(os.path.abspath(filename)), backing_file)
-        if not os.path.exists(bpath):
-            raise BlockError(2, f"could not open backing file '{backing_file}': no such file", bpath)
-        if backing_fmt is None:
-            backing_fmt = probe_format(bpath)
+        # the backing as the new image will open it: through the option layer (json: names too)
+        bopts = backing_options(backing_file, backing_fmt, filename)
+        if backing_fmt is None and not backing_file.startswith("json:"):
+            backing_fmt = bopts["driver"]           # probed
         if size is None:
-            node = open_node({"driver": backing_fmt, "read-only": True, "file": {"driver": "file",
-                              "filename": bpath, "locking": "off"}})
+            bopts["read-only"] = True
+            if isinstance(bopts.get("file"), dict) and bopts["file"].get("driver") == "file":
+                bopts["file"]["locking"] = "off"
+            node = open_node(bopts)
             try:
                 size = node.length
             finally:

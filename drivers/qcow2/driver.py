@@ -15,9 +15,7 @@ in cluster.py, the deferred frees in refcount.py. Persistent dirty bitmaps are k
 in use (see bitmaps.py).
 """
 import errno
-import os
 import struct
-import threading
 from array import array
 
 from pyrep._core.iovec import IOVector
@@ -39,35 +37,6 @@ __all__ = ["Qcow2Driver"]
 
 _DEFAULT_L2_CACHE = 32 * 1024 * 1024
 _DEFAULT_RB_CACHE = 8 * 1024 * 1024
-
-
-def _check_chain_loop(image, backing_path, limit=1024):
-    """Follow qcow2 backing names from the headers (plain reads) and refuse a chain that loops."""
-    seen = [os.path.realpath(image)]
-    cur = backing_path
-    for _ in range(limit):
-        real = os.path.realpath(cur)
-        if real in seen:
-            chain = " -> ".join(seen + [real])
-            raise OptionError(f"qcow2: backing chain loop: {chain} (image {image})")
-        seen.append(real)
-        try:
-            with open(cur, "rb") as f:
-                head = f.read(72)
-                if len(head) < 72 or head[:4] != F.MAGIC:
-                    return
-                bf_off = int.from_bytes(head[8:16], "big")
-                bf_size = int.from_bytes(head[16:20], "big")
-                if not bf_off or bf_size > F.MAX_BACKING_NAME:
-                    return
-                f.seek(bf_off)
-                name = f.read(bf_size).decode("utf-8", "replace")
-        except OSError:
-            return
-        if name.startswith("json:"):
-            return
-        cur = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(cur)), name)
-    raise OptionError(f"qcow2: backing chain of {image} is deeper than {limit} images")
 
 
 class Qcow2Driver(Qcow2Core, BlockDriver):
@@ -148,20 +117,8 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                                  f"(check -r all), writes are refused")
         self._can_truncate = True
 
-        # backing
+        # backing: opened (and checked for loops) by the graph, through the option layer
         bname = h.backing_file
-        if bname and "backing" not in opts:
-            if not bname.startswith("json:"):
-                base = os.path.dirname(os.path.abspath(fn)) if fn else ""
-                full = bname if os.path.isabs(bname) else os.path.join(base, bname)
-                try:
-                    same = fn and os.path.exists(full) and os.path.samefile(full, fn)
-                except OSError:
-                    same = False
-                if same:
-                    raise OptionError(f"qcow2: image {fn} names itself as its backing file ({bname!r}): "
-                                      f"backing chain loop")
-                _check_chain_loop(fn, full)
         self.backing = self.node.open_backing(opts, filename=bname, fmt=h.backing_format, relative_to=fn)
         self._backing_len = self.backing.node.length if self.backing is not None else 0
         self._file_preadv = self.file.preadv

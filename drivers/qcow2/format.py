@@ -11,6 +11,7 @@ import sys
 from array import array
 
 from pyrep.errors import BlockError, OptionError
+from pyrep.options import parse_bool, parse_size
 
 MAGIC = b"QFI\xfb"
 HDR_V2 = struct.Struct(">4sIQIIQIIQQIIQ")     # 72 bytes
@@ -405,54 +406,23 @@ def _opt(opts, *names, default=None):
     return default
 
 
-def _parse_size(v, what):
-    if isinstance(v, bool):
-        raise OptionError(f"qcow2: {what} must be a size, not {v!r}")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str):
-        s = v.strip().upper()
-        mult = 1
-        for suf, m in (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("TIB", 1 << 40),
-                       ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40), ("B", 1)):
-            if s.endswith(suf):
-                s, mult = s[:-len(suf)], m
-                break
-        try:
-            return int(float(s) * mult)
-        except ValueError:
-            pass
-    raise OptionError(f"qcow2: {what} {v!r} is not a size")
-
-
-def _backing_size(path, fmt):
-    """Virtual size of a backing file (for create without an explicit size)."""
+def _backing_size(backing_file, fmt, filename):
+    """Virtual size of the backing file named ``backing_file`` (for create without an explicit size),
+    opened read-only through the option layer as the image will open it (``json:`` names too)."""
+    from pyrep.graph import backing_options, open_node     # only create without a size needs the graph
+    opts = backing_options(backing_file, fmt, filename)
+    opts["read-only"] = True
+    node = open_node(opts)
     try:
-        with open(path, "rb") as f:
-            head = f.read(V2_HEADER_LEN)
-            if (fmt in (None, "qcow2")) and head[:4] == MAGIC and len(head) >= 32:
-                return struct.unpack_from(">Q", head, 24)[0]
-            return os.fstat(f.fileno()).st_size
-    except OSError as e:
-        raise BlockError(e.errno or errno.EIO, f"qcow2: cannot open backing file {path}: {e.strerror}") from None
-
-
-def _onoff(v, name):
-    """qemu's bool options: on/off (and true/false, yes/no, 1/0); anything else is an error."""
-    if isinstance(v, bool):
-        return v
-    t = str(v).strip().lower()
-    if t in ("on", "true", "yes", "1"):
-        return True
-    if t in ("off", "false", "no", "0"):
-        return False
-    raise OptionError(f"qcow2: parameter '{name}' expects 'on' or 'off', not {v!r}")
+        return node.length
+    finally:
+        node.close()
 
 
 def create_file(filename, size, opts):
     """Write a new, empty qcow2 image with plain os calls."""
     opts = dict(opts or {})
-    cluster_size = _parse_size(_opt(opts, "cluster_size", default=65536), "cluster_size")
+    cluster_size = parse_size(_opt(opts, "cluster_size", default=65536), "qcow2: option 'cluster_size'")
     if cluster_size < 512 or cluster_size > (2 << 20) or cluster_size & (cluster_size - 1):
         raise OptionError(f"qcow2: cluster_size {cluster_size} must be a power of two between 512 and 2M")
     cluster_bits = cluster_size.bit_length() - 1
@@ -472,7 +442,7 @@ def create_file(filename, size, opts):
     prealloc = str(_opt(opts, "preallocation", default="off"))
     if prealloc != "off":
         raise OptionError(f"qcow2: preallocation {prealloc!r} is not supported (only 'off')")
-    lazy = _onoff(_opt(opts, "lazy_refcounts", default=False), "lazy_refcounts")
+    lazy = parse_bool(_opt(opts, "lazy_refcounts", default=False), "qcow2: option 'lazy_refcounts'")
     if lazy and version == 2:
         raise OptionError("qcow2: lazy_refcounts requires compat 1.1")
     backing_file = _opt(opts, "backing_file")
@@ -482,13 +452,8 @@ def create_file(filename, size, opts):
     if size is None:
         if not backing_file:
             raise OptionError("qcow2: an image size is required when there is no backing file")
-        bpath = backing_file
-        if not os.path.isabs(bpath):
-            bpath = os.path.join(os.path.dirname(os.path.abspath(filename)), bpath)
-        size = _backing_size(bpath, backing_fmt)
-    size = _parse_size(size, "size")
-    if size < 0:
-        raise OptionError(f"qcow2: size {size} is negative")
+        size = _backing_size(backing_file, backing_fmt, filename)
+    size = parse_size(size, "qcow2: size")
     if size % 512:
         size = (size + 511) & ~511   # qemu-img rounds up to sectors as well
     if size > MAX_VIRTUAL_SIZE:
