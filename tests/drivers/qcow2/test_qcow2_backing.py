@@ -8,7 +8,8 @@ import pytest
 import pyrep
 from pyrep import BlockError, OptionError
 
-from qcow2_testutil import needs_qemu, open_q, qimg, qio
+from helpers.qcow2 import open_q
+from helpers.referees import needs_qemu, qimg, qio
 
 pytestmark = needs_qemu
 
