@@ -9,14 +9,11 @@ import os
 import select
 import signal
 import subprocess
-import threading
-import time
-
 
 from helpers.referees import require
+from helpers.wait import wait_until
 
 _running = []
-_tick = threading.Event()       # never set: a bounded wait between looks at a condition
 _STOP_TIMEOUT = 10.0
 
 
@@ -49,18 +46,14 @@ class Peer:
     def _read_pidfile(self):
         """The daemon's pid. The socket listens once the forking parent has exited, but nbdkit's child
         writes its pid file just after: wait for that condition, bounded."""
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while True:
+        def pid():
             try:
                 with open(self.pidfile) as f:
                     text = f.read()
-                if text.endswith("\n"):        # written whole
-                    return int(text)
             except FileNotFoundError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} wrote no pid file {self.pidfile}")
-            _tick.wait(0.001)
+                return None
+            return int(text) if text.endswith("\n") else None     # written whole
+        return wait_until(pid, _STOP_TIMEOUT, f"{self.name} to write its pid file {self.pidfile}")
 
     def uri(self, export=None):
         return f"nbd+unix:///{self.export if export is None else export}?socket={self.sock}"
@@ -127,12 +120,8 @@ def nbdkit(tmp_path, *plugin_args, export="", filters=(), extra=(), name="nbdkit
 
 
 def wait_for(cond, what, timeout=30.0):
-    """Wait until ``cond()`` is true (checked every millisecond), failing the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        _tick.wait(0.001)
+    """Wait until ``cond()`` is true, failing the test after ``timeout`` (``helpers.wait.wait_until``)."""
+    wait_until(cond, timeout, what)
 
 
 def log_has(path, text):

@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-import nbd_peers
 import pyrep
 from pyrep.constants import BS_DATA, BS_ZERO
-from threadlib import run_in_threads
+from helpers import nbd_peers
+from helpers.threads import run_in_threads
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -71,8 +71,7 @@ def test_16_threads_of_mixed_io_against_a_model(kind, tmp_path):
                     want = bytes(model[off:off + BLOCK])
                 assert got == want, (t, b)
 
-    errors = run_in_threads(worker, [(t,) for t in range(nthreads)])
-    assert not errors, errors[:3]
+    run_in_threads(worker, [(t,) for t in range(nthreads)])
     assert blk.pread(0, size) == bytes(model)
 
 
@@ -99,7 +98,7 @@ def test_requests_are_in_flight_together_and_replies_come_in_any_order(tmp_path)
 
     def reader(i):
         assert blk.pread(i * MiB, 4096) == bytes([i + 1]) * 4096
-    assert not run_in_threads(reader, [(i,) for i in range(8)])
+    run_in_threads(reader, [(i,) for i in range(8)])
     blk.close()
     peer.stop()
     depth = most = 0
