@@ -25,12 +25,12 @@ import errno
 import hashlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from pyrep._core.iovec import IOVector
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError
 from pyrep.options import Opt
+from pyrep.pool import LazyPool
 
 __all__ = ["QuorumDriver", "quorum_add_child", "quorum_del_child", "child_errors", "clear_child_errors"]
 
@@ -39,23 +39,11 @@ _ERROR_LOG_MAX = 1000
 # a dedicated pool: child requests of a quorum run here; a request issued from a
 # pool thread (a quorum below a quorum) runs its children sequentially instead,
 # so nested quorums can never starve the pool
-_pool = None
-_pool_lock = threading.Lock()
-_in_pool = threading.local()
+_pool = LazyPool("pyrep-quorum", 16)
 
-
-def _executor():
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pyrep-quorum",
-                                           initializer=_mark_pool_thread)
-    return _pool
-
-
-def _mark_pool_thread():
-    _in_pool.flag = True
+# what counts as a child's failed vote: an I/O error. Anything else (a TypeError...) is a bug,
+# and a bug must surface, not be outvoted.
+_IO_ERRORS = (BlockError, OSError)
 
 
 class QuorumDriver(BlockDriver):
@@ -141,26 +129,32 @@ class QuorumDriver(BlockDriver):
 
     def _run_all(self, children, fn):
         """``[(child, result, exc)]`` of ``fn(child)`` for every child (in parallel with ``parallel=on``)."""
-        if not self.parallel or len(children) == 1 or getattr(_in_pool, "flag", False):
+        if not self.parallel or len(children) == 1 or _pool.in_pool():
             out = []
             for c in children:
                 try:
                     out.append((c, fn(c), None))
-                except Exception as e:  # noqa: BLE001 - reported per child
+                except _IO_ERRORS as e:
                     out.append((c, None, e))
             return out
-        pool = _executor()
-        futures = [(c, pool.submit(fn, c)) for c in children[1:]]
+        futures = [(c, _pool.submit(fn, c)) for c in children[1:]]
         first = children[0]
+        bug = None
         try:
             results = [(first, fn(first), None)]
-        except Exception as e:  # noqa: BLE001
+        except _IO_ERRORS as e:
             results = [(first, None, e)]
+        except BaseException as e:       # noqa: B902 - raised once every child request has ended
+            bug, results = e, []
         for c, f in futures:
             try:
                 results.append((c, f.result(), None))
-            except Exception as e:  # noqa: BLE001
+            except _IO_ERRORS as e:
                 results.append((c, None, e))
+            except BaseException as e:   # noqa: B902
+                bug = bug or e
+        if bug is not None:
+            raise bug
         return results
 
     def _vote_writes(self, op, offset, length, fn):
@@ -171,7 +165,7 @@ class QuorumDriver(BlockDriver):
             for c in children:
                 try:
                     fn(c)
-                except Exception as e:  # noqa: BLE001 - reported per child
+                except _IO_ERRORS as e:
                     failed = [] if failed is None else failed
                     failed.append((c, None, e))
             if failed is None:
@@ -207,7 +201,7 @@ class QuorumDriver(BlockDriver):
             try:
                 c.preadv(offset, length, iov)
                 return
-            except Exception as e:  # noqa: BLE001 - fall back to the next child
+            except _IO_ERRORS as e:    # fall back to the next child
                 self._report(c, "read", offset, length, e)
                 last = e
         err = getattr(last, "errno", None) or errno.EIO
@@ -257,7 +251,7 @@ class QuorumDriver(BlockDriver):
             for c in losers:
                 try:
                     c.pwrite(offset, data)
-                except Exception as e:  # noqa: BLE001 - a failed repair is reported, not fatal
+                except _IO_ERRORS as e:    # a failed repair is reported, not fatal
                     self._report(c, "write", offset, length, e)
 
     def pwritev(self, offset, length, iov, flags=0):

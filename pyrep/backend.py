@@ -17,22 +17,16 @@ from .constants import (PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRIT
 from .errors import OptionError
 from .node import Child, Node
 from .options import normalize
+from .pool import LazyPool
 
 __all__ = ["BlockBackend", "open_backend", "backend", "backends"]
 
-_executor = None
-_executor_lock = threading.Lock()
+# the async twins and submit() run here
+_io_pool = LazyPool("pyrep-io", 32)
 
 
 def _pool():
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                # imported on first use: concurrent.futures pulls in logging (~7 ms of start-up)
-                from concurrent.futures import ThreadPoolExecutor
-                _executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="pyrep-io")
-    return _executor
+    return _io_pool.executor()
 
 
 def _loop():

@@ -205,3 +205,47 @@ def test_primary_graph_shape(tmp_path):
     p.pwrite(0, b"q" * 512)
     assert sdb.pread(0, 1) == b"q"
     assert p.pread(0, 1) == b"q"
+
+
+class _BuggyFilter(pyrep.BlockDriver):
+    """A filter whose reads and writes have a bug (a TypeError), not an I/O error."""
+    format_name = "buggy-filter"
+    is_filter = True
+    options = (pyrep.Opt("file", "child", required=True),)
+
+    def open(self, opts):
+        self.file = self.node.open_child(opts, "file")
+
+    def preadv(self, offset, length, iov):
+        raise TypeError("buggy-filter: a bug in the read path")
+
+    def pwritev(self, offset, length, iov, flags=0):
+        raise TypeError("buggy-filter: a bug in the write path")
+
+
+@pytest.fixture
+def buggy_driver():
+    pyrep.register_driver(_BuggyFilter)
+    yield
+    pyrep.close_all()
+    pyrep.unregister_driver("buggy-filter")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("pattern", ["quorum", "fifo"])
+def test_a_bug_in_a_child_is_raised_not_counted_as_a_failed_vote(buggy_driver, parallel, pattern):
+    buggy = {"driver": "buggy-filter", "node-name": "bug", "file": mem("bug-m")}
+    # the buggy child comes first: a fifo read would otherwise never reach it
+    q = quorum([buggy, mem("a"), mem("b")], 1, parallel=parallel, **{"read-pattern": pattern})
+    with pytest.raises(TypeError, match="bug in the read path"):
+        q.pread(0, 4096)
+    with pytest.raises(TypeError, match="bug in the write path"):
+        q.pwrite(0, b"w" * 4096)
+    assert child_errors("q") == []                      # nothing was recorded as a child's I/O error
+
+
+def test_an_io_error_in_a_child_still_counts_as_a_failed_vote():
+    q = quorum([dbg("a"), mem("b"), mem("c")], 2)
+    pyrep.inject_error("a", op="write", errno="EIO")
+    q.pwrite(0, b"v" * 4096)                            # two of three succeed: the threshold holds
+    assert [e["node"] for e in child_errors("q")] == ["a"]
