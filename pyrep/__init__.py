@@ -1,7 +1,8 @@
 """pyrep: a block-storage engine for Python with a Cython core, modelled on QEMU's block layer.
 
-See the README for a tour, ``docs/internals.md`` for the contracts between
-layers, and ``ARCHITECTURE.md`` for the public API this module exports.
+See the README for a tour and the public API this module exports,
+``docs/architecture.md`` for the layers, the request path and the life-cycle
+tables, and ``docs/internals.md`` for the contracts between layers.
 """
 import sys
 
