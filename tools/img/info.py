@@ -77,19 +77,20 @@ def _human_value(v):
 _SPEC_ORDER = ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2")
 
 
-def _dump_spec(data, indent):
+def dump_spec(data, indent):
+    """Format-specific information as qemu-img and qemu-io print it (``key: value``, nested by indent)."""
     keys = [k for k in _SPEC_ORDER if k in data] + [k for k in data if k not in _SPEC_ORDER]
     for k in keys:
         v = data[k]
         name = k.replace("-", " ")
         if isinstance(v, dict):
             print(f"{' ' * indent}{name}:")
-            _dump_spec(v, indent + 4)
+            dump_spec(v, indent + 4)
         elif isinstance(v, list):
             print(f"{' ' * indent}{name}:")
             for item in v:
                 if isinstance(item, dict):
-                    _dump_spec(item, indent + 8)
+                    dump_spec(item, indent + 8)
                 else:
                     print(f"{' ' * (indent + 4)}[{_human_value(item)}]")
         else:
@@ -121,7 +122,7 @@ def dump_human_info(info):
     spec = info.get("format-specific")
     if spec:
         print("Format specific information:")
-        _dump_spec(spec.get("data", {}), 4)
+        dump_spec(spec.get("data", {}), 4)
 
 
 def run(a):
