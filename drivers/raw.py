@@ -4,6 +4,7 @@ import errno
 from pyrep.constants import BS_OFFSET_VALID, BS_RECURSE
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError
+from pyrep.graph import PROBE_SIZE, format_of
 from pyrep.options import Opt
 
 from .file import FileDriver
@@ -33,13 +34,17 @@ class RawDriver(BlockDriver):
             raise OptionError(f"raw: offset+size ({self.offset}+{self.size}) is beyond the end of the file "
                               f"({flen} bytes)")
         self.request_alignment = self.file.node.align
+        if self.probed:
+            # whole first sectors only, so a write to sector 0 can be probed as it will read (QEMU's rule)
+            self.request_alignment = max(self.request_alignment, PROBE_SIZE)
         self.child_rebound(self.file)
 
     def child_rebound(self, child):
         if child is self.file and self.offset == 0:
             # no translation: hand requests straight to the protocol node
             self.preadv = child.node.preadv
-            self.pwritev = child.node.pwritev
+            if not self.probed:
+                self.pwritev = child.node.pwritev
 
     def getlength(self):
         if self.size is not None:
@@ -51,7 +56,18 @@ class RawDriver(BlockDriver):
         return self.file.preadv(offset + self.offset, length, iov)
 
     def pwritev(self, offset, length, iov, flags=0):
+        if self.probed and offset < PROBE_SIZE:
+            self._check_probed_write(iov)
         return self.file.pwritev(offset + self.offset, length, iov, flags)
+
+    def _check_probed_write(self, iov):
+        """A raw image whose format was probed must not turn into another format by a guest write: the
+        next probe would open it as that format (and follow, say, a backing file the guest chose)."""
+        fmt = format_of(iov.copy_to(0, min(PROBE_SIZE, iov.size)), self.node.filename)
+        if fmt != "raw":
+            raise BlockError(errno.EPERM, f"raw: write to sector 0 of '{self.node.filename or self.node.name}' "
+                                          f"refused: the image's format was probed and the write would make it "
+                                          f"look like {fmt} (open it with driver=raw to allow such writes)")
 
     def pwrite_zeroes(self, offset, length, flags=0):
         return self.file.pwrite_zeroes(offset + self.offset, length, flags)

@@ -8,6 +8,7 @@ writes with others, as a QEMU guest device or qemu-img does; pass
 ``shared="all"`` (or ``share_rw=True``) when other writers are expected, as an
 NBD export of a replicated disk does.
 """
+import os
 import threading
 
 from . import graph
@@ -191,7 +192,8 @@ class BlockBackend(BackendCore):
 
 def open_backend(options, name=None, read_only=False, perm=None, shared=None, share_rw=False):
     """A BlockBackend on a new root node built from ``options`` (any spelling), or on an
-    existing node when ``options`` is a Node or the name of one.
+    existing node when ``options`` is a Node or the name of one; a string naming no node or
+    backend but an image file (or a URI such as ``nbd://host/export``) opens it with its format probed.
 
     ``perm``/``shared`` override the default permissions (names such as
     ``"consistent-read,write"`` or ``"all"``, or masks); ``share_rw`` adds
@@ -200,13 +202,14 @@ def open_backend(options, name=None, read_only=False, perm=None, shared=None, sh
         graph.check_name(name, "backend name")
     if isinstance(options, Node):
         node, created = options, False
-    elif isinstance(options, str) and "=" not in options and not options.startswith("json:"):
-        node, created = graph.lookup(options), False
     else:
-        opts = normalize(options)
-        if read_only:
-            opts.setdefault("read-only", True)
-        node, created = graph.open_node(opts), True
+        node = _named_node(options)
+        created = node is None
+        if created:
+            opts = normalize(_as_options(options))
+            if read_only:
+                opts.setdefault("read-only", True)
+            node = graph.open_node(opts)
     if shared is None and share_rw:
         shared = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED | PERM_WRITE | PERM_RESIZE
     try:
@@ -218,6 +221,28 @@ def open_backend(options, name=None, read_only=False, perm=None, shared=None, sh
     if name is not None:
         graph.add_backend(name, blk)
     return blk
+
+
+def _named_node(options):
+    """The existing node a string names (a node-name or a backend's name), else None."""
+    if isinstance(options, str) and not options.startswith("json:"):
+        try:
+            return graph.lookup(options)
+        except OptionError:
+            return None
+    return None
+
+
+def _as_options(options):
+    """Options from what open_backend was given: a dict, a drive string, a ``json:`` filename, or the
+    filename of an image (a path or a URI), opened with its format probed as ``qemu-io x.qcow2`` does."""
+    if not isinstance(options, str) or options.startswith("json:"):
+        return options
+    if graph.uri_scheme(options) is not None or os.path.exists(options):
+        return {"filename": options}
+    if "=" in options:
+        return options
+    raise OptionError(f"no node, backend or file named '{options}'")
 
 
 def backend(name):

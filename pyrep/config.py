@@ -102,6 +102,7 @@ def load_config(path):
 
     On an error, whatever the file had built so far is closed again."""
     from .backend import open_backend
+    from .graph import lookup
     from .graph import blockdev_add
     path = os.fspath(path)
     data = _read(path)
@@ -130,9 +131,11 @@ def load_config(path):
             if "node" not in spec:
                 raise OptionError(f"{where}: 'node' is required (the node-name of the backend's root)")
             node = spec["node"]
-            if isinstance(node, dict):
-                node = _resolve_filenames(node, base)
             try:
+                if isinstance(node, dict):
+                    node = _resolve_filenames(node, base)
+                elif isinstance(node, str):
+                    node = lookup(node)         # a node of this file or of the process, never a file
                 blk = open_backend(node, name=spec.get("name"), read_only=bool(spec.get("read-only", False)),
                                    perm=spec.get("perm"), shared=spec.get("shared"),
                                    share_rw=bool(spec.get("share-rw", False)))

@@ -21,25 +21,53 @@ import errno
 from .constants import (BS_ALLOCATED, BS_DATA, BS_OFFSET_VALID, BS_RECURSE, PERM_ALL, PERM_CONSISTENT_READ,
                         PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED)
 from .errors import BlockError
+from .options import Opt
 
 __all__ = ["BlockDriver"]
 
 _OPS = ("preadv", "pwritev", "pwrite_zeroes", "pdiscard", "flush", "truncate", "block_status", "make_empty",
         "check", "create")
 
+_IMPLIED_FILE = Opt("file", "child", required=True, help="the node this filter forwards to")
+
 
 class BlockDriver:
     format_name = None      # the name used in {"driver": ...}
-    is_filter = False       # forwards what it does not implement to its "file" child
+    is_filter = False       # forwards what it does not implement to its "file" child; a filter that does not
+                            # declare a "file" option gets one implied (see all_options)
     is_format = False       # an image format over a protocol node (its "file" child)
     protocol_name = None    # a protocol's URI-ish name ("file")
+    # URI schemes this protocol serves (QEMU's protocol_name matched by bdrv_find_protocol): a node whose
+    # options give a "filename" such as "nbd+unix:///disk?socket=/s" and no "driver", where a protocol is
+    # expected, opens with this driver and receives the whole filename in its "filename" option, e.g.
+    # protocol_schemes = ("nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix", "nbds+tcp"). A filename
+    # without "scheme://" is a path for the file driver.
+    protocol_schemes = ()
     supports_backing = False
     request_alignment = 1
     options = ()            # tuple of Opt
     create_options = ()     # tuple of Opt accepted by create()
+    # set by the graph before open(): True when this format was chosen by probing the content (no "driver"
+    # given); raw then refuses writes that would make sector 0 look like another format (QEMU's rule)
+    probed = False
 
     def __init__(self, node):
         self.node = node
+
+    @classmethod
+    def all_options(cls):
+        """The option schema ``open`` receives validated: ``options``, plus the implied ``file`` child of
+        a filter that declares none."""
+        if cls.is_filter and not any(o.name == "file" for o in cls.options):
+            return tuple(cls.options) + (_IMPLIED_FILE,)
+        return tuple(cls.options)
+
+    @classmethod
+    def probe(cls, header, filename=None):
+        """How sure (0-100) this format is that an image starting with ``header`` (its first 512 bytes, or
+        fewer for a smaller image) is one of its own; 0: not mine. Formats that can be recognised by
+        their content override it (qcow2: its magic); raw is the fallback when no format claims the data."""
+        return 0
 
     @classmethod
     def implements(cls, op):

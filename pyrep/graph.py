@@ -23,7 +23,8 @@ from .options import normalize, validate
 
 __all__ = ["blockdev_add", "blockdev_del", "open_node", "open_child", "open_backing", "lookup",
            "lookup_node_or_backend", "nodes", "reopen", "reopen_multiple", "drained", "close_graph", "is_root",
-           "check_name", "add_backend", "remove_backend", "get_backend", "backends"]
+           "check_name", "add_backend", "remove_backend", "get_backend", "backends", "protocol_for", "uri_scheme",
+           "probe_format", "probe_node", "format_of"]
 
 _lock = threading.RLock()
 _opening = threading.local()   # per thread: the nodes being opened, outermost first
@@ -44,23 +45,36 @@ def check_name(name, what):
         raise OptionError(f"duplicate {what} '{name}': a backend of that name exists")
 
 
-def open_node(options, prefix="", inherit=None):
+def open_node(options, prefix="", inherit=None, protocol=False, probed=False):
     """Open a node (and, recursively, its children) from options in any spelling.
 
     ``inherit`` holds options a parent passes down (read-only, discard, cache)
-    that the child's own options override. On failure nothing stays open."""
+    that the child's own options override. On failure nothing stays open.
+
+    Options with a ``filename`` and no ``driver`` follow QEMU's ``bdrv_open``:
+    where a protocol is expected (``protocol``: the ``file`` child of a format,
+    or of a filter that is itself such a child) the filename picks it
+    (:func:`protocol_for`); anywhere else the protocol is opened and the format
+    probed from its first sector (:func:`probe_format`). A format given a
+    ``filename`` instead of a ``file`` child gets ``file.filename``."""
     opts = normalize(options)
     where = prefix[:-1] if prefix else "options"
+    if "driver" not in opts and "filename" in opts:
+        if not protocol:
+            return _open_probed(opts, prefix, inherit)
+        opts["driver"] = protocol_for(opts["filename"], f"{where}: option '{prefix}filename'")
     if "driver" not in opts:
         raise OptionError(f"{where}: 'driver' is required (known drivers: {', '.join(_known_drivers())})")
     name = opts["driver"]
     if not isinstance(name, str):
         raise OptionError(f"{where}: option '{prefix}driver' must be a string, got {name!r}")
     drv = get_driver(name)
+    if drv.is_format and "filename" in opts and "file" not in opts:
+        opts["file"] = {"filename": opts.pop("filename")}
     if inherit:
         for k, v in inherit.items():
             opts.setdefault(k, v)
-    opts = validate(drv.options, opts, name, prefix)
+    opts = validate(drv.all_options(), opts, name, prefix)
     with _lock:
         node_name = opts.get("node-name")
         if node_name is None:
@@ -69,11 +83,13 @@ def open_node(options, prefix="", inherit=None):
             check_name(node_name, "node-name")
             auto = False
         node = Node(node_name, drv, opts, auto_named=auto, prefix=prefix)
+        node.opened_as_protocol = protocol
         _nodes[node_name] = node
     stack = _opening.__dict__.setdefault("stack", [])
     stack.append(node)
     try:
         node.driver = drv(node)
+        node.driver.probed = probed
         node.driver.open(opts)
         if node.filename is None and node.file is not None:
             node.filename = node.file.filename
@@ -85,6 +101,68 @@ def open_node(options, prefix="", inherit=None):
     finally:
         stack.pop()
     return node
+
+
+_URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def uri_scheme(filename):
+    """The scheme of a ``scheme://...`` filename (lower case), or None for a path."""
+    m = _URI_RE.match(filename) if isinstance(filename, str) else None
+    return m.group(1).lower() if m else None
+
+
+def protocol_for(filename, where="filename"):
+    """The protocol driver's name for ``filename`` (QEMU's bdrv_find_protocol): the driver whose
+    ``protocol_schemes`` hold its URI scheme; ``file`` for a plain path."""
+    if not isinstance(filename, str):
+        raise OptionError(f"{where}: expected a string, got {filename!r}")
+    scheme = uri_scheme(filename)
+    if scheme is None:
+        return "file"
+    known = {}
+    for name in _known_drivers():
+        try:
+            drv = get_driver(name)
+        except OptionError:
+            continue
+        for s in getattr(drv, "protocol_schemes", ()) or ():
+            known.setdefault(s.lower(), name)
+    if scheme in known:
+        return known[scheme]
+    raise OptionError(f"{where}: unknown protocol '{scheme}' in {filename!r} (known: "
+                      f"{', '.join(sorted(known)) or 'none'}; a plain path opens a file)")
+
+
+def _open_probed(opts, prefix, inherit):
+    """A node given a ``filename`` but no ``driver``: open the protocol the filename names, probe its
+    first sector for a format, open that format over it (QEMU's bdrv_open without a format)."""
+    filename = opts.pop("filename")
+    where = prefix[:-1] if prefix else "options"
+    proto = opts.pop("file", None)
+    if proto is None:
+        proto = {}
+    elif not isinstance(proto, dict):
+        raise OptionError(f"{where}: give either option '{prefix}filename' or a node name in '{prefix}file', "
+                          f"not both")
+    if "filename" in proto:
+        raise OptionError(f"{where}: option '{prefix}filename' and '{prefix}file.filename' given together")
+    proto = dict(proto, filename=filename)
+    from .options import parse_bool
+    inherit = dict(inherit or {})
+    ro = parse_bool(opts.get("read-only", inherit.get("read-only", False)), f"{where}: option '{prefix}read-only'")
+    child_inherit = {"read-only": ro, "discard": opts.get("discard", inherit.get("discard", "ignore"))}
+    if opts.get("cache", inherit.get("cache")) is not None:
+        child_inherit["cache"] = opts.get("cache", inherit.get("cache"))
+    pnode = open_node(proto, prefix=f"{prefix}file.", inherit=child_inherit, protocol=True)
+    try:
+        opts["driver"] = probe_node(pnode)
+        opts["file"] = pnode.name
+        return open_node(opts, prefix, inherit, probed=True)
+    except BaseException:
+        if not pnode.parents and not pnode.closed:
+            pnode.close()
+        raise
 
 
 def _known_drivers():
@@ -118,7 +196,11 @@ def open_child(parent, opts, key, role=None, required=True, read_only=None):
         return parent.attach_child(lookup_node_or_backend(value, where), role)
     if read_only is None:
         read_only = parent.read_only
-    child_node = open_node(value, prefix=parent.option_key(key) + ".", inherit=_inherited(parent, read_only))
+    # a bare "filename" names a protocol under a format (and under a filter standing where a protocol
+    # is expected), and an image to probe anywhere else (QEMU's BDRV_O_PROTOCOL inheritance)
+    protocol = role == "file" and (parent.drv.is_format or (parent.drv.is_filter and parent.opened_as_protocol))
+    child_node = open_node(value, prefix=parent.option_key(key) + ".", inherit=_inherited(parent, read_only),
+                           protocol=protocol)
     try:
         return parent.attach_child(child_node, role)
     except BaseException:
@@ -272,14 +354,39 @@ def open_backing_file(node, filename, fmt, relative_to):
                      inherit={"read-only": True, "discard": node.opts.get("discard", "ignore")})
 
 
+PROBE_SIZE = 512       # the bytes a format is probed from (QEMU's BLOCK_PROBE_BUF_SIZE)
+
+
+def format_of(header, filename=None):
+    """The format whose ``probe`` claims ``header`` most surely (QEMU's bdrv_probe_all), else ``"raw"``."""
+    best, best_score = "raw", 0
+    for name in _known_drivers():
+        try:
+            drv = get_driver(name)
+        except OptionError:
+            continue
+        if not drv.is_format or name == "raw":
+            continue
+        score = drv.probe(header, filename)
+        if score > best_score:
+            best, best_score = name, score
+    return best
+
+
+def probe_node(node):
+    """The format of the image held by the protocol ``node`` (its first sector probed)."""
+    n = min(PROBE_SIZE, node.length)
+    return format_of(node.pread(0, n) if n > 0 else b"", node.filename)
+
+
 def probe_format(path):
-    """``"qcow2"`` if the file starts with the qcow2 magic, else ``"raw"``."""
+    """The format of the image file at ``path``: ``"qcow2"`` if it starts with the qcow2 magic, else ``"raw"``."""
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            header = f.read(PROBE_SIZE)
     except OSError as e:
         raise BlockError(e.errno, f"could not probe '{path}': {e.strerror}", path) from None
-    return "qcow2" if magic == b"QFI\xfb" else "raw"
+    return format_of(header, path)
 
 
 # ------------------------------------------------------------ drain & reopen

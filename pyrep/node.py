@@ -142,6 +142,7 @@ class Node(RequestTracking):
         self.inactive = False
         self.closed = False
         self.monitor_owned = False      # added by blockdev_add: lives until blockdev_del
+        self.opened_as_protocol = False  # opened where a protocol is expected (a bare filename names one)
         self.filename = None            # set by protocol drivers (and inherited by formats)
         self.align = 1
         self.discard_unmap = opts.get("discard") in ("unmap", "on")

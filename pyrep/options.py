@@ -95,8 +95,8 @@ class Opt:
         """The value converted to this option's type; ``where`` names driver and key for errors."""
         t = self.type
         if t == "string":
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                return str(value)
+            if isinstance(value, str):      # as QAPI: 123 is not a filename, and saying so beats guessing
+                return value
         elif t == "bool":
             return parse_bool(value, where)
         elif t == "number":

@@ -65,6 +65,10 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         Opt("lazy_refcounts", "bool", default=False, help="set the lazy refcounts compatible bit"),
     )
 
+    @classmethod
+    def probe(cls, header, filename=None):
+        return 100 if header[:4] == F.MAGIC else 0
+
     # ================================================================ open / close
     def open(self, opts):
         self._closed = True          # until open succeeds: close() must not flush anything
