@@ -175,11 +175,12 @@ def _fail(req, err, msg):
 
 # ---------------------------------------------------------------- connection
 class _Conn:
-    """One negotiated socket and its reader thread."""
+    """One negotiated connection and its reader thread. ``sock`` is the socket; ``io`` carries the
+    bytes: the socket itself, or a :class:`_TlsChannel` over it."""
 
-    def __init__(self, sock, info):
-        self.sock, self.info = sock, info
-        self.tls = isinstance(sock, ssl.SSLSocket)
+    def __init__(self, sock, io, info):
+        self.sock, self.io, self.info = sock, io, info
+        self.tls = io is not sock
         self.reader = None
         self.broken = False
 
@@ -187,11 +188,11 @@ class _Conn:
         """Send a request's header and payload (the caller holds the send lock)."""
         head = pack_request(req.cmd, req.cookie, req.offset, req.length, req.flags)
         if req.payload is None:
-            self.sock.sendall(head)
+            self.io.sendall(head)
         elif self.tls:
-            self.sock.sendall(head)
+            self.io.sendall(head)
             for b in req.payload:
-                self.sock.sendall(b)
+                self.io.sendall(b)
         else:
             _sendmsg_all(self.sock, [head] + req.payload)
 
@@ -209,6 +210,79 @@ class _Conn:
             self.sock.close()
         except OSError:
             pass
+
+
+class _TlsChannel:
+    """TLS over a plain socket, the TLS state in memory (``ssl.MemoryBIO``), so that one thread can
+    receive while others send: OpenSSL forbids two threads in one connection at once, which an
+    ``ssl.SSLSocket`` read by the reader thread and written by callers would do.
+
+    Every use of the ``SSLObject`` holds ``lock``; socket reads and writes happen outside it.
+    Ciphertext leaves in the order it was made: senders hold ``send_lock`` (the client's) from
+    encrypting to writing, and the reader takes it before writing what a read produced (TLS 1.3
+    answers some records, such as key updates, by itself)."""
+
+    def __init__(self, sock, context, hostname, send_lock):
+        self.sock = sock
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_hostname=hostname)
+        self.lock = threading.Lock()
+        self.send_lock = send_lock
+
+    def _feed(self):
+        data = self.sock.recv(_RECV_BUF)
+        if not data:
+            raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection during TLS")
+        with self.lock:
+            self._in.write(data)
+
+    def handshake(self):
+        """The TLS handshake (blocking; the socket's timeout bounds it)."""
+        while True:
+            try:
+                with self.lock:
+                    self._tls.do_handshake()
+                    out = self._out.read()
+                self.sock.sendall(out)
+                return
+            except ssl.SSLWantReadError:
+                with self.lock:
+                    out = self._out.read()
+                if out:
+                    self.sock.sendall(out)
+                self._feed()
+
+    def sendall(self, data):
+        """Encrypt and send (the caller holds ``send_lock``, or is alone during the negotiation)."""
+        with self.lock:
+            self._tls.write(data)
+            out = self._out.read()
+        self.sock.sendall(out)
+
+    def recv_into(self, mv):
+        """Decrypt into ``mv``; the byte count (0 at the end of the stream)."""
+        while True:
+            with self.lock:
+                try:
+                    n = self._tls.read(len(mv), mv)
+                except ssl.SSLWantReadError:
+                    n = None
+                except ssl.SSLZeroReturnError:
+                    return 0
+                answer = self._out.pending
+            if answer:
+                with self.send_lock, self.lock:
+                    out = self._out.read()
+                    if out:
+                        self.sock.sendall(out)
+            if n is not None:
+                return n
+            self._feed()
+
+    def recv(self, n):
+        buf = bytearray(n)
+        k = self.recv_into(memoryview(buf))
+        return bytes(buf[:k])
 
 
 def _sendmsg_all(sock, bufs):
@@ -378,7 +452,7 @@ class NbdClient:
         sock = self.address.connect(timeout)
         try:
             sock.settimeout(timeout)
-            sock, info = self._negotiate(sock)
+            io, info = self._negotiate(sock)
             sock.settimeout(None)
         except ProtocolError as e:
             sock.close()
@@ -389,13 +463,13 @@ class NbdClient:
         except BaseException:
             sock.close()
             raise
-        return _Conn(sock, info)
+        return _Conn(sock, io, info)
 
     def _negotiate(self, sock):
         """Run the client side of the negotiation over ``sock`` (fixed newstyle; STARTTLS first when
         TLS is configured; structured replies and ``base:allocation`` when the server has them; GO,
-        or EXPORT_NAME for servers without GO). Returns ``(socket, ExportInfo)``: the socket is the
-        TLS one when TLS was started."""
+        or EXPORT_NAME for servers without GO). Returns ``(io, ExportInfo)``: ``io`` carries the
+        transmission's bytes, ``sock`` itself or the TLS channel over it."""
         from . import handshake as H     # sans-I/O, shared with the server
 
         hs = H.Handshake(H.CLIENT)
@@ -429,7 +503,8 @@ class NbdClient:
             ev = event()
             if isinstance(ev, H.OptionError):
                 raise refused(ev, "STARTTLS")
-            sock = self.tls.wrap_socket(sock, server_hostname=self.tls_hostname)
+            sock = _TlsChannel(sock, self.tls, self.tls_hostname, self._send_lock)
+            sock.handshake()
             hs.tls_established()
         send(H.StructuredReply())
         ev = event()
@@ -587,7 +662,7 @@ class NbdClient:
             self._move("closed")
             if conn is not None:
                 try:
-                    conn.sock.sendall(pack_request(proto.CMD_DISC, 0, 0, 0))
+                    conn.io.sendall(pack_request(proto.CMD_DISC, 0, 0, 0))
                 except OSError:
                     pass
             self._fail_all(errno.EIO, f"{self._where()}: the client was closed")
@@ -725,7 +800,7 @@ class NbdClient:
     # ---------------------------------------------------------- reader
     def _read_loop(self, conn):
         """The reader thread of ``conn``: receive replies until the connection ends."""
-        rx = _Receiver(conn.sock)
+        rx = _Receiver(conn.io)
         inflight = self._inflight
         try:
             while True:
@@ -817,12 +892,15 @@ class NbdClient:
 
 # ---------------------------------------------------------------------- TLS
 def tls_client_context(creds_id, where="nbd: option 'tls-creds'"):
-    """An ``ssl.SSLContext`` for the client from the ``tls-creds-x509`` object ``creds_id``: it trusts
-    the object's ``ca-cert.pem``, presents ``client-cert.pem``/``client-key.pem`` when present and
-    checks the server's name."""
-    from pyrep import objects
-    creds = objects.get_object(creds_id, "tls-creds-x509", where)
+    """An ``ssl.SSLContext`` for the client from the ``tls-creds-x509`` object ``creds_id``
+    (``pyrep.object_add``): it trusts the object's ``ca-cert.pem`` and presents ``client-cert.pem``
+    when the directory has one; the caller checks the server's name against ``tls-hostname``."""
+    from pyrep.objects import lookup_object
+    try:
+        creds = lookup_object(creds_id, "tls-creds-x509")
+    except OptionError as e:
+        raise OptionError(f"{where}: {e}") from None
     if creds.endpoint != "client":
-        raise OptionError(f"{where}: object '{creds_id}' has endpoint '{creds.endpoint}', the nbd driver "
+        raise OptionError(f"{where}: object '{creds_id}' has endpoint '{creds.endpoint}'; the nbd driver "
                           f"needs endpoint=client")
-    return creds.client_context()
+    return creds.ssl_context()
