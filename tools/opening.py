@@ -13,6 +13,7 @@ qemu-img's messages reads ours.
 """
 import errno
 import os
+import re
 
 import pyrep
 from pyrep._core.registry import drivers, get_driver
@@ -21,7 +22,7 @@ from pyrep.graph import probe_format
 from pyrep.options import normalize
 
 QCOW2_MAGIC = b"QFI\xfb"
-URI_SCHEMES = ("nbd", "nbd+tcp", "nbd+unix")    # filenames that name a protocol, not a local file
+_URI = re.compile(r"^([a-z][a-z0-9+.-]*)://")   # a filename that names a protocol, not a local file
 
 
 def formats():
@@ -42,8 +43,16 @@ def driver_of(name, template="Unknown driver '{name}'"):
 
 
 def is_uri(name):
-    scheme, sep, _ = name.partition("://")
-    return bool(sep) and scheme in URI_SCHEMES
+    return _URI.match(name) is not None
+
+
+def protocol_of(uri):
+    """The driver whose ``protocol_schemes`` holds the URI's scheme (QEMU: "Unknown protocol")."""
+    scheme = _URI.match(uri).group(1)
+    for name in drivers():
+        if scheme in (getattr(get_driver(name), "protocol_schemes", None) or ()):
+            return name
+    raise Error(f"Unknown protocol '{scheme}'")
 
 
 def is_local(name):
@@ -62,8 +71,10 @@ def _probe(file_opts):
 
 
 def _file_child(name, force_share):
-    f = {"filename": name} if is_uri(name) else {"driver": "file", "filename": name}
-    if force_share and not is_uri(name):
+    if is_uri(name):
+        return {"driver": protocol_of(name), "filename": name}
+    f = {"driver": "file", "filename": name}
+    if force_share:
         f["locking"] = "off"
     return f
 
@@ -78,8 +89,9 @@ def image_options(name, fmt=None, image_opts=False, backing=True, read_only=True
         opts = normalize(name)
         child = opts.get("file")
         if isinstance(child, dict) and "driver" not in child and isinstance(child.get("filename"), str) \
-                and is_local(child["filename"]):
-            child["driver"] = "file"    # QEMU's bdrv_open: a filename without a driver is a local file
+                and not child["filename"].startswith("json:"):
+            # QEMU's bdrv_open: a filename without a driver names its protocol (a URI) or a local file
+            child["driver"] = protocol_of(child["filename"]) if is_uri(child["filename"]) else "file"
         if "driver" not in opts:
             if fmt is None:
                 child = opts.get("file")

@@ -3,7 +3,7 @@ import os
 
 from pyrep.errors import Error
 
-from ..opening import is_local, open_image
+from ..opening import is_local, is_uri, open_image
 from . import args
 from .common import jdump, size_to_str
 from .image import full_backing_name
@@ -62,7 +62,10 @@ def image_info(name, fmt=None, force_share=False, image_opts=False):
             info["format-specific"] = spec
         bname = extra.get("backing-filename")
         if bname:
-            info["full-backing-filename"] = extra.get("full-backing-filename") or full_backing_name(filename, bname)
+            if not is_uri(filename) or os.path.isabs(bname) or is_uri(bname):
+                full = extra.get("full-backing-filename") or full_backing_name(filename, bname)
+                info["full-backing-filename"] = full
+            # else: a relative name beside a URI has no directory to be relative to (as qemu-img)
             info["backing-filename"] = bname
         info["dirty-flag"] = bool(extra.get("dirty-flag", extra.get("dirty", False)))
         return info
@@ -114,7 +117,9 @@ def dump_human_info(info):
     if "backing-filename" in info:
         line = f"backing file: {info['backing-filename']}"
         full = info.get("full-backing-filename")
-        if full and full != info["backing-filename"]:
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
             line += f" (actual path: {full})"
         print(line)
         if "backing-filename-format" in info:
