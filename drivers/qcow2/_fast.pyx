@@ -725,7 +725,7 @@ cdef class Qcow2Core:
         cdef array l1 = m.l1
         cdef bint partial = in_off != 0 or tail_len != 0
         cdef set inflight = m.inflight
-        cdef bint cow = False
+        cdef bint cow = False, committed
         cdef char *cbuf
         cdef IOVector src, wv
         if (last >> self._l2_bits) != l1i or r is None or r.table is None:
@@ -770,6 +770,7 @@ cdef class Qcow2Core:
                 inflight.add(cidx + j)
         finally:
             lock.release()
+        committed = False
         try:
             if cow and self._cow_write(cidx << cb, host, in_off, length, <IOVector>iov):
                 in_off = 0
@@ -807,9 +808,12 @@ cdef class Qcow2Core:
                 for j in range(k):
                     (<array>tab).data.as_ulonglongs[l2i + j] = <uint64_t>(host + j * cs) | CP
                 m.l2.dirty.add(toff)
+                committed = True
             finally:
                 lock.release()
         finally:
+            if not committed:       # the write failed: nothing points to the new clusters
+                (<object>r).give_back(host, k * cs)
             lock.acquire()
             try:
                 for j in range(k):

@@ -226,6 +226,7 @@ class Clusters(ClusterCore):
         cidx, k, n, host, olds, known_zero = plan
         img = self.img
         cs = self.cluster_size
+        committed = False
         try:
             head = tail = None
             tail_len = k * cs - in_off - n
@@ -239,6 +240,7 @@ class Clusters(ClusterCore):
                 if img.meta_overlap(host, k * cs) or host < cs:
                     raise img.corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
                 img._file_pwritev(host + in_off, n, iov.slice(done, n) if done or n != iov.size else iov)
+                committed = True
                 self.commit_alloc(cidx, k, host, olds, host + in_off + n)
                 return
             v = IOVector()
@@ -258,8 +260,11 @@ class Clusters(ClusterCore):
             if img.meta_overlap(host, k * cs) or host < cs:
                 raise img.corrupt(f"newly allocated cluster {host:#x} overlaps metadata")
             img._file_pwritev(start, total, v)
+            committed = True
             self.commit_alloc(cidx, k, host, olds, start + total)
         finally:
+            if not committed:           # the write failed: nothing points to the new clusters
+                self.refs.give_back(host, k * cs)
             self.end_inflight(cidx, k)
 
     def commit_alloc(self, cidx, k, host, olds, end):

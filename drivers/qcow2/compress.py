@@ -100,7 +100,7 @@ class Compressed:
                 img.file.pwrite(host, comp + bytes(nbytes - len(comp)))
                 self.forget()       # the new entry may equal a freed one's
             except BaseException:
-                refs.unalloc_bytes(host, nbytes)   # give the space back (a leak at worst if this fails too)
+                refs.give_back(host, nbytes)
                 raise
             refs.note_written(end)
             with m.lock:

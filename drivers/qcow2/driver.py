@@ -547,11 +547,16 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
                 new_l1 = array("Q", m.l1) + array("Q", [0]) * (need - len(m.l1))
                 nclus = -(-need * 8 // cs)
                 off = refs.alloc_clusters(nclus)
-                with refs.lock:
-                    refs.write_back()
-                self.file.pwrite(off, F.array_to_be64(new_l1) + bytes(nclus * cs - need * 8))
-                refs.note_written(off + nclus * cs)
-                self.file.flush()
+                try:
+                    with refs.lock:
+                        refs.write_back()
+                    self.file.pwrite(off, F.array_to_be64(new_l1) + bytes(nclus * cs - need * 8))
+                    refs.note_written(off + nclus * cs)
+                    self.file.flush()
+                except BaseException:
+                    refs.give_back(off, nclus * cs)     # the header still names the old table
+                    raise
+                # from here the header may name the new table (a failure leaks the old one at worst)
                 self.file.pwrite(36, need.to_bytes(4, "big") + off.to_bytes(8, "big"))
                 self.file.flush()
                 old_off, old_n = m.l1_offset, len(m.l1)

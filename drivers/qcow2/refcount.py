@@ -227,11 +227,9 @@ class Refcounts(RefcountCore):
                             break
                         if not (self.table[c >> self.block_bits] & REFT_OFFSET_MASK) or self.get(c):
                             ok = False
-                if ok:
-                    rc = self.get(first)
-                    if rc >= self.max:
-                        raise BlockError(errno.EMLINK, f"qcow2: refcount overflow for host cluster "
-                                                       f"{first << cb:#x} (image {self.img.filename})")
+                rc = self.get(first)
+                if ok and rc < self.max:
+                    # (a full refcount, e.g. with refcount_bits=1, starts a new host cluster instead)
                     self.set(first, rc + 1)
                     for c in range(first + 1, last + 1):
                         self.set(c, 1)
@@ -245,8 +243,10 @@ class Refcounts(RefcountCore):
             self.free_byte_offset = host + nbytes
             return host
 
-    def unalloc_bytes(self, host, nbytes):
-        """Give back what :meth:`alloc_bytes` just returned and nothing used (freed at the next flush)."""
+    def give_back(self, host, nbytes):
+        """Give back host bytes [host, host+nbytes) that :meth:`alloc_clusters` or :meth:`alloc_bytes`
+        reserved for a write that failed before anything pointed to them: their refcounts drop at the
+        next flush, like any free (data of that write may still be landing there until then)."""
         with self.lock:
             self.pending.append((host, nbytes))
             if self.free_byte_offset == host + nbytes:
