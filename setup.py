@@ -27,8 +27,8 @@ sources = sorted(glob.glob(os.path.join("pyrep", "_core", "*.pyx")) +
 extensions = [Extension(_module_name(path), [path], extra_compile_args=["-O2"]) for path in sources]
 
 setup(
-    packages=["pyrep", "pyrep._core", "pyrep.drivers", "pyrep.drivers.qcow2", "pyrep.tools", "pyrep.tools.img", "pyrep.tools.io",
-              "pyrep.jobs", "pyrep.nbd"],
+    packages=["pyrep", "pyrep._core", "pyrep.drivers", "pyrep.drivers.qcow2", "pyrep.tools", "pyrep.tools.img",
+              "pyrep.tools.io", "pyrep.jobs", "pyrep.nbd", "pyrep.qmp", "pyrep.qmp.commands"],
     package_dir={"pyrep": "pyrep", "pyrep.drivers": "drivers", "pyrep.tools": "tools"},
     package_data={"pyrep._core": ["*.pxd", "*.pyx"], "pyrep.nbd": ["*.pxd", "*.pyx"], "pyrep.drivers.qcow2": ["*.pxd", "*.pyx"]},
     ext_modules=cythonize(

@@ -12,36 +12,215 @@
     node = "base0"
     read-only = false            # optional; also share-rw, perm, shared
 
-Relative filenames are resolved against the config file's directory. Every
+The tables of a long-running process (``pyrep-storage-daemon --config``) take
+the keys of the daemon's command-line options (qemu-storage-daemon's)::
+
+    [[object]]                   # --object tls-creds-x509,id=tls0,dir=pki,endpoint=server
+    qom-type = "tls-creds-x509"
+    id = "tls0"
+    dir = "pki"
+    endpoint = "server"
+
+    [nbd-server]                 # --nbd-server addr.type=unix,addr.path=nbd.sock[,tls-creds=..][,max-connections=..]
+    addr = { type = "unix", path = "nbd.sock" }      # or { type = "inet", host = "0.0.0.0", port = "10809" }
+
+    [[export]]                   # --export type=nbd,id=e0,node-name=base0,name=disk,writable=on
+    type = "nbd"
+    id = "e0"
+    node-name = "base0"
+    name = "disk"
+    writable = true
+
+    [[monitor]]                  # --chardev socket,id=m0,path=qmp.sock,server=on,wait=off --monitor chardev=m0
+    id = "m0"
+    path = "qmp.sock"            # or host = "127.0.0.1" and port = "4444"
+    pretty = false
+
+    [replication]                # xen-set-replication enable=true primary=false, once everything is up
+    enable = true
+    primary = false
+
+They are applied in that order: objects, nodes, backends, monitors, NBD
+server, exports, replication. Relative filenames and socket paths (and an
+object's ``dir``) are resolved against the config file's directory. Every
 error names the file and the key path (``graph.toml: blockdev[1].file.filename``).
 """
 import os
 
 from .errors import Error, OptionError
+from .options import Opt
 
-__all__ = ["load_config", "Graph"]
+__all__ = ["load_config", "Graph", "SERVICE_SCHEMAS", "check_service", "apply_service"]
 
 _BACKEND_KEYS = {"name", "node", "read-only", "share-rw", "perm", "shared"}
-_TOP_KEYS = {"blockdev", "backend"}
+_TOP_KEYS = ("object", "blockdev", "backend", "monitor", "nbd-server", "export", "replication")
+
+# the keys of each service table: the same as the daemon's command-line options
+SERVICE_SCHEMAS = {
+    "nbd-server": (Opt("addr", "any", required=True), Opt("tls-creds", "string"), Opt("tls-authz", "string"),
+                   Opt("max-connections", "number", default=0, min=0)),
+    "export": (Opt("type", "enum", required=True, choices=("nbd",)), Opt("id", "string", required=True),
+               Opt("node-name", "string", required=True), Opt("name", "string"),
+               Opt("writable", "bool", default=False), Opt("description", "string"),
+               Opt("writethrough", "bool", default=False)),
+    "monitor": (Opt("id", "string"), Opt("path", "string"), Opt("host", "string"), Opt("port", "string"),
+                Opt("server", "bool", default=True), Opt("wait", "bool", default=False),
+                Opt("pretty", "bool", default=False), Opt("mode", "enum", default="control", choices=("control",))),
+    "replication": (Opt("enable", "bool", required=True), Opt("primary", "bool", required=True),
+                    Opt("failover", "bool", default=False)),
+    "object": (Opt("qom-type", "string", required=True), Opt("id", "string", required=True)),
+}
+
+
+def check_service(kind, spec, where):
+    """``spec`` (a dict) checked against ``SERVICE_SCHEMAS[kind]``, values converted, defaults filled in;
+    an ``object`` keeps its type-specific properties unchecked (the object's type checks them)."""
+    if not isinstance(spec, dict):
+        raise OptionError(f"{where}: expected a table of {kind} options")
+    schema = {o.name: o for o in SERVICE_SCHEMAS[kind]}
+    out = {}
+    for key, value in spec.items():
+        opt = schema.get(key)
+        if opt is None:
+            if kind == "object":
+                out[key] = value
+                continue
+            raise OptionError(f"{where}: unknown key '{key}' (keys of {kind}: {', '.join(schema)})")
+        out[key] = opt.convert(value, f"{where}: key '{key}'")
+    for opt in schema.values():
+        if opt.name not in out:
+            if opt.required:
+                raise OptionError(f"{where}: key '{opt.name}' is required ({opt.expected()})")
+            if opt.default is not None:
+                out[opt.name] = opt.default
+    if kind == "nbd-server":
+        from .qmp.server import socket_address
+        out["addr"] = _flat_address(out["addr"], where)
+        socket_address(out["addr"], where, "addr")
+    elif kind == "monitor":
+        if not out["server"]:
+            raise OptionError(f"{where}: only server=on sockets can carry a monitor")
+        if "path" in out and ("host" in out or "port" in out):
+            raise OptionError(f"{where}: give either 'path' or 'host' and 'port'")
+        if "path" not in out and not ("host" in out and "port" in out):
+            raise OptionError(f"{where}: 'path' (a Unix socket) or 'host' and 'port' (TCP) is required")
+    return out
+
+
+def _flat_address(addr, where):
+    """A SocketAddress dict (values as strings, as QEMU's QAPI has them)."""
+    if not isinstance(addr, dict):
+        raise OptionError(f"{where}: key 'addr' must be a table such as {{type = \"unix\", path = \"nbd.sock\"}}")
+    return {k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in addr.items()}
+
+
+def apply_service(graph, kind, spec, qmp=None):
+    """Start what a checked service spec describes, recording it in ``graph`` so that
+    :meth:`Graph.close` undoes it. ``qmp`` is the QMPServer that monitors join and whose
+    export table lists exports (a new one is made for the first monitor if None)."""
+    import pyrep
+    if kind == "object":
+        props = {k: v for k, v in spec.items() if k not in ("qom-type", "id")}
+        _need(pyrep, "object_add")(spec["qom-type"], id=spec["id"], **props)
+        graph.objects.append(spec["id"])
+    elif kind == "monitor":
+        if qmp is None:
+            qmp = graph.qmp
+        if qmp is None:
+            from .qmp import QMPServer
+            qmp = graph.qmp = QMPServer()
+            graph.owns_qmp = True
+        addr = ({"type": "unix", "path": spec["path"]} if "path" in spec
+                else {"type": "inet", "host": spec["host"], "port": spec["port"]})
+        key = qmp.add_listener(addr, id=spec.get("id"), pretty=spec["pretty"], wait=spec["wait"])
+        graph.monitors.append((qmp, key))
+    elif kind == "nbd-server":
+        _need(pyrep, "nbd_server_start")(spec["addr"], tls_creds=spec.get("tls-creds"),
+                                         max_connections=spec["max-connections"])
+        graph.nbd_server = True
+    elif kind == "export":
+        qmp = qmp if qmp is not None else graph.qmp
+        if qmp is not None:
+            from .qmp.commands.exports import exports
+            exports(qmp).add(spec["id"], spec["node-name"], name=spec.get("name"), writable=spec["writable"],
+                             description=spec.get("description"))
+            graph.exports.append((qmp, spec["id"], None))
+        else:
+            name = spec.get("name", spec["node-name"])
+            _need(pyrep, "export_add")(spec["node-name"], name=name, writable=spec["writable"],
+                                       description=spec.get("description"))
+            graph.exports.append((None, spec["id"], name))
+    elif kind == "replication":
+        mode = "primary" if spec["primary"] else "secondary"
+        if spec["enable"]:
+            if spec["failover"]:
+                raise OptionError("replication: 'failover' is only for stopping replication")
+            pyrep.replication.start_all(mode)
+    else:
+        raise OptionError(f"unknown service kind {kind!r}")
+
+
+def _need(pyrep, name):
+    fn = getattr(pyrep, name, None)
+    if fn is None:
+        raise OptionError(f"this pyrep has no {name.replace('_', ' ')} (pyrep.{name} is missing)")
+    return fn
 
 
 class Graph:
-    """What a config file built: ``nodes`` (name → Node) and ``backends`` (name → BlockBackend)."""
+    """What a config file built: ``nodes`` (name → Node), ``backends`` (name → BlockBackend),
+    and the services: ``objects``, ``monitors``, ``exports``, ``nbd_server``, ``qmp``."""
 
     def __init__(self, path):
         self.path = path
         self.nodes = {}
         self.backends = {}
+        self.objects = []
+        self.monitors = []         # (QMPServer, listener id)
+        self.exports = []          # (QMPServer or None, id, wire name)
+        self.nbd_server = False
+        self.qmp = None
+        self.owns_qmp = False
 
     def close(self):
-        """Close the backends and delete the nodes this config made (in reverse order)."""
+        """Undo what this config made, in reverse order: exports, the NBD server, monitors,
+        backends, nodes, objects."""
+        import pyrep
         from .graph import blockdev_del
+        for qmp, export_id, name in reversed(self.exports):
+            try:
+                if qmp is not None:
+                    from .qmp.commands.exports import exports
+                    exports(qmp).delete(export_id)
+                else:
+                    pyrep.export_del(name)
+            except Error:
+                pass            # already gone (deleted over QMP, or with its server)
+        self.exports = []
+        if self.nbd_server:
+            try:
+                pyrep.nbd_server_stop()
+            except Error:
+                pass
+            self.nbd_server = False
+        for qmp, key in reversed(self.monitors):
+            qmp.remove_listener(key)
+        self.monitors = []
+        if self.owns_qmp and self.qmp is not None:
+            self.qmp.close()
+            self.qmp, self.owns_qmp = None, False
         for blk in reversed(list(self.backends.values())):
             blk.close()
         for name in reversed(list(self.nodes)):
             node = self.nodes[name]
             if not node.closed and not node.parents and node.monitor_owned:
                 blockdev_del(name)
+        for obj in reversed(self.objects):
+            try:
+                pyrep.object_del(obj)
+            except (AttributeError, Error):
+                pass
+        self.objects = []
 
     def __enter__(self):
         return self
@@ -97,55 +276,92 @@ def _resolve_filenames(opts, base):
     return opts
 
 
-def load_config(path):
-    """Build the nodes and backends a TOML/JSON file describes; returns a :class:`Graph`.
+def load_config(path, qmp=None):
+    """Build what a TOML/JSON file describes; returns a :class:`Graph`.
 
-    On an error, whatever the file had built so far is closed again."""
-    from .backend import open_backend
-    from .graph import lookup
-    from .graph import blockdev_add
+    ``qmp``: the :class:`pyrep.qmp.QMPServer` that the file's monitors join (by
+    default the first monitor makes one, closed with the Graph). On an error,
+    whatever the file had built so far is closed again."""
     path = os.fspath(path)
     data = _read(path)
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(data) - _TOP_KEYS
+    unknown = set(data) - set(_TOP_KEYS)
     if unknown:
-        raise OptionError(f"{path}: unknown top-level key '{sorted(unknown)[0]}' (expected: blockdev, backend)")
+        raise OptionError(f"{path}: unknown top-level key '{sorted(unknown)[0]}' (expected: {', '.join(_TOP_KEYS)})")
     graph = Graph(path)
     try:
-        for i, spec in enumerate(_as_list(data.get("blockdev", []), path, "blockdev")):
-            where = f"{path}: blockdev[{i}]"
-            if not isinstance(spec, dict):
-                raise OptionError(f"{where}: expected a table of node options")
-            try:
-                node = blockdev_add(_resolve_filenames(spec, base))
-            except Error as e:
-                raise _reworded(e, where) from None
-            graph.nodes[node.name] = node
-        for i, spec in enumerate(_as_list(data.get("backend", []), path, "backend")):
-            where = f"{path}: backend[{i}]"
-            if not isinstance(spec, dict):
-                raise OptionError(f"{where}: expected a table with 'name' and 'node'")
-            bad = set(spec) - _BACKEND_KEYS
-            if bad:
-                raise OptionError(f"{where}: unknown key '{sorted(bad)[0]}' (expected: {', '.join(sorted(_BACKEND_KEYS))})")
-            if "node" not in spec:
-                raise OptionError(f"{where}: 'node' is required (the node-name of the backend's root)")
-            node = spec["node"]
-            try:
-                if isinstance(node, dict):
-                    node = _resolve_filenames(node, base)
-                elif isinstance(node, str):
-                    node = lookup(node)         # a node of this file or of the process, never a file
-                blk = open_backend(node, name=spec.get("name"), read_only=bool(spec.get("read-only", False)),
-                                   perm=spec.get("perm"), shared=spec.get("shared"),
-                                   share_rw=bool(spec.get("share-rw", False)))
-            except Error as e:
-                raise _reworded(e, where) from None
-            graph.backends[blk.name or f"#backend{i}"] = blk
+        for kind in _TOP_KEYS:
+            if kind not in data:
+                continue
+            items = _as_list(data[kind], path, kind) if kind not in ("nbd-server", "replication") else [data[kind]]
+            if kind in ("nbd-server", "replication") and not isinstance(data[kind], dict):
+                raise OptionError(f"{path}: '{kind}' must be one table")
+            for i, spec in enumerate(items):
+                where = f"{path}: {kind}" + ("" if kind in ("nbd-server", "replication") else f"[{i}]")
+                add_item(graph, kind, spec, where, base, qmp)
     except BaseException:
         graph.close()
         raise
     return graph
+
+
+def add_item(graph, kind, spec, where, base, qmp=None):
+    """Apply one table (``kind`` one of the top-level keys) to ``graph``; errors name ``where``.
+    ``base``: the directory relative paths are resolved against (None: leave them)."""
+    from .backend import open_backend
+    from .graph import blockdev_add, lookup
+    if kind == "blockdev":
+        if not isinstance(spec, dict):
+            raise OptionError(f"{where}: expected a table of node options")
+        try:
+            node = blockdev_add(_resolve_filenames(spec, base) if base else spec)
+        except Error as e:
+            raise _reworded(e, where) from None
+        graph.nodes[node.name] = node
+        return
+    if kind == "backend":
+        if not isinstance(spec, dict):
+            raise OptionError(f"{where}: expected a table with 'name' and 'node'")
+        bad = set(spec) - _BACKEND_KEYS
+        if bad:
+            raise OptionError(f"{where}: unknown key '{sorted(bad)[0]}' (expected: {', '.join(sorted(_BACKEND_KEYS))})")
+        if "node" not in spec:
+            raise OptionError(f"{where}: 'node' is required (the node-name of the backend's root)")
+        node = spec["node"]
+        try:
+            if isinstance(node, dict) and base:
+                node = _resolve_filenames(node, base)
+            elif isinstance(node, str):
+                node = lookup(node)         # a node of this file or of the process, never a file
+            blk = open_backend(node, name=spec.get("name"), read_only=bool(spec.get("read-only", False)),
+                               perm=spec.get("perm"), shared=spec.get("shared"),
+                               share_rw=bool(spec.get("share-rw", False)))
+        except Error as e:
+            raise _reworded(e, where) from None
+        graph.backends[blk.name or f"#backend{len(graph.backends)}"] = blk
+        return
+    spec = check_service(kind, spec, where)
+    if base:
+        spec = _resolve_paths(kind, spec, base)
+    try:
+        apply_service(graph, kind, spec, qmp)
+    except Error as e:
+        raise _reworded(e, where) from None
+    except OSError as e:
+        raise OptionError(f"{where}: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else "")) from None
+
+
+def _resolve_paths(kind, spec, base):
+    def absolute(p):
+        return p if os.path.isabs(p) else os.path.join(base, p)
+    spec = dict(spec)
+    if kind == "monitor" and "path" in spec:
+        spec["path"] = absolute(spec["path"])
+    elif kind == "nbd-server" and spec["addr"].get("type", "unix") == "unix" and "path" in spec["addr"]:
+        spec["addr"] = dict(spec["addr"], path=absolute(spec["addr"]["path"]))
+    elif kind == "object" and isinstance(spec.get("dir"), str):
+        spec["dir"] = absolute(spec["dir"])
+    return spec
 
 
 def _reworded(e, where):

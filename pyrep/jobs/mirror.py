@@ -2,7 +2,9 @@
 
 The job marks every range written to the source in a dirty bitmap (a write
 notifier on the source; :class:`pyrep.Bitmap`), starting from "everything"
-(``sync="full"``) or "what the source's top layer holds" (``sync="top"``).
+(``sync="full"``), "what the source's top layer holds" (``sync="top"``) or
+"nothing" (``sync="none"``: only writes from now on, for a target that already
+holds the source's data).
 It copies dirty ranges in chunks (up to 1 MiB): it clears the range's bits,
 waits for writes to the source still in flight over it (the source has
 request tracking on while the job runs), reads the source and writes the
@@ -49,8 +51,8 @@ class MirrorJob(Job):
 
     def __init__(self, source, target, sync="full", job_id=None, on_error="report", on_complete=None,
                  granularity=GRANULARITY):
-        if sync not in ("full", "top"):
-            raise OptionError(f"mirror: sync must be 'full' or 'top', got {sync!r}")
+        if sync not in ("full", "top", "none"):
+            raise OptionError(f"mirror: sync must be 'full', 'top' or 'none', got {sync!r}")
         source, target = resolve_pair("mirror", source, target)
         source.check_op("mirror-source")
         target.check_op("mirror-target")
@@ -120,6 +122,8 @@ class MirrorJob(Job):
         if self.sync == "full":
             with self._dlock:
                 self._dirty.set_all()
+            return
+        if self.sync == "none":        # only what is written from now on (the target already agrees)
             return
         self.mark_allocated(self._dirty, self._dlock, lambda pos, n: is_allocated(self.source, pos, n))
 

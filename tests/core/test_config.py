@@ -100,7 +100,16 @@ def test_the_example_secondary_config_starts_replication(tmp_path):
     g.close()
 
 
-def test_unsupported_sections_are_refused(tmp_path):
+def test_unknown_sections_and_keys_are_refused(tmp_path):
+    (tmp_path / "g.toml").write_text('[[exports]]\nnode = "x"\n')
+    with pytest.raises(pyrep.OptionError, match="unknown top-level key 'exports'"):
+        pyrep.load_config(tmp_path / "g.toml")
     (tmp_path / "g.toml").write_text('[[export]]\nnode = "x"\n')
-    with pytest.raises(pyrep.OptionError, match="unknown top-level key 'export'"):
+    with pytest.raises(pyrep.OptionError, match=r"export\[0\]: unknown key 'node'"):
+        pyrep.load_config(tmp_path / "g.toml")
+    (tmp_path / "g.toml").write_text('[[monitor]]\nid = "m0"\n')
+    with pytest.raises(pyrep.OptionError, match=r"monitor\[0\]: 'path' \(a Unix socket\) or 'host' and 'port'"):
+        pyrep.load_config(tmp_path / "g.toml")
+    (tmp_path / "g.toml").write_text('[replication]\nenable = "maybe"\nprimary = false\n')
+    with pytest.raises(pyrep.OptionError, match=r"replication: key 'enable'"):
         pyrep.load_config(tmp_path / "g.toml")

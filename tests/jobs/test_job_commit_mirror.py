@@ -299,3 +299,21 @@ def test_mirror_top_and_wait_all(tmp_path):
     job.complete()
     assert pyrep.jobs.wait_all(10) and job.error is None
     assert blk.node.name == "tgt" and blk.pread(0, SIZE) == b"b" * (3 * CS) + b"t" * 100 + b"b" * (SIZE - 3 * CS - 100)
+
+
+def test_mirror_sync_none_copies_only_new_writes():
+    src = pyrep.open_backend({"driver": "memory", "size": "4M", "node-name": "mn_src"}, share_rw=True)
+    dst = pyrep.blockdev_add({"driver": "memory", "size": "4M", "node-name": "mn_dst"})
+    src.pwrite(0, b"old" * 1000)
+    job = pyrep.jobs.mirror(src.node, dst, sync="none")
+    src.pwrite(1 << 20, b"new" * 1000)
+    deadline = time.monotonic() + 30
+    while job.status != "ready" or job.progress[0] != job.progress[1]:
+        assert time.monotonic() < deadline, "mirror never became ready"
+        time.sleep(0.01)
+    job.complete()
+    assert job.wait(30) and job.error is None
+    assert src.node is dst                              # pivoted
+    assert dst.pread(1 << 20, 3000) == b"new" * 1000    # the write after the start was copied
+    assert dst.pread(0, 3000) == bytes(3000)            # what was there before was not
+    src.close()
