@@ -116,55 +116,40 @@ def _flat_address(addr, where):
 
 def apply_service(graph, kind, spec, qmp=None):
     """Start what a checked service spec describes, recording it in ``graph`` so that
-    :meth:`Graph.close` undoes it. ``qmp`` is the QMPServer that monitors join and whose
-    export table lists exports (a new one is made for the first monitor if None)."""
-    import pyrep
+    :meth:`Graph.close` undoes it. ``qmp``: the QMPServer that monitors join (by default the
+    first monitor makes one, owned by the graph)."""
     if kind == "object":
+        from .objects import object_add
         props = {k: v for k, v in spec.items() if k not in ("qom-type", "id")}
-        _need(pyrep, "object_add")(spec["qom-type"], id=spec["id"], **props)
+        object_add(spec["qom-type"], spec["id"], **props)
         graph.objects.append(spec["id"])
     elif kind == "monitor":
         if qmp is None:
+            if graph.qmp is None:
+                from .qmp.server import QMPServer
+                graph.qmp, graph.owns_qmp = QMPServer(), True
             qmp = graph.qmp
-        if qmp is None:
-            from .qmp import QMPServer
-            qmp = graph.qmp = QMPServer()
-            graph.owns_qmp = True
         addr = ({"type": "unix", "path": spec["path"]} if "path" in spec
                 else {"type": "inet", "host": spec["host"], "port": spec["port"]})
         key = qmp.add_listener(addr, id=spec.get("id"), pretty=spec["pretty"], wait=spec["wait"])
         graph.monitors.append((qmp, key))
     elif kind == "nbd-server":
-        _need(pyrep, "nbd_server_start")(spec["addr"], tls_creds=spec.get("tls-creds"),
-                                         max_connections=spec["max-connections"])
+        from .nbd.server import nbd_server_start
+        nbd_server_start(spec["addr"], tls_creds=spec.get("tls-creds"), max_connections=spec["max-connections"])
         graph.nbd_server = True
     elif kind == "export":
-        qmp = qmp if qmp is not None else graph.qmp
-        if qmp is not None:
-            from .qmp.commands.exports import exports
-            exports(qmp).add(spec["id"], spec["node-name"], name=spec.get("name"), writable=spec["writable"],
-                             description=spec.get("description"))
-            graph.exports.append((qmp, spec["id"], None))
-        else:
-            name = spec.get("name", spec["node-name"])
-            _need(pyrep, "export_add")(spec["node-name"], name=name, writable=spec["writable"],
-                                       description=spec.get("description"))
-            graph.exports.append((None, spec["id"], name))
+        from .nbd.server import export_add
+        export_add(spec["node-name"], name=spec.get("name"), writable=spec["writable"],
+                   description=spec.get("description"), id=spec["id"])
+        graph.exports.append(spec["id"])
     elif kind == "replication":
-        mode = "primary" if spec["primary"] else "secondary"
+        from . import replication
         if spec["enable"]:
             if spec["failover"]:
                 raise OptionError("replication: 'failover' is only for stopping replication")
-            pyrep.replication.start_all(mode)
+            replication.start_all("primary" if spec["primary"] else "secondary")
     else:
         raise OptionError(f"unknown service kind {kind!r}")
-
-
-def _need(pyrep, name):
-    fn = getattr(pyrep, name, None)
-    if fn is None:
-        raise OptionError(f"this pyrep has no {name.replace('_', ' ')} (pyrep.{name} is missing)")
-    return fn
 
 
 class Graph:
@@ -177,7 +162,7 @@ class Graph:
         self.backends = {}
         self.objects = []
         self.monitors = []         # (QMPServer, listener id)
-        self.exports = []          # (QMPServer or None, id, wire name)
+        self.exports = []          # export ids
         self.nbd_server = False
         self.qmp = None
         self.owns_qmp = False
@@ -185,23 +170,15 @@ class Graph:
     def close(self):
         """Undo what this config made, in reverse order: exports, the NBD server, monitors,
         backends, nodes, objects."""
-        import pyrep
         from .graph import blockdev_del
-        for qmp, export_id, name in reversed(self.exports):
-            try:
-                if qmp is not None:
-                    from .qmp.commands.exports import exports
-                    exports(qmp).delete(export_id)
-                else:
-                    pyrep.export_del(name)
-            except Error:
-                pass            # already gone (deleted over QMP, or with its server)
-        self.exports = []
-        if self.nbd_server:
-            try:
-                pyrep.nbd_server_stop()
-            except Error:
-                pass
+        if self.exports or self.nbd_server:
+            from .nbd import server as nbd
+            for export_id in reversed(self.exports):
+                if any(e["id"] == export_id for e in nbd.nbd_exports()):    # not deleted over QMP meanwhile
+                    nbd.export_del(export_id)
+            self.exports = []
+            if self.nbd_server and nbd.nbd_server() is not None:
+                nbd.nbd_server_stop()
             self.nbd_server = False
         for qmp, key in reversed(self.monitors):
             qmp.remove_listener(key)
@@ -215,12 +192,14 @@ class Graph:
             node = self.nodes[name]
             if not node.closed and not node.parents and node.monitor_owned:
                 blockdev_del(name)
-        for obj in reversed(self.objects):
-            try:
-                pyrep.object_del(obj)
-            except (AttributeError, Error):
-                pass
-        self.objects = []
+        if self.objects:
+            from .objects import object_del
+            for obj in reversed(self.objects):
+                try:
+                    object_del(obj)
+                except Error:
+                    pass        # deleted by hand meanwhile
+            self.objects = []
 
     def __enter__(self):
         return self

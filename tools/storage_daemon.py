@@ -259,12 +259,13 @@ class Daemon:
     def shutdown(self):
         """Stop serving, finish in-flight requests, cancel jobs, flush and close every node."""
         import pyrep
+        from pyrep.nbd import server as nbd
         self.qmp.close()
         for cfg in reversed(self.configs):
             _quietly(cfg.close)
         _quietly(self.graph.close)
-        if getattr(pyrep, "nbd_server_stop", None) is not None:
-            _quietly(pyrep.nbd_server_stop)
+        if nbd.nbd_server() is not None:        # started over QMP
+            _quietly(nbd.nbd_server_stop)
         pyrep.close_all()
         if self._pid_fd is not None:
             try:

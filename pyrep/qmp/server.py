@@ -17,7 +17,6 @@ import queue
 import socket
 import threading
 
-from .. import __version__
 from ..errors import OptionError
 from .dispatch import event
 from .session import Session
@@ -108,6 +107,15 @@ def _stale_unix_socket(path):
     finally:
         probe.close()
     return False
+
+
+def package_version():
+    """pyrep's version as installed (this module must not import the pyrep package itself)."""
+    from importlib import metadata
+    try:
+        return metadata.version("pyrep")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 class _Listener:
@@ -243,15 +251,17 @@ class QMPServer:
         self._listeners = {}
         self._ids = itertools.count()
         self.jobs = None                       # set by the job commands (pyrep.qmp.commands.jobs.JobEvents)
-        self.exports = None                    # set by the export commands (pyrep.qmp.commands.exports.Exports)
+        from .commands.exports import watch
+        self._unwatch_exports = watch(self)    # BLOCK_EXPORT_DELETED
         self.quitting = False
         self.closed = False
 
     # ------------------------------------------------------------ facts
     def version(self):
         """QEMU's VersionInfo shape; ``package`` names pyrep."""
-        major, minor, micro = (int(x) for x in (__version__.split(".") + ["0", "0"])[:3])
-        return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"pyrep {__version__}"}
+        version = package_version()
+        numbers = [int(x) if x.isdigit() else 0 for x in (version.split(".") + ["0", "0"])[:3]]
+        return {"qemu": dict(zip(("major", "minor", "micro"), numbers)), "package": f"pyrep {version}"}
 
     # ------------------------------------------------------------ listening
     def add_listener(self, addr, id=None, pretty=False, wait=False):
@@ -333,3 +343,4 @@ class QMPServer:
             c.reader.join(5)
         if self.jobs is not None:
             self.jobs.close()
+        self._unwatch_exports()

@@ -10,6 +10,7 @@ import pyrep.jobs
 from pyrep.errors import BlockError, OptionError
 
 from helpers.jobs import CS, SIZE
+from helpers.wait import wait_until
 
 
 def raw_opts(tmp_path, name, fill=None, size=SIZE):
@@ -307,10 +308,7 @@ def test_mirror_sync_none_copies_only_new_writes():
     src.pwrite(0, b"old" * 1000)
     job = pyrep.jobs.mirror(src.node, dst, sync="none")
     src.pwrite(1 << 20, b"new" * 1000)
-    deadline = time.monotonic() + 30
-    while job.status != "ready" or job.progress[0] != job.progress[1]:
-        assert time.monotonic() < deadline, "mirror never became ready"
-        time.sleep(0.01)
+    wait_until(lambda: job.status == "ready" and job.progress[0] == job.progress[1], 30, "mirror ready, in sync")
     job.complete()
     assert job.wait(30) and job.error is None
     assert src.node is dst                              # pivoted

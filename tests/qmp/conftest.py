@@ -1,6 +1,6 @@
 import pytest
 
-from qmp_testlib import Daemon
+from helpers.qmp import Daemon
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from qmp_testlib import DAEMON, DEADLINE, connectable, pull_event, wait_for
+from helpers.qmp import DAEMON, DEADLINE, connectable, pull_event
+from helpers.referees import needs, qcheck, qimg
+from helpers.wait import wait_until
 
 
 def run(args, cwd):
@@ -15,8 +17,8 @@ def run(args, cwd):
 
 
 @pytest.fixture
-def image(tmp_path, qemu_img):
-    qemu_img("create", "-f", "qcow2", tmp_path / "x.qcow2", "16M")
+def image(tmp_path):
+    qimg("create", "-f", "qcow2", tmp_path / "x.qcow2", "16M")
     return tmp_path / "x.qcow2"
 
 
@@ -102,21 +104,22 @@ def test_blockdev_json_form_and_quit(daemon, image):
     assert not os.path.exists(d.qmp_path)
 
 
-def test_sigterm_exits_0_and_removes_sockets_and_pidfile(daemon, image, tmp_path, qemu_img):
+@needs("qemu-img")
+def test_sigterm_exits_0_and_removes_sockets_and_pidfile(daemon, image, tmp_path):
     d = daemon(*_blockdevs(image), "--pidfile", tmp_path / "pid")
-    wait_for(lambda: (tmp_path / "pid").exists(), "the pidfile")
+    wait_until(lambda: (tmp_path / "pid").exists(), DEADLINE, "the pidfile")
     assert int((tmp_path / "pid").read_text()) == d.proc.pid
     q = d.client()
     assert q.cmd("query-version")["package"].startswith("pyrep")
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
     assert not (tmp_path / "pid").exists() and not os.path.exists(d.qmp_path)
-    assert qemu_img("check", image).returncode == 0
+    qcheck(image)
 
 
 def test_pidfile_held_by_a_running_daemon_is_refused(daemon, image, tmp_path):
     d = daemon(*_blockdevs(image), "--pidfile", tmp_path / "pid")
-    wait_for(lambda: (tmp_path / "pid").exists(), "the pidfile")
+    wait_until(lambda: (tmp_path / "pid").exists(), DEADLINE, "the pidfile")
     r = run(["--blockdev", "driver=null-co,node-name=n0", "--pidfile", tmp_path / "pid"], tmp_path)
     # null-co is QEMU's name; pyrep's is null: either way the line names the problem and nothing changes
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
@@ -139,7 +142,7 @@ def test_daemonize_returns_once_listening(tmp_path, image):
         if pid.exists():
             child = int(pid.read_text())
             os.kill(child, signal.SIGTERM)
-            wait_for(lambda: not _alive(child), "the daemonized process to exit")
+            wait_until(lambda: not _alive(child), DEADLINE, "the daemonized process to exit")
     assert not pid.exists() and not sock.exists()
 
 

@@ -1,6 +1,8 @@
 """Nodes: blockdev-add, blockdev-del, query-named-block-nodes, x-blockdev-change."""
-import pyrep
-
+from ...drivers.quorum import quorum_add_child, quorum_del_child
+from ...graph import blockdev_add as add_node
+from ...graph import blockdev_del as del_node
+from ...graph import nodes
 from ...options import Opt
 from ..registry import ArgError, CommandTable, QMPError
 
@@ -12,19 +14,19 @@ def blockdev_add(session, args):
     """Add a node from BlockdevOptions (the same keys as pyrep.blockdev_add)."""
     if "node-name" not in args:
         raise ArgError("'node-name' must be specified for the root node")
-    pyrep.blockdev_add(args)
+    add_node(args)
 
 
 @TABLE.command("blockdev-del", Opt("node-name", "string", required=True))
 def blockdev_del(session, args):
     """Delete a node added with blockdev-add; refused while anything (a parent, an export, a job) uses it."""
-    pyrep.blockdev_del(args["node-name"])
+    del_node(args["node-name"])
 
 
 @TABLE.command("query-named-block-nodes", Opt("flat", "bool", default=False))
 def query_named_block_nodes(session, args):
     """Every node with a user-given name, in QEMU's BlockDeviceInfo shape."""
-    return [device_info(n, flat=args["flat"]) for n in pyrep.nodes().values() if not n.auto_named]
+    return [device_info(n, flat=args["flat"]) for n in nodes().values() if not n.auto_named]
 
 
 def image_info(node, flat=False, depth=0):
@@ -73,8 +75,8 @@ def x_blockdev_change(session, args):
     if "child" in args and "node" in args:
         raise QMPError("The parameters child and node are in conflict")
     if "node" in args:
-        pyrep.quorum_add_child(args["parent"], args["node"])
+        quorum_add_child(args["parent"], args["node"])
     elif "child" in args:
-        pyrep.quorum_del_child(args["parent"], args["child"])
+        quorum_del_child(args["parent"], args["child"])
     else:
         raise QMPError("Either child or node must be specified")

@@ -1,73 +1,24 @@
 """The NBD server and block exports: nbd-server-start/-stop, block-export-add/-del,
 query-block-exports, and the legacy nbd-server-add/-remove.
 
-QEMU names exports by ``id`` in QMP and by ``name`` on the wire; pyrep's
-export API names them by the wire name, so the server keeps the ``id`` →
-export table (:class:`Exports`), shared with the command line's ``--export``.
+pyrep's NBD server (:mod:`pyrep.nbd.server`) names exports by ``id`` and by wire
+``name`` as QEMU does, and tells the deleted-export hook of every export that
+goes (deleted, or with its server): :func:`watch` turns that into
+BLOCK_EXPORT_DELETED.
 """
-import threading
-
-import pyrep
-
+from ...nbd import server as nbd
 from ...options import Opt
 from ..registry import ArgError, CommandTable, QMPError
 
 TABLE = CommandTable()
 
 
-def _api(name):
-    fn = getattr(pyrep, name, None)
-    if fn is None:
-        raise QMPError(f"this pyrep has no NBD server (pyrep.{name} is missing)")
-    return fn
-
-
-class Exports:
-    """The exports a server's monitors (or the daemon's command line) added, by id."""
-
-    def __init__(self, server):
-        self.server = server
-        self._lock = threading.Lock()
-        self._by_id = {}          # id -> {"id", "name", "node-name", "writable"}
-
-    def add(self, export_id, node_name, name=None, writable=False, description=None):
-        name = node_name if name is None else name
-        with self._lock:
-            if export_id in self._by_id:
-                raise QMPError(f"Block export id '{export_id}' is already in use")
-        _api("export_add")(node_name, name=name, writable=writable, description=description)
-        with self._lock:
-            self._by_id[export_id] = {"id": export_id, "name": name, "node-name": node_name, "writable": writable}
-
-    def delete(self, export_id, mode="safe"):
-        with self._lock:
-            entry = self._by_id.get(export_id)
-        if entry is None:
-            raise QMPError(f"Export '{export_id}' is not found")
-        _api("export_del")(entry["name"])
-        self.deleted(export_id)
-
-    def deleted(self, export_id):
-        """An export went (deleted, or its server stopped): forget it and tell the monitors."""
-        with self._lock:
-            entry = self._by_id.pop(export_id, None)
-        if entry is not None:
-            self.server.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
-
-    def by_name(self, name):
-        with self._lock:
-            return next((i for i, e in self._by_id.items() if e["name"] == name), None)
-
-    def all(self):
-        with self._lock:
-            return [dict(e) for e in self._by_id.values()]
-
-
-def exports(state):
-    """The server's Exports table (made on first use)."""
-    if getattr(state, "exports", None) is None:
-        state.exports = Exports(state)
-    return state.exports
+def watch(server):
+    """Send BLOCK_EXPORT_DELETED to ``server``'s monitors whenever an export goes; returns the undo."""
+    def deleted(export_id):
+        server.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
+    nbd.add_export_deleted_hook(deleted)
+    return lambda: nbd.remove_export_deleted_hook(deleted)
 
 
 def legacy_address(addr):
@@ -107,51 +58,58 @@ def nbd_server_start(session, args):
     """Start the NBD server on ``addr`` (QEMU's SocketAddressLegacy, or a flat SocketAddress)."""
     if args.get("tls-authz"):
         raise ArgError("Parameter 'tls-authz' is not supported by pyrep")
-    _api("nbd_server_start")(legacy_address(args["addr"]), tls_creds=args.get("tls-creds"),
-                             max_connections=args["max-connections"])
+    nbd.nbd_server_start(legacy_address(args["addr"]), tls_creds=args.get("tls-creds"),
+                         max_connections=args["max-connections"])
 
 
 @TABLE.command("nbd-server-stop")
 def nbd_server_stop(session, args):
-    """Stop the NBD server; its exports go (BLOCK_EXPORT_DELETED for each)."""
-    table = exports(session.state)
-    gone = [e["id"] for e in table.all()]
-    _api("nbd_server_stop")()
-    for export_id in gone:
-        table.deleted(export_id)
+    """Stop the NBD server: in-flight requests finish, its exports go (BLOCK_EXPORT_DELETED for each)."""
+    nbd.nbd_server_stop()
 
 
-_EXPORT_ARGS = (Opt("type", "enum", required=True, choices=("nbd", "fuse", "vhost-user-blk", "vduse-blk")),
-                Opt("id", "string", required=True), Opt("node-name", "string", required=True),
-                Opt("writable", "bool", default=False), Opt("writethrough", "bool", default=False),
-                Opt("fixed-iothread", "bool"), Opt("iothread", "string"), Opt("allow-inactive", "bool"),
-                Opt("name", "string"), Opt("description", "string"), Opt("bitmaps", "list"),
-                Opt("allocation-depth", "bool"))
+_EXPORT_TYPES = ("nbd", "fuse", "vhost-user-blk", "vduse-blk")
 
 
-@TABLE.command("block-export-add", *_EXPORT_ARGS)
+@TABLE.command("block-export-add", Opt("type", "enum", required=True, choices=_EXPORT_TYPES),
+               Opt("id", "string", required=True), Opt("node-name", "string", required=True),
+               Opt("writable", "bool", default=False), Opt("writethrough", "bool", default=False),
+               Opt("fixed-iothread", "bool"), Opt("iothread", "string"), Opt("allow-inactive", "bool"),
+               Opt("name", "string"), Opt("description", "string"), Opt("bitmaps", "list"),
+               Opt("allocation-depth", "bool"))
 def block_export_add(session, args):
     """Export a node over the NBD server (``name`` defaults to the node name)."""
     if args["type"] != "nbd":
         raise ArgError(f"Parameter 'type' does not accept value '{args['type']}' here: pyrep exports over nbd")
     if args.get("bitmaps"):
         raise ArgError("Parameter 'bitmaps' is not supported by pyrep")
-    exports(session.state).add(args["id"], args["node-name"], name=args.get("name"), writable=args["writable"],
-                               description=args.get("description"))
+    _unique_id(args["id"])
+    nbd.export_add(args["node-name"], name=args.get("name"), writable=args["writable"],
+                   description=args.get("description"), id=args["id"])
+
+
+def _unique_id(export_id):
+    if any(e["id"] == export_id for e in nbd.nbd_exports()):
+        raise QMPError(f"Block export id '{export_id}' is already in use")
+
+
+def _by_id(export_id):
+    if not any(e["id"] == export_id for e in nbd.nbd_exports()):
+        raise QMPError(f"Export '{export_id}' is not found")
 
 
 @TABLE.command("block-export-del", Opt("id", "string", required=True),
                Opt("mode", "enum", choices=("safe", "hard"), default="safe"))
 def block_export_del(session, args):
-    """Remove an export (BLOCK_EXPORT_DELETED follows)."""
-    exports(session.state).delete(args["id"], args["mode"])
+    """Remove an export once its clients' in-flight requests have finished (BLOCK_EXPORT_DELETED follows)."""
+    _by_id(args["id"])
+    nbd.export_del(args["id"])
 
 
 @TABLE.command("query-block-exports")
 def query_block_exports(session, args):
-    """Every export: id, type, node-name, shutting-down."""
-    return [{"id": e["id"], "type": "nbd", "node-name": e["node-name"], "shutting-down": False}
-            for e in exports(session.state).all()]
+    """Every export: QEMU's id, type, node-name, shutting-down, plus pyrep's name, writable, size, clients."""
+    return nbd.nbd_exports()
 
 
 @TABLE.command("nbd-server-add", Opt("device", "string", required=True), Opt("name", "string"),
@@ -161,16 +119,15 @@ def nbd_server_add(session, args):
     if args.get("bitmap"):
         raise ArgError("Parameter 'bitmap' is not supported by pyrep")
     name = args.get("name", args["device"])
-    exports(session.state).add(name, args["device"], name=name, writable=args["writable"],
-                               description=args.get("description"))
+    _unique_id(name)
+    nbd.export_add(args["device"], name=name, writable=args["writable"], description=args.get("description"),
+                   id=name)
 
 
 @TABLE.command("nbd-server-remove", Opt("name", "string", required=True),
                Opt("mode", "enum", choices=("safe", "hard"), default="safe"))
 def nbd_server_remove(session, args):
     """The legacy form of block-export-del, by export name."""
-    table = exports(session.state)
-    export_id = table.by_name(args["name"])
-    if export_id is None:
+    if not any(e["name"] == args["name"] for e in nbd.nbd_exports()):
         raise QMPError(f"Export '{args['name']}' is not found")
-    table.delete(export_id, args["mode"])
+    nbd.export_del(args["name"])

@@ -16,9 +16,8 @@ action ``stop``. pyrep applies one error policy to a job, so
 """
 import threading
 
-import pyrep
-
 from ...errors import OptionError
+from ...jobs import backup, mirror
 from ...jobs import job as jobmod
 from ...options import Opt
 from ..registry import ArgError, CommandTable, QMPError
@@ -193,7 +192,7 @@ def blockdev_backup(session, args):
     for name in ("bitmap", "bitmap-mode", "discard-source"):
         if args.get(name):
             raise ArgError(f"Parameter '{name}' is not supported by pyrep")
-    _start(session, args, lambda job_id, policy: pyrep.jobs.backup(
+    _start(session, args, lambda job_id, policy: backup(
         args["device"], args["target"], sync=args["sync"], job_id=job_id, on_error=policy))
 
 
@@ -208,7 +207,7 @@ def blockdev_mirror(session, args):
     _refuse(args, "copy-mode", ("background",), "pyrep's mirror copies in the background")
     if "replaces" in args and args["replaces"] != args["device"]:
         raise ArgError("Parameter 'replaces' must name the device itself in pyrep")
-    _start(session, args, lambda job_id, policy: pyrep.jobs.mirror(
+    _start(session, args, lambda job_id, policy: mirror(
         args["device"], args["target"], sync=args["sync"], job_id=job_id, on_error=policy))
 
 

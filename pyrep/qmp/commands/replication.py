@@ -1,6 +1,5 @@
 """COLO block replication: xen-set-replication, xen-colo-do-checkpoint, query-xen-replication-status."""
-import pyrep
-
+from ... import replication
 from ...errors import ReplicationError
 from ...options import Opt
 from ..registry import CommandTable, QMPError
@@ -17,13 +16,13 @@ def xen_set_replication(session, args):
     if args["enable"]:
         if "failover" in args:
             raise QMPError("Parameter 'failover' is only for stopping replication")
-        pyrep.replication.start_all(mode)
+        replication.start_all(mode)
         return
     failover = args.get("failover", False)
     if args["primary"] and failover:
         raise QMPError("It's not allowed to do failover on primary side")
     try:
-        pyrep.replication.stop_all(failover, mode=mode)
+        replication.stop_all(failover, mode=mode)
     except ReplicationError:
         if not failover:
             raise
@@ -33,16 +32,16 @@ def xen_set_replication(session, args):
 @TABLE.command("xen-colo-do-checkpoint")
 def xen_colo_do_checkpoint(session, args):
     """Checkpoint every replication node (a secondary empties its active and hidden disks)."""
-    pyrep.replication.do_checkpoint_all()
+    replication.do_checkpoint_all()
 
 
 @TABLE.command("query-xen-replication-status")
 def query_xen_replication_status(session, args):
     """QEMU's ``error``/``desc``, plus ``stage`` (pyrep's lowercase stage names) and ``nodes``."""
-    nodes = pyrep.replication.status()
+    nodes = replication.status()
     out = {"error": False}
     try:
-        pyrep.replication.get_error_all()
+        replication.get_error_all()
     except ReplicationError as e:
         out["error"], out["desc"] = True, str(e)
     out["stage"] = nodes[0]["stage"] if nodes else "none"

@@ -1,5 +1,5 @@
-"""Shared pieces of the QMP and daemon tests: a daemon process, QMP clients (QEMU's own library and a
-raw socket), waiting on conditions with deadlines."""
+"""The QMP and daemon tests' pieces: a pyrep-storage-daemon process (always stopped by the ``daemon``
+fixture of tests/qmp/conftest.py), QMP clients (QEMU's own library, ``qemu.qmp``, and a raw socket)."""
 import json
 import os
 import signal
@@ -11,19 +11,9 @@ import time
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 DAEMON = [sys.executable, "-m", "pyrep.tools.storage_daemon"]
+from .wait import wait_until
+
 DEADLINE = 30.0
-
-
-def wait_for(cond, what, timeout=DEADLINE, interval=0.01):
-    """Poll ``cond()`` until it is truthy (returned) or the deadline passes (AssertionError)."""
-    end = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def connectable(path):
@@ -50,7 +40,8 @@ class Daemon:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd or tmp_path)
         self.clients = []
         if monitor:
-            wait_for(lambda: self.proc.poll() is not None or connectable(self.qmp_path), "the daemon's QMP socket")
+            wait_until(lambda: self.proc.poll() is not None or connectable(self.qmp_path), DEADLINE,
+                       "the daemon's QMP socket")
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}: {self.proc.stderr.read().decode()}")
 
