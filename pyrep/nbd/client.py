@@ -32,6 +32,7 @@ Locks: ``_send_lock`` guards the socket's sending side and ``_conn`` changes;
 ``_send_lock`` before ``_cond``. ``_inflight`` (cookie → request) is a dict used
 with atomic operations only (``pop`` claims a request: whoever pops it completes it).
 """
+import bisect
 import errno
 import itertools
 import socket
@@ -149,6 +150,22 @@ class ExportInfo:
 
 
 # ------------------------------------------------------------------ requests
+_CHANGES_DATA = frozenset((proto.CMD_WRITE, proto.CMD_WRITE_ZEROES, proto.CMD_TRIM))
+
+
+def _extents_from(entry, offset, length):
+    """The extents of a block status answer ``entry`` from ``offset`` (the first one cut to start
+    there, at most 64 after it: enough to merge runs, little to copy); None when ``offset`` is outside
+    it."""
+    _, starts, extents, end = entry
+    if not starts or offset < starts[0] or offset >= end:
+        return None
+    i = bisect.bisect_right(starts, offset) - 1
+    n, state = extents[i]
+    out = [(starts[i] + n - offset, state)]
+    out.extend(extents[i + 1:i + 65])
+    return out
+
 class _Request:
     """One command in flight. ``done`` is held until the request completes (a reply, or a failure)."""
 
@@ -406,6 +423,9 @@ class NbdClient:
         self._deadline = None
         self._reconnector = None
         self._stop = threading.Event()
+        self._bs_counter = itertools.count(1)
+        self._bs_gen = 0                # see _data_changed
+        self._bs_cache = None           # (gen, extent starts, extents, end) of the last block status
         self.reconnects = 0             # how many times a broken connection was replaced
 
     def __repr__(self):
@@ -557,6 +577,7 @@ class NbdClient:
 
     def _install(self, conn):
         """Make ``conn`` the live connection and resend what is waiting (holding both locks)."""
+        self._data_changed()
         self._conn = conn
         self._move("connected")
         self._deadline = None
@@ -677,6 +698,8 @@ class NbdClient:
     # ------------------------------------------------------------ requests
     def _submit(self, cmd, flags, offset, length, payload=None, dest=None):
         req = _Request(cmd, flags, offset, length, payload, dest)
+        if cmd in _CHANGES_DATA:
+            self._data_changed()
         with self._cond:
             state = self._state
             if state == "failed" or state == "closed" or state == "new":
@@ -772,16 +795,38 @@ class NbdClient:
 
     def block_status(self, offset, length):
         """``[(length, flags), ...]`` of ``base:allocation`` from ``offset`` (at least one extent; flags
-        are ``proto.STATE_*``). Without the context, everything is data."""
+        are ``proto.STATE_*``). Without the context, everything is data.
+
+        One request asks for the whole range and the server answers with every extent it finds; the
+        answer is kept, so walking a disk extent by extent costs one round trip, not one per extent
+        (and servers such as qemu-nbd compute the whole range each time). It is used only while no
+        write, zero or trim was submitted or completed since it was asked for (``_bs_gen``)."""
         info = self.info
         if info.context_id is None:
             return [(length, 0)]
-        length = min(length, self._big_limit())
-        req = self._wait(self._submit(proto.CMD_BLOCK_STATUS, 0, offset, length))
+        cached = self._bs_cache
+        if cached is not None and cached[0] == self._bs_gen:
+            got = _extents_from(cached, offset, length)
+            if got:
+                return got
+        gen = self._bs_gen
+        req = self._wait(self._submit(proto.CMD_BLOCK_STATUS, 0, offset, min(length, self._big_limit())))
         if not req.extents:
             raise BlockError(errno.EIO, f"{self._where()}: the server answered BLOCK_STATUS at {offset} "
                                         f"without extents")
-        return req.extents
+        starts, pos = [], offset
+        for n, _ in req.extents:
+            starts.append(pos)
+            pos += n
+        entry = (gen, starts, req.extents, pos)
+        if self._bs_gen == gen:
+            self._bs_cache = entry
+        return _extents_from(entry, offset, length)
+
+    def _data_changed(self):
+        """A write-type request was submitted or completed (or the connection changed): cached block
+        status may be stale. ``next`` on a counter is atomic, and each value differs from all before."""
+        self._bs_gen = next(self._bs_counter)
 
     def _big_limit(self):
         """The longest zero/trim/status request: 32-bit lengths, kept a multiple of the block size."""
@@ -842,6 +887,8 @@ class NbdClient:
         """Hand ``req`` back to its caller; ``err`` is a local errno (0: success)."""
         if self._inflight.pop(req.cookie, None) is None:
             return                      # failed meanwhile (closing)
+        if req.cmd in _CHANGES_DATA:
+            self._data_changed()
         req.payload = None
         if err:
             req.error = err

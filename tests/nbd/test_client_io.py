@@ -139,3 +139,34 @@ def test_large_requests_are_split_and_reassembled(tmp_path):
     blk.pwrite_zeroes(MiB, 80 * MiB)
     assert blk.pread(0, 4) == b"\0\0\0" + data[:1]
     assert blk.pread(MiB, 80 * MiB).count(0) == 80 * MiB
+
+
+def test_block_status_answer_is_reused_until_the_data_changes(tmp_path):
+    """A walk over the disk costs one BLOCK_STATUS request (the answer holds every extent); a write, a
+    zero or a trim makes the next status ask the server again."""
+    log = tmp_path / "nbdkit.log"
+    peer = nbd_peers.nbdkit(tmp_path, "memory", "16M", f"logfile={log}", filters=("log",))
+    blk = pyrep.open_backend(peer.opts(discard="unmap"))
+    for i in range(0, 16, 2):
+        blk.pwrite(i * MiB, b"\x01" * MiB)
+
+    def walk():
+        runs, pos = [], 0
+        while pos < blk.length:
+            st = blk.block_status(pos, blk.length - pos)
+            runs.append((pos, st.length, bool(st.flags & BS_DATA)))
+            pos += st.length
+        return runs
+
+    def status_requests():
+        return sum(1 for ln in log.read_text().splitlines() if " Extents id=" in ln)
+
+    first = walk()
+    assert [r[2] for r in first] == [True, False] * 8 and status_requests() == 1
+    assert walk() == first and status_requests() == 1
+    blk.pwrite(MiB + 4096, b"\x02" * 4096)                 # data where there was a hole
+    st = blk.block_status(MiB, MiB)
+    assert st.flags & BS_DATA and status_requests() == 2
+    blk.pwrite_zeroes(0, MiB, may_unmap=True)
+    st = blk.block_status(0, MiB)
+    assert st.flags & BS_ZERO and not st.flags & BS_DATA and status_requests() == 3
