@@ -306,3 +306,16 @@ def test_nbdkit_memory_block_status_and_sparse_reads(tmp_path):
     st = blk.block_status(32 * MiB, blk.length - 32 * MiB)
     assert st.flags & BS_DATA and st.length >= 65536
     assert blk.pread(32 * MiB - 4096, 8192) == bytes(4096) + b"\x77" * 4096
+
+
+def test_a_filename_uri_selects_the_nbd_driver(tmp_path):
+    """As QEMU: a child with an NBD URI and no driver gets the nbd protocol; a bare URI is probed."""
+    img = tmp_path / "d.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", img, "4M")
+    peer = nbd_peers.qemu_nbd(tmp_path, img, fmt="raw")
+    with pyrep.open_backend({"driver": "raw", "file.filename": peer.uri()}) as blk:
+        assert blk.node.file.drv.format_name == "nbd" and blk.length == img.stat().st_size
+    with pyrep.open_backend(peer.uri()) as blk:
+        assert blk.node.drv.format_name == "qcow2" and blk.node.file.drv.format_name == "nbd"
+        blk.pwrite(0, b"probed")
+        assert blk.pread(0, 6) == b"probed" and blk.length == 4 * MiB
