@@ -158,6 +158,11 @@ def serve(a, ready_fd=None):
         with open(a.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
     if ready_fd is not None:
+        # detach from the parent's streams (whoever waits for the parent must not wait for us)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
     try:

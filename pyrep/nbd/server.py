@@ -236,7 +236,7 @@ class _Connection:
                 return
             exp.connections.add(self)
         self.export = exp
-        self.sock.settimeout(None)      # blocking: the C loop calls recv/sendmsg on the descriptor
+        self.io.settimeout(None)        # blocking: the C loop calls recv/sendmsg on the descriptor
         tls = self.io is not self.sock
         core = ServerConn(-1 if tls else self.sock.fileno(), self.io if tls else None, exp.blk, exp, exp.size,
                           exp.tflags, hs.structured_reply, meta_id, hs.trailing_data())

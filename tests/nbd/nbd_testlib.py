@@ -48,14 +48,19 @@ def run(*cmd, check=True, timeout=120, **kw):
 
 
 class PyrepNbd:
-    """A ``pyrep-nbd`` process (``python -m pyrep.tools.nbd``), stopped by the fixture's finalizer."""
+    """A ``pyrep-nbd`` process (``python -m pyrep.tools.nbd``), stopped by the fixture's finalizer.
 
-    def __init__(self, args, sock):
-        self.sock = sock
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyrep.tools.nbd", *map(str, args)],
+    With ``ready`` (a path), ``--pid-file ready`` is added and the start waits for that file: pyrep-nbd
+    writes it once its export is served (probing the socket would count as a client, and a
+    non-persistent server exits when its last client leaves)."""
+
+    def __init__(self, args, ready):
+        self.ready = ready
+        extra = ["--pid-file", ready] if ready else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyrep.tools.nbd", *extra, *map(str, args)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if sock is not None:
-            wait_until(lambda: self.proc.poll() is not None or can_connect(sock), what=f"pyrep-nbd on {sock}")
+        if ready is not None:
+            wait_until(lambda: self.proc.poll() is not None or os.path.exists(ready), what="pyrep-nbd to serve")
             if self.proc.poll() is not None:
                 pytest.fail(f"pyrep-nbd exited ({self.proc.returncode}): {self.proc.stderr.read()}")
 
@@ -72,11 +77,11 @@ class PyrepNbd:
 
 
 @pytest.fixture
-def pyrep_nbd():
+def pyrep_nbd(tmp_path):
     started = []
 
-    def start(*args, sock=None):
-        p = PyrepNbd(args, sock)
+    def start(*args, wait=True):
+        p = PyrepNbd(args, str(tmp_path / f"pyrep-nbd-{len(started)}.pid") if wait else None)
         started.append(p)
         return p
     yield start
