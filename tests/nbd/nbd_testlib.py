@@ -3,26 +3,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 import pyrep
+from helpers.referees import run  # noqa: F401 - re-exported for the NBD tests
+from helpers.wait import wait_until
 from pyrep.nbd import handshake as H
 from pyrep.nbd import proto as P
 from pyrep.nbd import transmission as T
-
-
-def wait_until(pred, timeout=30.0, what="condition"):
-    """Poll ``pred`` until true (bounded); fails the test with ``what`` on timeout."""
-    end = time.monotonic() + timeout
-    delay = 0.001
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def can_connect(path):
@@ -40,13 +29,6 @@ def uri(sock, export=""):
     return f"nbd+unix:///{export}?socket={sock}"
 
 
-def run(*cmd, check=True, timeout=120, **kw):
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
 class PyrepNbd:
     """A ``pyrep-nbd`` process (``python -m pyrep.tools.nbd``), stopped by the fixture's finalizer.
 
@@ -60,7 +42,8 @@ class PyrepNbd:
         self.proc = subprocess.Popen([sys.executable, "-m", "pyrep.tools.nbd", *extra, *map(str, args)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if ready is not None:
-            wait_until(lambda: self.proc.poll() is not None or os.path.exists(ready), what="pyrep-nbd to serve")
+            wait_until(lambda: self.proc.poll() is not None or os.path.exists(ready), timeout=60,
+                       what="pyrep-nbd to serve")
             if self.proc.poll() is not None:
                 pytest.fail(f"pyrep-nbd exited ({self.proc.returncode}): {self.proc.stderr.read()}")
 
