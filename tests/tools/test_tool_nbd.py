@@ -127,9 +127,10 @@ def test_image_opts_and_discard_unmap(tmp_path, pyrep_nbd):
     pyrep_nbd("-t", "--discard=unmap", "--image-opts", "-k", sock,
               f"driver=raw,file.driver=file,file.filename={img}")
     run("qemu-io", "-f", "raw", "-c", "discard 0 1M", "-c", "flush", uri(sock))
-    assert os.stat(img).st_blocks < before
+    after = os.stat(img).st_blocks
+    assert after < before, (before, after)
     out = run("nbdinfo", "--map", uri(sock)).stdout
-    assert "hole" in out.splitlines()[0]
+    assert any("hole" in line and int(line.split()[0]) < 1 << 20 for line in out.splitlines()), out
 
 
 def test_qcow2_file_is_probed_and_served_raw(tmp_path, pyrep_nbd):
