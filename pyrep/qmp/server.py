@@ -327,6 +327,8 @@ class QMPServer:
 
     def close(self):
         """Stop listening and disconnect every session (their queued messages are sent first)."""
+        if self.closed:
+            return
         self.closed = True
         for lst in list(self._listeners.values()):
             lst.close()
