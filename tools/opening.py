@@ -13,16 +13,14 @@ qemu-img's messages reads ours.
 """
 import errno
 import os
-import re
 
 import pyrep
 from pyrep._core.registry import drivers, get_driver
 from pyrep.errors import BlockError, Error
-from pyrep.graph import probe_format
+from pyrep.graph import probe_format, protocol_for, uri_scheme
 from pyrep.options import normalize
 
 QCOW2_MAGIC = b"QFI\xfb"
-_URI = re.compile(r"^([a-z][a-z0-9+.-]*)://")   # a filename that names a protocol, not a local file
 
 
 def formats():
@@ -43,16 +41,8 @@ def driver_of(name, template="Unknown driver '{name}'"):
 
 
 def is_uri(name):
-    return _URI.match(name) is not None
-
-
-def protocol_of(uri):
-    """The driver whose ``protocol_schemes`` holds the URI's scheme (QEMU: "Unknown protocol")."""
-    scheme = _URI.match(uri).group(1)
-    for name in drivers():
-        if scheme in (getattr(get_driver(name), "protocol_schemes", None) or ()):
-            return name
-    raise Error(f"Unknown protocol '{scheme}'")
+    """Whether ``name`` is a ``scheme://...`` URI (which names its protocol) rather than a path."""
+    return uri_scheme(name) is not None
 
 
 def is_local(name):
@@ -65,14 +55,17 @@ def _probe(file_opts):
     filename = file_opts.get("filename")
     if file_opts.get("driver", "file") == "file" and isinstance(filename, str) and is_local(filename):
         return probe_format(filename)
-    with pyrep.open_backend(dict(file_opts), read_only=True, shared="all") as blk:
+    opts = dict(file_opts)
+    if "driver" not in opts and isinstance(filename, str):
+        opts["driver"] = protocol_for(filename)     # the protocol itself, not a format probed over it
+    with pyrep.open_backend(opts, read_only=True, shared="all") as blk:
         head = blk.pread(0, min(4, blk.length)) if blk.length else b""
     return "qcow2" if head == QCOW2_MAGIC else "raw"
 
 
 def _file_child(name, force_share):
     if is_uri(name):
-        return {"driver": protocol_of(name), "filename": name}
+        return {"driver": protocol_for(name), "filename": name}
     f = {"driver": "file", "filename": name}
     if force_share:
         f["locking"] = "off"
@@ -87,11 +80,6 @@ def image_options(name, fmt=None, image_opts=False, backing=True, read_only=True
     may open an image marked corrupt (QEMU's BDRV_O_CHECK)."""
     if image_opts or name.startswith("json:"):
         opts = normalize(name)
-        child = opts.get("file")
-        if isinstance(child, dict) and "driver" not in child and isinstance(child.get("filename"), str) \
-                and not child["filename"].startswith("json:"):
-            # QEMU's bdrv_open: a filename without a driver names its protocol (a URI) or a local file
-            child["driver"] = protocol_of(child["filename"]) if is_uri(child["filename"]) else "file"
         if "driver" not in opts:
             if fmt is None:
                 child = opts.get("file")

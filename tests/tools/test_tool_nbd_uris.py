@@ -89,9 +89,11 @@ def test_image_opts_and_json_name_an_export(unix_export):
         assert drop(p.stdout) == drop(q.stdout)
     # issue 9: a file.filename that is a URI picks its protocol (qemu-io 7.2 takes it for a local file, and
     # its nbd driver reads no URI from options: "NBD server address missing")
-    for opts in (f"driver=qcow2,file.filename={unix_export}", f"driver=qcow2,file.driver=nbd,file.filename={unix_export}"):
-        p = pio("--image-opts", "-c", "read -P 0x11 0 64k", opts)
+    for opts in (f"driver=qcow2,file.filename={unix_export}", f"driver=qcow2,file.driver=nbd,file.filename={unix_export}",
+                 f"file.filename={unix_export}"):      # the last: qcow2 probed through the export
+        p = pio("--image-opts", "-c", "read -P 0x11 0 64k", "-c", "info", opts)
         assert p.returncode == 0, p.stderr
+        assert "format name: qcow2" in p.stdout
 
 
 @pytest.fixture
