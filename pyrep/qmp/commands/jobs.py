@@ -101,12 +101,12 @@ class JobEvents:
             self._status(job.id, "created")
         if new != "concluded":
             rec.status = new
+            if new == "paused" and job.io_error is not None:      # the error first, then the pause (QEMU's order)
+                self.server.emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": _operation(job.io_error),
+                                                     "action": "stop"})
             self._status(job.id, new)
             if new == "ready":
                 self.server.emit("BLOCK_JOB_READY", self._block_data(job))
-            elif new == "paused" and job.io_error is not None:
-                self.server.emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": _operation(job.io_error),
-                                                     "action": "stop"})
             return
         data = self._block_data(job)
         if job.cancelled and not rec.soft_cancel:
