@@ -12,6 +12,13 @@ secondary::
     nbd-server-start  ; block-export-add colo1 (writable)   (and top, to read the secondary's view)
     xen-set-replication enable=true primary=false
 
+initial copy, when the disks differ (the secondary set up but not started yet)::
+
+    primary: blockdev-add pdisk ; blockdev-add seed-target: raw -> nbd client of colo1
+             blockdev-backup device=pdisk target=seed-target sync=full ; wait for it ; job-dismiss ;
+             blockdev-del seed-target
+    secondary: xen-set-replication enable=true primary=false
+
 primary::
 
     blockdev-add      pdisk: the local disk ; quorum over it (vote-threshold=1, read-pattern=fifo)
@@ -37,8 +44,8 @@ import subprocess
 import sys
 import time
 
-__all__ = ["QMP", "QMPError", "Side", "start_pyrep", "start_qemu", "secondary_setup", "primary_setup",
-           "checkpoint", "failover", "replication_status", "wait_for_path"]
+__all__ = ["QMP", "QMPError", "Side", "start_pyrep", "start_qemu", "secondary_setup", "start_secondary", "seed",
+           "primary_setup", "checkpoint", "failover", "replication_status", "wait_for_path", "free_port"]
 
 
 class QMPError(Exception):
@@ -168,14 +175,15 @@ def _file(filename, fmt="qcow2"):
     return {"driver": fmt, "file": {"driver": "file", "filename": filename}}
 
 
-def secondary_setup(side, disk, active, hidden, nbd_addr, fmt="qcow2", export_top=True):
+def secondary_setup(side, disk, active, hidden, nbd_addr, fmt="qcow2", export_top=True, start=True):
     """Build the secondary of the pair on ``side`` and start replication there.
 
     ``disk``: the secondary disk image (format ``fmt``); ``active``/``hidden``:
     empty qcow2 images of the same size; ``nbd_addr``: the NBD server's
     SocketAddress ({"type": "unix", "path"} or {"type": "inet", "host", "port"}).
     Exports ``colo1`` (where the primary's writes arrive) and, with
-    ``export_top``, ``top`` (the secondary's own view)."""
+    ``export_top``, ``top`` (the secondary's own view). With ``start=False``
+    replication is not started yet (seed the disk first, then :func:`start_secondary`)."""
     side("blockdev-add", dict(_file(disk, fmt), **{"node-name": "colo1"}))
     side("blockdev-add", {"driver": "replication", "node-name": "top", "mode": "secondary", "top-id": "top",
                           "file": dict(_file(active), backing=dict(_file(hidden), backing="colo1"))})
@@ -185,7 +193,43 @@ def secondary_setup(side, disk, active, hidden, nbd_addr, fmt="qcow2", export_to
     if export_top:
         side("block-export-add", {"type": "nbd", "id": "top-export", "node-name": "top", "name": "top",
                                   "writable": True})
+    if start:
+        start_secondary(side)
+
+
+def start_secondary(side):
+    """``xen-set-replication enable=true primary=false``: the copy-before-write starts, then a checkpoint."""
     side("xen-set-replication", enable=True, primary=False)
+
+
+def seed(primary, disk, secondary_addr, fmt="qcow2", export="colo1", timeout=600.0):
+    """The initial copy: make the secondary disk equal to the primary's before replication starts.
+
+    On the primary: open the primary disk (node ``pdisk``), an NBD client of the
+    secondary's export (node ``seed-target``), run ``blockdev-backup sync=full``
+    from one to the other, wait for the job to conclude, dismiss it and drop the
+    client. The secondary must be set up (its export open) and not yet started.
+    Returns the seconds the copy took."""
+    t0 = time.perf_counter()
+    primary("blockdev-add", dict(_file(disk, fmt), **{"node-name": "pdisk"}))
+    primary("blockdev-add", {"driver": "raw", "node-name": "seed-target",
+                             "file": {"driver": "nbd", "server": _flat_addr(secondary_addr), "export": export}})
+    primary("blockdev-backup", {"job-id": "seed", "device": "pdisk", "target": "seed-target", "sync": "full",
+                                "auto-dismiss": False})
+    deadline = time.monotonic() + timeout
+    while True:
+        job = next((j for j in primary("query-jobs") if j["id"] == "seed"), None)
+        if job is None or job["status"] == "concluded":
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the initial copy did not end within {timeout:.0f} s: {job}")
+        time.sleep(0.01)
+    if job is not None:
+        if job.get("error"):
+            raise RuntimeError(f"the initial copy failed: {job['error']}")
+        primary("job-dismiss", id="seed")
+    primary("blockdev-del", **{"node-name": "seed-target"})
+    return time.perf_counter() - t0
 
 
 def primary_setup(side, disk, secondary_addr, nbd_addr, fmt="qcow2", export="colo1"):
@@ -193,7 +237,8 @@ def primary_setup(side, disk, secondary_addr, nbd_addr, fmt="qcow2", export="col
 
     ``secondary_addr``: the secondary's NBD server (a SocketAddress); ``nbd_addr``:
     where this side serves the guest's disk (export ``disk``, the quorum)."""
-    side("blockdev-add", dict(_file(disk, fmt), **{"node-name": "pdisk"}))
+    if not any(n.get("node-name") == "pdisk" for n in side("query-named-block-nodes")):
+        side("blockdev-add", dict(_file(disk, fmt), **{"node-name": "pdisk"}))   # (seed() opened it already)
     side("blockdev-add", {"driver": "quorum", "node-name": "colo-disk0", "vote-threshold": 1,
                           "read-pattern": "fifo", "children": ["pdisk"]})
     side("blockdev-add", {"driver": "replication", "node-name": "rep0", "mode": "primary",
@@ -257,6 +302,13 @@ def _flat_addr(addr):
     if "data" in addr:
         return dict(addr["data"], type=addr["type"])
     return dict(addr)
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port free on ``host`` now (the kernel picks it; a later bind may still race, as with any tool)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def terminate(proc, timeout=30):
