@@ -1,4 +1,7 @@
-"""``pyrep-demo``: COLO block replication, end to end, in one process.
+"""``pyrep-demo --in-process``: COLO block replication, end to end, in one process.
+
+(``pyrep-demo`` without ``--in-process`` runs the two-process pair:
+:mod:`pyrep.tools.colo_demo`.)
 
 It creates temporary images (qcow2 primary and secondary disks, memory active
 and hidden disks), seeds the secondary disk with a full backup of the primary,
@@ -10,8 +13,7 @@ everything was closed) equals the disk at the last checkpoint plus the
 secondary's writes since. It prints what it did and exits non-zero if the
 verification fails.
 
-    pyrep-demo [--size 64M] [--seed N] [--checkpoints 5] [--keep] [--fmt qcow2|raw]
-    python -m pyrep.tools.demo
+    pyrep-demo --in-process [--size 64M] [--seed N] [--checkpoints 5] [--keep] [--fmt qcow2|raw]
 """
 import argparse
 import os
@@ -182,7 +184,13 @@ def run(size=64 * M, seed=None, checkpoints=5, writes_per_round=40, fmt="qcow2",
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="pyrep-demo", description=__doc__.split("\n\n")[0])
+    """``pyrep-demo``: the two-process pair (:mod:`pyrep.tools.colo_demo`); ``--in-process``: this module's."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--in-process" not in argv:
+        from pyrep.tools import colo_demo
+        return colo_demo.main(argv)
+    argv.remove("--in-process")
+    ap = argparse.ArgumentParser(prog="pyrep-demo --in-process", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="64M", help="disk size (default 64M)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     ap.add_argument("--checkpoints", type=int, default=5, help="checkpoints before the primary dies")

@@ -1,4 +1,4 @@
-"""The README's main command: the replication demo verifies itself and says what it did."""
+"""``pyrep-demo --in-process``: both sides in one process verify themselves and say what they did."""
 import subprocess
 import sys
 
@@ -7,7 +7,7 @@ from pyrep.tools import demo
 
 
 def test_demo_runs_and_verifies():
-    r = subprocess.run([sys.executable, "-m", "pyrep.tools.demo", "--size", "8M", "--seed", "3",
+    r = subprocess.run([sys.executable, "-m", "pyrep.tools.demo", "--in-process", "--size", "8M", "--seed", "3",
                         "--checkpoints", "3", "--writes", "20"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
