@@ -206,7 +206,17 @@ def main(argv=None):
                     help="NBD between the daemons: loopback TCP (default) or Unix sockets")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
-    return run(args)
+    try:
+        size = parse_size(args.size, "--size")
+    except pyrep.OptionError as e:
+        ap.error(str(e))
+    if size < 2 * M or size % 512:
+        ap.error("--size must be a multiple of 512 and at least 2M")
+    try:
+        return run(args)
+    except (pyrep.Error, colo.QMPError, OSError, RuntimeError) as e:
+        print(f"pyrep-demo: FAILED: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ def test_demo_fails_when_the_disk_is_not_the_last_checkpoint(monkeypatch, capsys
 def test_demo_rejects_bad_arguments(capsys):
     import pytest
     with pytest.raises(SystemExit) as e:
-        demo.main(["--size", "1K"])
+        demo.main(["--size", "1K"])                 # the two-process demo
+    assert e.value.code == 2
+    assert "--size must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--in-process", "--size", "1K"])
     assert e.value.code == 2
     assert "--size must be" in capsys.readouterr().err
