@@ -54,6 +54,7 @@ DEFAULT_PORT = 10809
 _CONNECT_ATTEMPT_TIMEOUT = 5.0      # one connect + negotiation while reconnecting (bounded by the deadline)
 _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.5
 _RECV_BUF = 256 * 1024
+_RECV_SLACK = 4096
 _CLOSE_JOIN = 5.0                   # seconds close() waits for the reader thread
 
 _MOVES = {
@@ -340,7 +341,9 @@ class _Receiver:
             self.view[:avail] = self.view[self.start:self.end]
             self.start, self.end = 0, avail
         while self.end < n:
-            got = self.sock.recv_into(self.view[self.end:])
+            # a little beyond what is needed: replies without payload batch up, but a read's payload
+            # is mostly left in the socket for ``into`` to receive in place (no copy through here)
+            got = self.sock.recv_into(self.view[self.end:max(n, self.end + _RECV_SLACK)])
             if not got:
                 raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
             self.end += got
