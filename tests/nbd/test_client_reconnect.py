@@ -29,19 +29,24 @@ def _call_in_thread(fn):
     return t, out
 
 
-def _held_read_server(tmp_path, log):
-    """nbdkit that holds every read for a minute: a read sent to it stays in flight."""
-    return nbd_peers.nbdkit(tmp_path, "memory", "4M", f"logfile={log}", "delay-read=60",
-                            filters=("log", "delay"))
-
-
-def test_server_killed_requests_in_flight_fail_with_eio(tmp_path):
+def _kill_with_a_read_in_flight(tmp_path, **opts):
+    """Open an nbdkit export that holds every read for a minute, send a read from a thread, kill the
+    server once the read reached it (and, with a reconnect-delay, once the client noticed).
+    Returns (backend, client, reader thread, its result dict)."""
     log = tmp_path / "nbdkit.log"
-    peer = _held_read_server(tmp_path, log)
-    blk = pyrep.open_backend(peer.opts())
+    peer = nbd_peers.nbdkit(tmp_path, "memory", "4M", f"logfile={log}", "delay-read=60", filters=("log", "delay"))
+    blk = pyrep.open_backend(peer.opts(**opts))
+    client = blk.node.driver.client
     t, out = _call_in_thread(lambda: blk.pread(0, 4096))
     wait_for(log_has(log, "Read id="), "the read to reach the server")
     peer.kill()
+    if opts.get("reconnect-delay"):
+        wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    return blk, client, t, out
+
+
+def test_server_killed_requests_in_flight_fail_with_eio(tmp_path):
+    blk, client, t, out = _kill_with_a_read_in_flight(tmp_path)
     t.join(_JOIN)
     assert not t.is_alive()
     assert isinstance(out.get("error"), pyrep.BlockError) and out["error"].errno == errno.EIO
@@ -52,14 +57,7 @@ def test_server_killed_requests_in_flight_fail_with_eio(tmp_path):
 
 
 def test_server_gone_for_longer_than_reconnect_delay(tmp_path):
-    log = tmp_path / "nbdkit.log"
-    peer = _held_read_server(tmp_path, log)
-    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 1}))
-    client = blk.node.driver.client
-    t, out = _call_in_thread(lambda: blk.pread(0, 4096))
-    wait_for(log_has(log, "Read id="), "the read to reach the server")
-    peer.kill()
-    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    blk, client, t, out = _kill_with_a_read_in_flight(tmp_path, **{"reconnect-delay": 1})
     t2, out2 = _call_in_thread(lambda: blk.pwrite(0, b"late"))      # sent while the server is away
     for th in (t, t2):
         th.join(_JOIN)
@@ -148,14 +146,7 @@ def test_16_threads_carry_on_across_a_server_restart(tmp_path):
 
 
 def test_close_while_reconnecting_fails_waiters_at_once(tmp_path):
-    log = tmp_path / "nbdkit.log"
-    peer = _held_read_server(tmp_path, log)
-    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 3600}))
-    client = blk.node.driver.client
-    t, out = _call_in_thread(lambda: blk.pread(0, 4096))
-    wait_for(log_has(log, "Read id="), "the read to reach the server")
-    peer.kill()
-    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    blk, client, t, out = _kill_with_a_read_in_flight(tmp_path, **{"reconnect-delay": 3600})
     client.close()
     t.join(_JOIN)
     assert not t.is_alive() and out["error"].errno == errno.EIO
@@ -163,14 +154,7 @@ def test_close_while_reconnecting_fails_waiters_at_once(tmp_path):
 
 
 def test_export_back_with_another_size_is_refused(tmp_path):
-    log = tmp_path / "nbdkit.log"
-    peer = _held_read_server(tmp_path, log)
-    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 60}))
-    client = blk.node.driver.client
-    t, out = _call_in_thread(lambda: blk.pread(0, 4096))
-    wait_for(log_has(log, "Read id="), "the read to reach the server")
-    peer.kill()
-    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    blk, client, t, out = _kill_with_a_read_in_flight(tmp_path, **{"reconnect-delay": 60})
     nbd_peers.nbdkit(tmp_path, "memory", "8M")              # same socket, twice the size
     t.join(_JOIN)
     assert not t.is_alive() and out["error"].errno == errno.EIO and "another size" in str(out["error"])
