@@ -44,7 +44,7 @@ def per_request(image, n=200000, reps=5):
     blk = pyrep.open_backend({"driver": "raw", "file": {"driver": "file", "filename": image}}, read_only=True)
     try:
         iov = IOVector(buf)
-        rd = blk._root.preadv
+        rd = blk.root.preadv
         res["pyrep node graph (root edge → raw → file)"] = bc.timeit_loop(lambda o: rd(o, 4096, iov), offsets, reps)
         brd = blk.preadv
         res["pyrep BlockBackend.preadv"] = bc.timeit_loop(lambda o: brd(o, iov), offsets, reps)

@@ -191,7 +191,7 @@ def bench_throughput(tmp, size, reps, data, log, profile=None):
         name="primary-twin")
     replication.start_all("primary")    # both primaries forward; only s_disk has a secondary (a backup)
     replication.start_all("secondary")
-    job = pyrep.lookup("s_rep").driver._backup
+    job = pyrep.lookup("s_rep").driver.backup_job
     pairs = (("quorum", prim, prim_twin),                                   # the whole primary graph
              ("p_rep", pyrep.lookup("p_rep"), pyrep.lookup("t_rep")),       # its forward, node level
              ("colo", colo, twin))                                          # the secondary disk's backend

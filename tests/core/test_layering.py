@@ -1,9 +1,11 @@
 """Layers depend one way and modules keep their private names to themselves.
 
-Both tests read the source (``ast`` for .py, the import lines of .pyx) of
-``pyrep/``, ``drivers/`` (installed as ``pyrep.drivers``) and ``tools/``
-(``pyrep.tools``), counting imports inside functions too: an import
-dodged into a function body is still a dependency.
+Both read the source of ``pyrep/``, ``drivers/`` (installed as
+``pyrep.drivers``) and ``tools/`` (``pyrep.tools``). The cycle check counts
+imports inside functions too (an import dodged into a function body is still
+a dependency) and the run-time imports of .pyx files; an import under ``if
+TYPE_CHECKING:`` does not count, nor does the package ``__init__`` Python
+runs before a submodule. The private-name check reads every .py with ``ast``.
 """
 import ast
 import os
