@@ -56,6 +56,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.5
 _RECV_BUF = 256 * 1024
 _RECV_SLACK = 4096
 _CLOSE_JOIN = 5.0                   # seconds close() waits for the reader thread
+_DISC_WAIT = 1.0                    # seconds close() waits for the send lock to say goodbye
 
 _MOVES = {
     "new": {"connected", "failed", "closed"},
@@ -214,6 +215,13 @@ class _Conn:
         else:
             _sendmsg_all(self.sock, [head] + req.payload)
 
+    def send_nowait(self, data):
+        """Send what the socket takes now, without blocking (OSError when it takes nothing)."""
+        if self.tls:
+            self.io.send_nowait(data)
+        else:
+            self.sock.send(data, socket.MSG_DONTWAIT)
+
     def shutdown(self):
         """Wake the reader and any sender blocked on this socket; idempotent."""
         self.broken = True
@@ -277,6 +285,13 @@ class _TlsChannel:
             out = self._out.read()
         self.sock.sendall(out)
 
+    def send_nowait(self, data):
+        """Encrypt and send what the socket takes now (a goodbye that must not block)."""
+        with self.lock:
+            self._tls.write(data)
+            out = self._out.read()
+        self.sock.send(out, socket.MSG_DONTWAIT)
+
     def recv_into(self, mv):
         """Decrypt into ``mv``; the byte count (0 at the end of the stream)."""
         while True:
@@ -288,11 +303,16 @@ class _TlsChannel:
                 except ssl.SSLZeroReturnError:
                     return 0
                 answer = self._out.pending
-            if answer:
-                with self.send_lock, self.lock:
-                    out = self._out.read()
+            # never wait for the send lock here: a sender may hold it, blocked until the server reads,
+            # while the server waits for us to read; what stays in the BIO leaves with the next send
+            if answer and self.send_lock.acquire(blocking=False):
+                try:
+                    with self.lock:
+                        out = self._out.read()
                     if out:
                         self.sock.sendall(out)
+                finally:
+                    self.send_lock.release()
             if n is not None:
                 return n
             self._feed()
@@ -676,25 +696,29 @@ class NbdClient:
 
     # ------------------------------------------------------------- closing
     def close(self):
-        """Say goodbye (NBD_CMD_DISC), stop the threads, fail whatever still waits. Idempotent."""
+        """Say goodbye (NBD_CMD_DISC, if it can go without waiting), stop the threads, fail whatever
+        still waits. Never blocks on the server: a sender stuck on a full socket is woken by the
+        shutdown. Idempotent."""
         self._stop.set()
-        with self._send_lock, self._cond:
+        with self._cond:
             if self._state == "closed":
                 return
-            conn = self._conn
-            self._conn = None
-            self._move("closed")
-            if conn is not None:
+            self._move("closed")        # from now on nothing is submitted, and _lost does not reconnect
+            conn, reconnector = self._conn, self._reconnector
+        if conn is not None:
+            if self._send_lock.acquire(timeout=_DISC_WAIT):
                 try:
-                    conn.io.sendall(pack_request(proto.CMD_DISC, 0, 0, 0))
+                    conn.send_nowait(pack_request(proto.CMD_DISC, 0, 0, 0))
                 except OSError:
                     pass
-            self._fail_all(errno.EIO, f"{self._where()}: the client was closed")
-            reconnector = self._reconnector
-        if conn is not None:
+                finally:
+                    self._send_lock.release()
             conn.close()
-            if conn.reader is not None and conn.reader is not threading.current_thread():
-                conn.reader.join(_CLOSE_JOIN)
+        with self._send_lock, self._cond:
+            self._conn = None
+            self._fail_all(errno.EIO, f"{self._where()}: the client was closed")
+        if conn is not None and conn.reader is not None and conn.reader is not threading.current_thread():
+            conn.reader.join(_CLOSE_JOIN)
         if reconnector is not None and reconnector is not threading.current_thread():
             reconnector.join(_CLOSE_JOIN + _CONNECT_ATTEMPT_TIMEOUT)
 

@@ -96,3 +96,17 @@ def test_server_endpoint_creds_are_refused(tls_server, pki):
     with pytest.raises(pyrep.OptionError) as e:
         pyrep.open_backend(tls_server.opts(**{"tls-creds": "srv", "tls-hostname": "localhost"}))
     assert "endpoint" in str(e.value) and "tls-creds" in str(e.value)
+
+
+def test_server_refuses_a_client_certificate_of_another_ca(tls_server, pki, tmp_path):
+    """The other way: we trust qemu-nbd, but present a certificate its CA did not sign (verify-peer=on)."""
+    import shutil
+    d = tmp_path / "mixed"
+    d.mkdir()
+    shutil.copy(f"{pki['client']}/ca-cert.pem", d / "ca-cert.pem")
+    for name in ("client-cert.pem", "client-key.pem"):
+        shutil.copy(f"{pki['rogue']}/{name}", d / name)
+    pyrep.object_add("tls-creds-x509", id="mixed", dir=str(d), endpoint="client")
+    with pytest.raises(pyrep.BlockError) as e:
+        pyrep.open_backend(tls_server.opts(**{"tls-creds": "mixed", "tls-hostname": "localhost"}))
+    assert "disk" in str(e.value) and tls_server.sock in str(e.value)
