@@ -323,6 +323,9 @@ cdef class RefcountCore:
 
 
 cdef class Qcow2Core:
+    # Which lock guards what: the metadata is in the two objects below, each guarded by its own lock.
+    # The fields of this class are set at open and only read afterwards, except where a comment says
+    # otherwise (the GIL is all they need: each is one read or one store).
     # the image's two metadata objects (cluster.Clusters, refcount.Refcounts: they own their locks)
     cdef public ClusterCore clusters
     cdef public RefcountCore refs
@@ -337,15 +340,15 @@ cdef class Qcow2Core:
     cdef public long long cluster_size
     cdef public long long _cmask
     cdef public long long _l2_mask
-    cdef public long long _backing_len
-    # direct file access cache: the file node seen last, its driver, FileIO and FileIO.preadv
+    cdef public long long _backing_len     # refreshed by reads that reach past it (one store)
+    # direct file access cache (GIL: filled and read by the C paths only): the file node seen last, its driver, FileIO and FileIO.preadv
     cdef object _fnode
     cdef object _fdrv
     cdef object _fio
     cdef object _fpre
     cdef object _fpw
     cdef public bint _nocopy    # copy_file_range is not usable between our file and the backing's
-    cdef public bint _bm_pending    # persistent bitmaps still to flag in use before the first write
+    cdef public bint _bm_pending    # persistent bitmaps still to flag in use (cleared under Clusters.lock)
     cdef public long long cow_copies    # copy-on-write clusters copied in the kernel (stats, tests)
     # data requests that reach a host cluster found in an L2 entry, counted per epoch while they run
     # outside the lock: a freed cluster is handed out again only when those that started before its

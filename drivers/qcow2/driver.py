@@ -85,6 +85,8 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
             n = max(0, min(n, file_len - off))
             return self.file.pread(off, n) if n else b""
 
+        # the parsed header: its fields change with the file's header, under Clusters.lock (L1, size,
+        # backing name, feature bits) or Refcounts.lock (refcount table location)
         h = self.header = F.parse_header(rd, file_len, fn)
         self.version = h.version
         cb = self.cluster_bits = h.cluster_bits
@@ -119,7 +121,7 @@ class Qcow2Driver(Qcow2Core, BlockDriver):
         if self._repair_only:
             self._corrupt_msg = (f"qcow2: image {fn} is marked corrupt; it is open only to be repaired "
                                  f"(check -r all), writes are refused")
-        self._can_truncate = True
+        self._can_truncate = True       # the file can grow by truncate (cleared under Refcounts.lock)
 
         # backing: opened (and checked for loops) by the graph, through the option layer
         bname = h.backing_file

@@ -86,9 +86,7 @@ class Refcounts(RefcountCore):
 
     def write_back(self):
         """Lock held: write the dirty refcount blocks. True if there were any."""
-        if self.blocks.write_back():
-            return True
-        return False
+        return self.blocks.write_back()
 
     def write_back_durable(self):
         """Write the dirty refcount blocks and flush the file: what must precede writing an L2 table."""

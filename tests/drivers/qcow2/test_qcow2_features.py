@@ -1,7 +1,6 @@
 """make_empty, check/repair, dirty bit, resize, backing override, concurrency, info."""
 import struct
 import threading
-import time
 
 import pytest
 
@@ -10,7 +9,8 @@ from pyrep.errors import BlockError
 
 from helpers.qcow2 import open_q
 from helpers.referees import needs_qemu, qcheck, qimg, qio
-from helpers.threads import run_in_threads
+from helpers.threads import run_in_threads, spawn
+from helpers.wait import wait_until
 
 pytestmark = needs_qemu
 
@@ -72,19 +72,19 @@ def _held_backend(img, **opts):
 
 
 def _start_held_write(blk, offset, data, hold=0.4):
-    """Start ``blk.pwrite(offset, data)`` on a thread, its write to the file held ``hold`` seconds;
-    returns (thread, event set when the write returned) once the write is in flight."""
+    """Start ``blk.pwrite(offset, data)`` on a worker (what it raises fails the test at ``join``), its
+    write to the file held ``hold`` seconds by blkdebug; returns (worker, event set when the write
+    returned) once that write is being held in the file layer."""
     landed = threading.Event()
 
     def writer():
         blk.pwrite(offset, data)
         landed.set()
-    pyrep.inject_error("heldfile", op="write", errno=None, delay=hold, once=True)
-    t = threading.Thread(target=writer)
-    t.start()
-    time.sleep(0.1)
-    assert not landed.is_set()
-    return t, landed
+    rule = pyrep.inject_error("heldfile", op="write", errno=None, delay=hold, once=True)
+    w = spawn(writer)
+    wait_until(lambda: rule.fired or w.done.is_set(), what="the write to be held in the file layer")
+    assert not landed.is_set(), "the write was not held"
+    return w, landed
 
 
 def test_make_empty_waits_for_writes_in_flight(tmp_path):

@@ -15,6 +15,7 @@ from pyrep.options import Opt
 
 from helpers.referees import needs_qemu, qcheck, qimg, qio
 from helpers.threads import run_in_threads
+from helpers.wait import wait_until
 
 CS = 4096                   # small clusters: an L2 table maps 2 MiB, so 64 MiB needs 32 of them
 SIZE = 64 << 20
@@ -171,13 +172,14 @@ def test_growing_the_file_never_cuts_off_a_write_in_flight(tmp_path):
                      "file": {"driver": "file", "filename": str(img)}},
             "backing": {"driver": "raw", "file": {"driver": "blkdebug", "node-name": "slowbase",
                                                   "file": {"driver": "file", "filename": str(base)}}}})
-        pyrep.inject_error("slowbase", op="read", errno=None, delay=0.2)
+        held = pyrep.inject_error("slowbase", op="read", errno=None, delay=0.2)
         try:
             def b_partial():
                 blk.pwrite(8192, b"\xbb" * 4096)
 
             def c_whole():
-                time.sleep(0.05)                # after B has reserved its cluster
+                # once B, with its cluster reserved, is reading its head from the backing
+                wait_until(lambda: held.fired, what="B to read its head from the backing")
                 blk.pwrite(cs, b"\xcc" * cs)
             run_in_threads(lambda f: f(), [(b_partial,), (c_whole,)])
             assert blk.pread(cs, cs) == b"\xcc" * cs
