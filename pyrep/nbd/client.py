@@ -480,10 +480,14 @@ class NbdClient:
             try:
                 conn = self._open_conn(max(remaining, _CONNECT_ATTEMPT_TIMEOUT))
                 break
-            except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, socket.timeout) as e:
-                if time.monotonic() + backoff >= deadline:
-                    raise BlockError(errno.EIO if not e.errno else e.errno,
-                                     f"{self._where()}: could not connect: {e.strerror or e}") from None
+            except BlockError:
+                raise                   # the server answered, and said no
+            except OSError as e:
+                err = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
+                retry = isinstance(e, (ConnectionRefusedError, FileNotFoundError, ConnectionResetError,
+                                       socket.timeout))
+                if not retry or time.monotonic() + backoff >= deadline:
+                    raise BlockError(err, f"{self._where()}: could not connect: {e.strerror or e}") from None
                 time.sleep(backoff)     # bounded: open_timeout
                 backoff = min(backoff * 2, _BACKOFF_MAX)
         self.info = conn.info
@@ -663,7 +667,7 @@ class NbdClient:
                     timeout = max(0.05, min(timeout, deadline - time.monotonic()))
                 try:
                     conn = self._open_conn(timeout)
-                except (OSError, ProtocolError, OptionError):
+                except Exception:       # noqa: BLE001 - any failed attempt: try again after a pause
                     wait = backoff if deadline is None else max(0.0, min(backoff, deadline - time.monotonic()))
                     self._stop.wait(wait)
                     backoff = min(backoff * 2, _BACKOFF_MAX)

@@ -319,3 +319,9 @@ def test_a_filename_uri_selects_the_nbd_driver(tmp_path):
         assert blk.node.drv.format_name == "qcow2" and blk.node.file.drv.format_name == "nbd"
         blk.pwrite(0, b"probed")
         assert blk.pread(0, 6) == b"probed" and blk.length == 4 * MiB
+
+
+def test_unknown_host_is_a_block_error(tmp_path):
+    with pytest.raises(pyrep.BlockError) as e:
+        pyrep.open_backend({"driver": "nbd", "filename": "nbd://no-such-host.invalid/disk"})
+    assert "could not connect" in str(e.value) and "no-such-host.invalid" in str(e.value)
