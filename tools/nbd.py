@@ -178,6 +178,8 @@ def serve(a, ready_fd=None):
     finally:
         pyrep.nbd_server_stop()     # in-flight requests reply; the export's backend is flushed and closed
         pyrep.close_all()
+        for sig in sigs:            # a late signal must not kill the exit (finalization restores SIG_DFL)
+            signal.signal(sig, signal.SIG_IGN)
         if a.pid_file:
             try:
                 os.unlink(a.pid_file)

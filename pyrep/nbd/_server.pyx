@@ -95,6 +95,20 @@ cdef enum:
 # A request holding the reader role this long lets a waiting thread read the requests behind it.
 cdef long long STEAL_NS = 1000000
 
+# Replies of requests read back to back are sent together: one sendmsg for up to BATCH replies. A reply
+# waits at most BATCH_NS (or until no further request is buffered) for the ones behind it.
+cdef enum:
+    BATCH = 16
+    HDR_MAX = 32
+cdef long long BATCH_NS = 50000
+
+ctypedef struct batch_t:
+    iovec iov[2 * BATCH]
+    char hdr[BATCH * HDR_MAX]
+    int niov
+    int nrep
+    long long first_ns
+
 _log = logging.getLogger("pyrep.nbd.server")
 
 
@@ -222,28 +236,26 @@ cdef class ServerConn:
         return 0
 
     # ------------------------------------------------------------ sending
-    cdef int _send(self, char *hdr, size_t hlen, object data) except -1:
-        """Send ``hdr`` then ``data`` (bytes or None) as one message; a failure closes the connection."""
-        cdef iovec iov[2]
+    cdef int _flush(self, batch_t *bt, list keep) except -1:
+        """Send the batched replies as one message; a failure closes the connection."""
         cdef msghdr msg
         cdef Py_ssize_t r
-        cdef size_t dlen = 0
         cdef int fd = self.fd
-        cdef int nv = 1
+        cdef iovec *iov = bt.iov
+        cdef int nv = bt.niov
+        cdef int i
+        bt.niov = 0
+        bt.nrep = 0
+        if nv == 0:
+            return 0
         if self.sock is not None:
             try:
-                self.sock.sendall(hdr[:hlen] + data if data is not None else hdr[:hlen])
+                self.sock.sendall(b"".join([PyBytes_FromStringAndSize(<char *>iov[i].iov_base, iov[i].iov_len)
+                                            for i in range(nv)]))
             except OSError as e:
                 self._fail(f"send failed: {e}")
+            del keep[:]
             return 0
-        iov[0].iov_base = hdr
-        iov[0].iov_len = hlen
-        if data is not None:
-            dlen = PyBytes_GET_SIZE(data)
-            if dlen:
-                iov[1].iov_base = PyBytes_AS_STRING(data)
-                iov[1].iov_len = dlen
-                nv = 2
         msg.msg_name = NULL
         msg.msg_namelen = 0
         msg.msg_control = NULL
@@ -259,17 +271,16 @@ cdef class ServerConn:
                     if errno == EINTR:
                         continue
                     break
-                # advance past what was sent
-                while nv and <size_t>r >= iov[0].iov_len:
+                while nv and <size_t>r >= iov[0].iov_len:      # skip what was sent
                     r -= iov[0].iov_len
-                    if nv == 2:
-                        iov[0] = iov[1]
+                    iov += 1
                     nv -= 1
                 if nv == 0:
                     break
                 iov[0].iov_base = <char *>iov[0].iov_base + r
                 iov[0].iov_len -= r
             pthread_mutex_unlock(&self.slock)
+        del keep[:]
         if nv:
             self._fail("send failed: the client went away")
         return 0
@@ -349,6 +360,12 @@ cdef class ServerConn:
         cdef uint32_t length, magic
         cdef long long epoch = -1
         cdef object payload
+        cdef object data
+        cdef size_t hlen
+        cdef batch_t bt
+        cdef list keep = []         # the batched replies' data objects, alive until sent
+        bt.niov = 0
+        bt.nrep = 0
         self.threads += 1
         try:
             while True:
@@ -389,10 +406,28 @@ cdef class ServerConn:
                     self._close_role(epoch)
                     return
                 self._begin_request()
-                self._handle(flags, cmd, handle, offset, length, payload)
+                data = self._handle(flags, cmd, handle, offset, length, payload, bt.hdr + bt.nrep * HDR_MAX, &hlen)
+                payload = None
+                bt.iov[bt.niov].iov_base = bt.hdr + bt.nrep * HDR_MAX
+                bt.iov[bt.niov].iov_len = hlen
+                bt.niov += 1
+                if data is not None and PyBytes_GET_SIZE(data):
+                    bt.iov[bt.niov].iov_base = PyBytes_AS_STRING(data)
+                    bt.iov[bt.niov].iov_len = PyBytes_GET_SIZE(data)
+                    bt.niov += 1
+                    keep.append(data)
+                bt.nrep += 1
+                if bt.nrep == 1:
+                    bt.first_ns = _now_ns()
                 if not self._end_request(epoch):
                     epoch = -1          # another thread read on while we were busy: wait to be needed
+                    self._flush(&bt, keep)
+                elif (bt.nrep == BATCH or self.rend - self.rpos < REQUEST_SIZE or
+                      _now_ns() - bt.first_ns >= BATCH_NS):
+                    self._flush(&bt, keep)
         finally:
+            if bt.niov:
+                self._flush(&bt, keep)
             self.threads -= 1
 
     def stop(self):
@@ -400,9 +435,10 @@ cdef class ServerConn:
         with nogil:
             self._close_role(0)
 
-    cdef int _handle(self, uint16_t flags, uint16_t cmd, uint64_t handle, uint64_t offset, uint32_t length,
-                     object payload) except -1:
-        cdef char hdr[40]
+    cdef object _handle(self, uint16_t flags, uint16_t cmd, uint64_t handle, uint64_t offset, uint32_t length,
+                        object payload, char *hdr, size_t *hlen_out):
+        """Execute one request; its reply header goes to ``hdr`` (``*hlen_out`` bytes), the data to send
+        after it (a READ's bytes, a BLOCK_STATUS payload) is returned (or None)."""
         cdef uint32_t err = c_validate(cmd, flags, offset, length, self.size, self.tflags, self.structured,
                                        self.meta_id)
         cdef object data = None
@@ -451,4 +487,5 @@ cdef class ServerConn:
             hlen = 16
             if cmd != CMD_READ:
                 data = None
-        return self._send(hdr, hlen, data)
+        hlen_out[0] = hlen
+        return data
