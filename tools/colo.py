@@ -62,9 +62,19 @@ class QMP:
 
     def __init__(self, address, timeout=30.0):
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._sock.connect(address)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._sock = socket.socket(family, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
+            try:
+                self._sock.connect(address)
+                break
+            except ConnectionRefusedError:
+                # a server binds its socket (the path appears) a moment before it listens
+                self._sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self._file = self._sock.makefile("rb")
         self.events = []
         self.greeting = self._read()
