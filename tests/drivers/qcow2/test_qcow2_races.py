@@ -7,8 +7,11 @@ freed and handed out again, an L2 entry lost under a concurrent allocation or L1
 gone wrong shows up as another cluster's byte, as data where nothing was written, or in qemu-img check.
 """
 import random
+import time
 
 import pyrep
+from pyrep.driver import BlockDriver
+from pyrep.options import Opt
 
 from helpers.referees import needs_qemu, qcheck, qimg
 from helpers.threads import run_in_threads
@@ -39,6 +42,26 @@ def _open_held(img):
                                        "file": {"driver": "file", "filename": str(img)}}})
     pyrep.inject_error("held", op="write", errno=None, delay=0.001)
     return blk
+
+
+class HoldSmallWrites(BlockDriver):
+    """Forwards everything; a write of ``hold-length`` bytes reaches the file only ``hold`` seconds
+    after it was issued. The overwrites of the test are that long and its allocations are whole
+    clusters: an overwrite that found its host cluster before a discard freed it lands after the
+    allocation that got the cluster next, unless the free waited for it."""
+    format_name = "test-hold-small-writes"
+    is_filter = True
+    options = (Opt("file", "child", required=True), Opt("hold-length", "size", default=512),
+               Opt("hold", "number", default=0.003))
+
+    def open(self, opts):
+        self.file = self.node.open_child(opts, "file", role="file")
+        self.hold_length, self.hold = opts["hold-length"], opts["hold"]
+
+    def pwritev(self, offset, length, iov, flags=0):
+        if length == self.hold_length:
+            time.sleep(self.hold)       # injected latency (as blkdebug's delay), not synchronisation
+        return self.file.pwritev(offset, length, iov, flags)
 
 
 def _race(blk, ops, seed):
@@ -102,7 +125,10 @@ def test_discards_race_overwrites_of_the_same_clusters(tmp_path):
     those clusters and flushing: the freed host clusters come back for the next allocations at once."""
     img = tmp_path / "hot.qcow2"
     qimg("create", "-q", "-f", "qcow2", img, "4M")
-    blk = _open_held(img)
+    pyrep.register_driver(HoldSmallWrites, clobber=True)
+    blk = pyrep.open_backend({"driver": "qcow2", "discard": "unmap",
+                              "file": {"driver": "test-hold-small-writes",
+                                       "file": {"driver": "file", "filename": str(img)}}})
     hot = list(range(8))
     try:
         for c in hot:
@@ -110,19 +136,26 @@ def test_discards_race_overwrites_of_the_same_clusters(tmp_path):
 
         def writer(seed):
             rng = random.Random(seed)
-            for _ in range(150):
+            for _ in range(250):
                 c = rng.choice(hot)
                 off = rng.randrange(0, CS - 512, 512)
                 blk.pwrite(c * CS + off, bytes([_fill(c)]) * 512)
 
         def discarder(seed):
             rng = random.Random(seed)
-            for i in range(150):
+            for i in range(250):
                 blk.pdiscard(rng.choice(hot) * CS, CS)
                 if i % 4 == 0:
                     blk.flush()
 
-        run_in_threads(lambda fn, s: fn(s), [(writer, 1), (writer, 2), (writer, 3), (discarder, 4)])
+        def checker(_):
+            # a cluster holding another cluster's bytes may be discarded again soon: look all along
+            for _ in range(250):
+                for c in hot:
+                    _check_cluster(blk, c, blk.pread(c * CS, CS))
+
+        run_in_threads(lambda fn, s: fn(s), [(writer, 1), (writer, 2), (writer, 3), (discarder, 4),
+                                             (checker, None)])
         blk.flush()
         for c in range(len(hot)):
             _check_cluster(blk, c, blk.pread(c * CS, CS))
@@ -130,4 +163,5 @@ def test_discards_race_overwrites_of_the_same_clusters(tmp_path):
             assert blk.pread(c * CS, CS) == bytes(CS)
     finally:
         blk.close()
+        pyrep.unregister_driver("test-hold-small-writes")
     qcheck(img)
