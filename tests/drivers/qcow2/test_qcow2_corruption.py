@@ -166,8 +166,9 @@ def test_repair_clears_the_mark_and_the_image_is_writable_again(tmp_path):
     _bad_data_offset(img)
     blk = open_q(img)
     try:
-        with pytest.raises(BlockError):
+        with pytest.raises(BlockError) as ei:
             _read0(blk)
+        assert ei.value.errno == errno.EIO and "data cluster offset" in str(ei.value)
     finally:
         blk.close()
     res = pyrep.check_image(str(img), repair="all")

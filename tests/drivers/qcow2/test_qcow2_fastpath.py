@@ -1,5 +1,6 @@
 """The C hot paths of the qcow2 driver (drivers/qcow2/_fast.pyx): allocating writes, multi-cluster reads,
 chain reads handed to the backing node's C path, direct file reads, and their fallbacks."""
+import errno
 import random
 
 import pytest
@@ -146,11 +147,13 @@ def test_read_errors_of_the_file_still_reported(tmp_path):
     blk = pyrep.open_backend({"driver": "qcow2", "file": {"driver": "blkdebug", "node-name": "dbg",
                                                           "file": {"driver": "file", "filename": str(img)}}})
     assert blk.pread(0, 4096) == b"\x09" * 4096          # cache the L2 table
-    pyrep.inject_error("dbg", op="read", errno="EIO")
-    with pytest.raises(BlockError):
+    pyrep.inject_error("dbg", op="read", errno="ENOSPC")      # not EIO: the errno must come through
+    with pytest.raises(BlockError) as e1:
         blk.pread(4096, 4096)
-    with pytest.raises(BlockError):
+    assert e1.value.errno == errno.ENOSPC
+    with pytest.raises(BlockError) as e2:
         blk.pread(0, MB)
+    assert e2.value.errno == errno.ENOSPC
     pyrep.clear_errors("dbg")
     assert blk.pread(0, MB) == b"\x09" * MB
     blk.close()

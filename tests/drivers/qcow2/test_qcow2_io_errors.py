@@ -94,8 +94,9 @@ def test_failed_l2_table_write_is_retried_at_the_next_flush(tmp_path):
             l2_off = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
         blk.pwrite(CS, b"\x08" * CS)
         pyrep.inject_error("dbg", op="write", errno="EIO", offset=l2_off, length=CS, once=True)
-        with pytest.raises(BlockError):
+        with pytest.raises(BlockError) as ei:
             blk.flush()
+        assert ei.value.errno == errno.EIO
         blk.flush()                                          # the table is still dirty: written now
     finally:
         blk.close()
