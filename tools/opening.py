@@ -73,11 +73,13 @@ def _file_child(name, force_share):
 
 
 def image_options(name, fmt=None, image_opts=False, backing=True, read_only=True, cache=None,
-                  force_share=False, extra=None, repair=False):
+                  force_share=False, extra=None, repair=False, guarded_probe=False):
     """The option dict that opens ``name`` (a file name, URI, ``json:`` string or, with
     ``image_opts``, a drive string). ``backing=False`` opens the image alone (no backing chain);
     ``extra`` is merged into the top node's options; ``repair``: opened for a check's repair, which
-    may open an image marked corrupt (QEMU's BDRV_O_CHECK)."""
+    may open an image marked corrupt (QEMU's BDRV_O_CHECK). ``guarded_probe``: a format not given is
+    probed by the engine (``filename`` without ``driver``), which keeps QEMU's guard on a probed raw
+    image: no write may make its first sector look like another format (as qemu-io opens)."""
     if image_opts or name.startswith("json:"):
         opts = normalize(name)
         if "driver" not in opts:
@@ -93,6 +95,10 @@ def image_options(name, fmt=None, image_opts=False, backing=True, read_only=True
                     raise Error("A block device must be specified for \"file\"" if image_opts
                                 else "Cannot find device=\"\" nor node-name=\"\"")
             opts["driver"] = fmt
+    elif guarded_probe and fmt is None and backing and not repair:
+        f = _file_child(name, force_share)
+        opts = {"filename": name, "file": {k: v for k, v in f.items() if k != "filename"}}
+        return _common(opts, None, read_only, backing, cache, force_share, repair, extra)
     else:
         f = _file_child(name, force_share)
         if fmt is None:
@@ -100,15 +106,19 @@ def image_options(name, fmt=None, image_opts=False, backing=True, read_only=True
         drv = driver_of(fmt)
         # -f file (a protocol named as the format) opens the protocol alone, as qemu-img does
         opts = dict(f, driver=fmt) if drv.protocol_name else {"driver": fmt, "file": f}
-    drv = driver_of(opts["driver"])
+    return _common(opts, driver_of(opts["driver"]), read_only, backing, cache, force_share, repair, extra)
+
+
+def _common(opts, drv, read_only, backing, cache, force_share, repair, extra):
+    """The options every opening shares; ``drv`` is the top format's driver (None: probed at open)."""
     opts["read-only"] = read_only
-    if not backing and drv.supports_backing:
+    if not backing and drv is not None and drv.supports_backing:
         opts["backing"] = None
     if cache:
         opts["cache"] = dict(cache)
     if force_share:
         opts["force-share"] = True
-    if repair and any(o.name == "x-check-repair" for o in drv.options):
+    if repair and drv is not None and any(o.name == "x-check-repair" for o in drv.options):
         opts["x-check-repair"] = True
     if extra:
         opts.update(extra)
@@ -132,7 +142,7 @@ def open_error(name, e, plain=True):
 
 
 def open_image(name, fmt=None, image_opts=False, backing=True, read_only=True, cache=None,
-               force_share=False, extra=None, repair=False):
+               force_share=False, extra=None, repair=False, guarded_probe=False):
     """A BlockBackend on the image ``name`` (see ``image_options``). Errors: ``Error`` whose message is
     QEMU's reason (``open_error``), the image not named; ``OpenError`` carries the name."""
     if image_opts and fmt is not None:
@@ -143,7 +153,8 @@ def open_image(name, fmt=None, image_opts=False, backing=True, read_only=True, c
         if fmt == "qcow2" and probe_format(name) != "qcow2":
             raise OpenError(name, "Image is not in qcow2 format")
     try:
-        opts = image_options(name, fmt, image_opts, backing, read_only, cache, force_share, extra, repair)
+        opts = image_options(name, fmt, image_opts, backing, read_only, cache, force_share, extra, repair,
+                             guarded_probe)
         return pyrep.open_backend(opts, read_only=read_only, shared="all" if force_share else None)
     except (Error, OSError) as e:
         raise OpenError(name, open_error(name, e, not image_opts and is_local(name))) from None

@@ -52,6 +52,7 @@ def images(tmp_path):
     ["-c", "map", "base.qcow2"],
     ["-c", "info", "x.qcow2"],
     ["-f", "raw", "-c", "info", "r.raw"],
+    ["-c", "info", "-c", "write -P 0x51 0 4k", "-c", "read -P 0x51 0 4k", "r.raw"],    # probed raw: qemu-io's warning
     ["-f", "raw", "-c", "map", "r.raw"],
     ["-c", "write -P 0x33 64k 4k", "-c", "write -z 128k 64k", "-c", "read -P 0x33 64k 4k", "-c", "read -P 0 128k 64k",
      "-c", "map", "x.qcow2"],

@@ -6,6 +6,10 @@ import sys
 from ..console import quiet_broken_pipe, version_text
 from .commands import PROG, Context, run_command
 
+RAW_PROBED = ("WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
+              "         Automatically detecting the format is dangerous for raw images, write operations on "
+              "block 0 will be restricted.\n"
+              "         Specify the 'raw' format explicitly to remove the restrictions.")
 PROMPT = "qemu-io> "     # qemu-io's own: scripts that drive qemu-io interactively wait for it
 
 
@@ -42,11 +46,16 @@ def open_device(a):
     from ..img.common import cache_opts
     from ..opening import OpenError, open_image
     from pyrep.errors import Error
+    from pyrep.node import skip_filters
     try:
         cache = cache_opts("none" if a.nocache and a.cache is None else a.cache)
         # qemu-io opens with discard=unmap: a discard really deallocates
-        return open_image(a.filename, a.fmt, image_opts=a.image_opts, read_only=a.read_only, cache=cache,
-                          force_share=a.force_share, extra={"discard": "unmap"})
+        blk = open_image(a.filename, a.fmt, image_opts=a.image_opts, read_only=a.read_only, cache=cache,
+                         force_share=a.force_share, extra={"discard": "unmap"}, guarded_probe=True)
+        if a.fmt is None and not a.image_opts and not a.filename.startswith("json:") and \
+                skip_filters(blk.node).drv.format_name == "raw":
+            print(RAW_PROBED.format(name=a.filename), file=sys.stderr)
+        return blk
     except OpenError as e:
         reason = e.reason
     except Error as e:
