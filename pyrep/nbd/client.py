@@ -55,6 +55,7 @@ _CONNECT_ATTEMPT_TIMEOUT = 5.0      # one connect + negotiation while reconnecti
 _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.5
 _RECV_BUF = 256 * 1024
 _RECV_SLACK = 4096
+_SENDMSG_MAX = 512
 _CLOSE_JOIN = 5.0                   # seconds close() waits for the reader thread
 _DISC_WAIT = 1.0                    # seconds close() waits for the send lock to say goodbye
 
@@ -327,7 +328,7 @@ def _sendmsg_all(sock, bufs):
     """sendmsg until every byte of ``bufs`` is out (a stream socket may take part of them)."""
     views = [memoryview(b).cast("B") for b in bufs]
     while views:
-        n = sock.sendmsg(views)
+        n = sock.sendmsg(views[:_SENDMSG_MAX])     # the kernel takes at most IOV_MAX (1024) pieces
         while n:
             first = views[0]
             if n >= len(first):

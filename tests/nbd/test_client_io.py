@@ -170,3 +170,16 @@ def test_block_status_answer_is_reused_until_the_data_changes(tmp_path):
     blk.pwrite_zeroes(0, MiB, may_unmap=True)
     st = blk.block_status(0, MiB)
     assert st.flags & BS_ZERO and not st.flags & BS_DATA and status_requests() == 3
+
+
+def test_a_write_of_many_small_pieces(tmp_path):
+    """A scatter-gather write of more pieces than the kernel takes in one sendmsg (IOV_MAX = 1024)."""
+    peer = nbd_peers.nbdkit(tmp_path, "memory", "1M")
+    blk = pyrep.open_backend(peer.opts())
+    pieces = [bytes([i % 255 + 1]) * 7 for i in range(3000)]
+    iov = pyrep.IOVector()
+    for p in pieces:
+        iov.add(p)
+    blk.pwritev(5, iov)
+    assert blk.pread(5, 21000) == b"".join(pieces)
+    assert blk.node.driver.client.reconnects == 0 and blk.node.driver.client.state == "connected"
