@@ -6,6 +6,10 @@ runs each point against each server ``--reps`` times, alternating, so background
 alike. The figure per server is the MEDIAN; the ratio is pyrep / qemu. Points: 4 KiB random read and
 write at QD1 and QD16, 1 MiB sequential read and write at QD8.
 
+Each point also reports the server process's CPU time per request (user + system, from
+``/proc/PID/stat``): on a shared, busy machine throughput mostly measures the scheduler, while the CPU
+a server spends per request is what it would cost on an idle one.
+
     python bench/bench_nbd.py [--size 1G] [--runtime 5] [--reps 3] [--points all|4k|1m]
 """
 import argparse
@@ -69,6 +73,13 @@ def stop_server(p):
         p.wait()
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds the process ``pid`` (all its threads) has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_fio(sock, rw, bs, qd, runtime, size, out):
     cmd = ["fio", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={qd}", f"--runtime={runtime}", "--time_based", "--name=nbd", f"--size={size}",
@@ -77,7 +88,7 @@ def run_fio(sock, rw, bs, qd, runtime, size, out):
     with open(out) as f:
         job = json.load(f)["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
-    return side["iops"], side["bw_bytes"] / (1 << 30)
+    return side["iops"], side["bw_bytes"] / (1 << 30), side["total_ios"]
 
 
 def main(argv=None):
@@ -104,22 +115,28 @@ def main(argv=None):
                 p = start_server(kind, image, sock)
                 try:
                     for name, rw, bs, qd, unit, _ in points:
-                        iops, gib = run_fio(sock, rw, bs, qd, a.runtime, a.size, os.path.join(work, "fio.json"))
+                        c0 = cpu_seconds(p.pid)
+                        iops, gib, n = run_fio(sock, rw, bs, qd, a.runtime, a.size, os.path.join(work, "fio.json"))
+                        cpu_us = (cpu_seconds(p.pid) - c0) * 1e6 / max(n, 1)
                         results.setdefault((name, kind), []).append(iops if unit == "IOPS" else gib)
+                        results.setdefault((name, kind, "cpu"), []).append(cpu_us)
                 finally:
                     stop_server(p)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"fio --ioengine=nbd, {a.size} raw image in tmpfs, both servers -t -e 8 -f raw -k SOCK, "
           f"{a.runtime} s per run, median of {a.reps}")
-    print(f"{'point':20} {'pyrep-nbd':>12} {'qemu-nbd':>12} {'ratio':>7} {'goal':>6}")
+    print(f"{'point':20} {'pyrep-nbd':>12} {'qemu-nbd':>12} {'ratio':>7} {'goal':>6}       "
+          f"{'server CPU µs/request: pyrep':>28} {'qemu':>6}")
     for name, _, _, _, unit, goal in points:
         pv = statistics.median(results[(name, "pyrep")])
         qv = statistics.median(results[(name, "qemu")])
         fmt = (lambda v: f"{v / 1000:.1f}k") if unit == "IOPS" else (lambda v: f"{v:.2f}")
         ratio = pv / qv if qv else float("inf")
-        print(f"{name:20} {fmt(pv):>12} {fmt(qv):>12} {ratio:6.2f}x {goal:5.1f}x {'ok' if ratio >= goal else 'BELOW'}"
-              f"  ({unit})")
+        pc = statistics.median(results[(name, "pyrep", "cpu")])
+        qc = statistics.median(results[(name, "qemu", "cpu")])
+        print(f"{name:20} {fmt(pv):>12} {fmt(qv):>12} {ratio:6.2f}x {goal:5.1f}x {'ok' if ratio >= goal else 'BELOW':5} "
+              f"({unit:5}) {pc:22.1f} {qc:6.1f}")
 
 
 if __name__ == "__main__":

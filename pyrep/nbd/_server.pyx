@@ -397,6 +397,8 @@ cdef class ServerConn:
                         self._fail(f"WRITE of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
                         self._close_role(epoch)
                         return
+                    if bt.niov and self.rend - self.rpos < length:
+                        self._flush(&bt, keep)  # the payload may take a while: do not hold earlier replies
                     payload = PyBytes_FromStringAndSize(NULL, length)
                     if self._read_payload(PyBytes_AS_STRING(payload), length) < 0:
                         self._fail("the client went away in the middle of a WRITE payload")
