@@ -162,3 +162,34 @@ def _alive(pid):
 def test_daemonize_reports_a_startup_failure(tmp_path):
     r = run(["--blockdev", "driver=file,node-name=f0,filename=/nonexistent/x", "--daemonize"], tmp_path)
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "/nonexistent/x" in r.stderr
+
+
+def test_chardev_without_wait_off_waits_for_its_first_client(tmp_path, image):
+    """QEMU's default for a server chardev is wait=on: startup goes on once a client connected."""
+    import subprocess
+    from helpers.qmp import DAEMON, RawClient
+    sock, pid = tmp_path / "q.sock", tmp_path / "pid"
+    proc = subprocess.Popen(DAEMON + ["--chardev", f"socket,id=m0,path={sock},server=on", "--monitor", "m0",
+                                      "--pidfile", str(pid)] + [str(a) for a in _blockdevs(image)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        # the socket file appears (a probe connection would itself be the first client)
+        wait_until(lambda: proc.poll() is not None or sock.exists(), DEADLINE, "the monitor socket")
+        assert proc.poll() is None and not pid.exists()   # waiting: the rest of the command line has not run
+        def first_client():                        # bound a moment before it listens: retry a refusal
+            try:
+                return RawClient(str(sock))
+            except ConnectionRefusedError:
+                return None
+        c = wait_until(first_client, DEADLINE, "the first client's connection").negotiate()
+        wait_until(lambda: pid.exists(), DEADLINE, "the pidfile after the first client")
+        nodes = c.execute("query-named-block-nodes")["return"]
+        assert {n["node-name"] for n in nodes} == {"f0", "q0"}
+        c.execute("quit")
+        c.close()
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE)
+        proc.stderr.close()
