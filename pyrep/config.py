@@ -40,8 +40,9 @@ the keys of the daemon's command-line options (qemu-storage-daemon's)::
     enable = true
     primary = false
 
-They are applied in that order: objects, nodes, backends, monitors, NBD
-server, exports, replication. Relative filenames and socket paths (and an
+They are applied in this order: objects, nodes, backends, NBD server,
+exports, replication, and monitors last (a client that can connect finds the
+rest up). Relative filenames and socket paths (and an
 object's ``dir``) are resolved against the config file's directory. Every
 error names the file and the key path (``graph.toml: blockdev[1].file.filename``).
 """
@@ -53,7 +54,8 @@ from .options import Opt
 __all__ = ["load_config", "Graph", "SERVICE_SCHEMAS", "check_service", "apply_service"]
 
 _BACKEND_KEYS = {"name", "node", "read-only", "share-rw", "perm", "shared"}
-_TOP_KEYS = ("object", "blockdev", "backend", "monitor", "nbd-server", "export", "replication")
+# applied in this order; monitors last, so a client that can connect finds everything up
+_TOP_KEYS = ("object", "blockdev", "backend", "nbd-server", "export", "replication", "monitor")
 
 # the keys of each service table: the same as the daemon's command-line options
 SERVICE_SCHEMAS = {

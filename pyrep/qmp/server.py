@@ -60,23 +60,11 @@ def socket_address(spec, where="address", key="addr"):
 
 
 def listen(addr):
-    """A listening socket for ``addr`` (see :func:`socket_address`); a stale Unix socket file is replaced."""
+    """A listening socket for ``addr`` (see :func:`socket_address`). A Unix socket appears at its path
+    only once it listens (bound under a temporary name, then renamed), so a client that waits for the
+    file never meets a refusal; a stale socket file is replaced, anything else at the path is an error."""
     if addr[0] == "unix":
-        path = addr[1]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            try:
-                sock.bind(path)
-            except OSError as e:
-                if e.errno != _errno.EADDRINUSE or not _stale_unix_socket(path):
-                    raise
-                os.unlink(path)
-                sock.bind(path)
-            sock.listen(16)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return _listen_unix(addr[1])
     host, port = addr[1], addr[2]
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, sockaddr = infos[0]
@@ -85,6 +73,30 @@ def listen(addr):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
         sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+_tmp_names = itertools.count()
+
+
+def _listen_unix(path):
+    if os.path.lexists(path) and not _stale_unix_socket(path):
+        raise OSError(_errno.EADDRINUSE, f"{path} exists and is not a stale socket", path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".qmp{os.getpid()}-{next(_tmp_names)}")
+    if len(os.fsencode(tmp)) >= 108 or len(os.fsencode(path)) >= 108:
+        raise OSError(_errno.ENAMETOOLONG, f"socket path too long for a Unix socket: {path}", path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        try:
+            sock.listen(16)
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except BaseException:
         sock.close()
         raise
