@@ -9,7 +9,7 @@ would cost more than the request itself. If a request keeps its thread for longe
 over and serves the requests behind it; the slow request's thread, when done, sends its reply and
 waits to be needed again. Requests of one connection therefore run concurrently whenever one of
 them is slow, and replies leave in completion order. One waiting thread watches with a timed wait;
-the others sleep until woken.
+the others sleep until woken, and the watcher too while the connection is idle.
 
 Socket calls release the GIL; a plaintext connection is driven through its file descriptor (recv,
 sendmsg), a TLS one through its Python ``SSLSocket`` by a single thread (an SSL object must not be
@@ -121,7 +121,7 @@ cdef class ServerConn:
     negotiated; ``initial``: bytes the negotiation read past its end.
 
     Locking: ``rbuf``/``rpos``/``rend`` belong to the reader role's holder; the role itself
-    (``role_epoch``, ``reader_taken``, ``proc_start``, ``watcher``, ``idle``) is guarded by ``mlock``;
+    (``role_epoch``, ``reader_taken``, ``proc_start``, ``watcher``, ``dozing``) is guarded by ``mlock``;
     the socket's send side by ``slock``. ``closing`` is set (never cleared) under ``mlock``."""
     cdef int fd
     cdef object sock
@@ -140,6 +140,7 @@ cdef class ServerConn:
     cdef bint reader_taken          # some thread holds the reader role
     cdef long long proc_start       # when the role holder started executing a request (0: reading)
     cdef bint watcher               # a waiting thread is watching proc_start with a timed wait
+    cdef bint dozing                # ... or, the connection being idle, sleeping until a request starts
     cdef public int threads         # threads inside run()
     cdef public long long steals    # times a waiting thread took the reader role over
     cdef public bint closing        # no further request is read
@@ -297,6 +298,7 @@ cdef class ServerConn:
         cdef timespec ts
         cdef bint watching = False
         cdef long long epoch = -1
+        cdef int idle = 0
         pthread_mutex_lock(&self.mlock)
         while not self.closing:
             if not self.reader_taken:
@@ -308,12 +310,20 @@ cdef class ServerConn:
                 break
             if not self.watcher or watching:
                 self.watcher = watching = True
+                if idle >= 4:
+                    # no request seen running for four periods: sleep until one starts (_begin_request wakes us),
+                    # so an idle connection costs no wake-ups
+                    self.dozing = True
+                    pthread_cond_wait(&self.cond, &self.mlock)
+                    idle = 0
+                    continue
                 clock_gettime(CLOCK_REALTIME, &ts)
                 ts.tv_nsec += STEAL_NS
                 if ts.tv_nsec >= 1000000000:
                     ts.tv_sec += 1
                     ts.tv_nsec -= 1000000000
                 pthread_cond_timedwait(&self.cond, &self.mlock, &ts)
+                idle = idle + 1 if self.proc_start == 0 else 0
             else:
                 pthread_cond_wait(&self.cond, &self.mlock)
         if not self.closing:
@@ -322,6 +332,7 @@ cdef class ServerConn:
             epoch = self.role_epoch
         if watching:
             self.watcher = False
+            self.dozing = False
             pthread_cond_signal(&self.cond)     # another waiting thread becomes the watcher
         pthread_mutex_unlock(&self.mlock)
         return epoch
@@ -329,6 +340,9 @@ cdef class ServerConn:
     cdef bint _begin_request(self) noexcept nogil:
         pthread_mutex_lock(&self.mlock)
         self.proc_start = _now_ns()
+        if self.dozing:                         # the watcher sleeps: it must time this request
+            self.dozing = False
+            pthread_cond_broadcast(&self.cond)
         pthread_mutex_unlock(&self.mlock)
         return True
 
