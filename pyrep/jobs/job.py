@@ -14,7 +14,7 @@ Life cycle (``job.status``, a :class:`JobStatus`), drawn from :data:`TRANSITIONS
            pause()|  |resume()   (also: on_error="stop" pauses on an I/O error)
                   v  |
                  paused
-    cancel(): running/paused/ready -> aborting -> concluded
+    cancel(): created/running/paused/ready -> aborting -> concluded
 
 Every status change goes through :meth:`Job.transition`, which looks the
 move up in :data:`TRANSITIONS` (QEMU's job status table) and refuses an
@@ -79,7 +79,7 @@ TRANSITIONS = {
     "pause": {_C: _P, _R: _P, _Y: _P},
     "resume": {_P: frozenset((_R, _Y))},
     "ready": {_R: _Y},
-    "cancel": {_C: _D, _R: _A, _P: _A, _Y: _A, _A: _A},
+    "cancel": {_C: _A, _R: _A, _P: _A, _Y: _A, _A: _A},
     "conclude": {_R: _D, _P: _D, _Y: _D, _A: _D},
 }
 
@@ -368,10 +368,14 @@ class Job:
             if self.status == JobStatus.CONCLUDED:
                 return
             self._cancel = True
-            if self.status == JobStatus.CREATED:
-                self.cancelled = True
+            # created, or paused before start() (which then refuses): no job thread will ever conclude it
+            unstarted = self._thread is None and self.status in (JobStatus.CREATED, JobStatus.PAUSED)
             self.transition("cancel")
             self._cond.notify_all()
+        if unstarted:                   # run() never ran: only the edges taken at setup to give back
+            self._release_graph()
+            self._conclude()
+            return
         self._on_cancel()
         if sync and threading.current_thread() is not self._thread:
             self.wait()

@@ -81,3 +81,19 @@ def test_statuses_print_and_compare_as_their_names():
     assert str(JobStatus.READY) == "ready" and f"{JobStatus.ABORTING}" == "aborting"
     assert JobStatus.RUNNING == "running" and jobmod.STATUSES == tuple(s.value for s in JobStatus)
     assert {s for table in TRANSITIONS.values() for s in table} | {JobStatus.CONCLUDED} == set(JobStatus)
+
+
+def test_cancelling_a_job_that_never_started_concludes_it_and_frees_its_id():
+    # before: the status jumped to "concluded" but nothing set the job done, so wait() never returned
+    # and the id stayed taken; a job paused before start() stayed "aborting" for ever
+    seen = []
+    for pause_first in (False, True):
+        job = jobmod.Job(job_id="tbl3")
+        job.add_callback(lambda j: seen.append(j.status))
+        if pause_first:
+            job.pause()
+        job.cancel()
+        assert job.wait(30)
+        assert job.status is JobStatus.CONCLUDED and job.cancelled and job.error is None
+        assert "tbl3" not in [j.id for j in pyrep.jobs.list()]
+    assert seen == ["concluded", "concluded"]            # the completion callbacks ran
