@@ -209,20 +209,16 @@ def test_initial_copy_to_an_nbd_node_of_another_daemon(daemon, images, tmp_path)
                        "--nbd-server", f"addr.type=unix,addr.path={sock}",
                        "--export", "type=nbd,id=e0,node-name=colo1,writable=on")
     # the primary is a second process with its own monitor socket
-    from helpers.qmp import Daemon
-    primary = Daemon(tmp_path / "sec", ["--blockdev", f"driver=file,node-name=f0,filename={images / 'top.qcow2'}",
-                                        "--blockdev", "driver=qcow2,node-name=disk,file=f0"])
-    try:
-        q = primary.client()
-        q.cmd("blockdev-add", driver="raw", **{"node-name": "remote"},
-              file={"driver": "nbd", "server": {"type": "unix", "path": str(sock)}, "export": "colo1"})
-        q.cmd("blockdev-backup", **{"job-id": "seed", "device": "disk", "target": "remote", "sync": "full"})
-        done = pull_event(q, "BLOCK_JOB_COMPLETED")["data"]
-        assert done["device"] == "seed" and "error" not in done
-        q.cmd("quit")
-        assert primary.wait() == 0
-    finally:
-        primary.stop()
+    primary = daemon("--blockdev", f"driver=file,node-name=f0,filename={images / 'top.qcow2'}",
+                     "--blockdev", "driver=qcow2,node-name=disk,file=f0", home=tmp_path / "sec")
+    q = primary.client()
+    q.cmd("blockdev-add", driver="raw", **{"node-name": "remote"},
+          file={"driver": "nbd", "server": {"type": "unix", "path": str(sock)}, "export": "colo1"})
+    q.cmd("blockdev-backup", **{"job-id": "seed", "device": "disk", "target": "remote", "sync": "full"})
+    done = pull_event(q, "BLOCK_JOB_COMPLETED")["data"]
+    assert done["device"] == "seed" and "error" not in done
+    q.cmd("quit")
+    assert primary.wait() == 0
     secondary.client().cmd("quit")
     assert secondary.wait() == 0
     assert qimg("compare", images / "top.qcow2", images / "copy.qcow2", check=False).returncode == 0

@@ -128,21 +128,17 @@ def test_pidfile_held_by_a_running_daemon_is_refused(daemon, image, tmp_path):
     assert int((tmp_path / "pid").read_text()) == d.proc.pid
 
 
-def test_daemonize_returns_once_listening(tmp_path, image):
+def test_daemonize_returns_once_listening(tmp_path, image, reap_pids):
     sock, pid = tmp_path / "q.sock", tmp_path / "pid"
     r = run(_blockdevs(image) + ["--chardev", f"socket,id=m0,path={sock},server=on,wait=off", "--monitor", "m0",
                                  "--pidfile", pid, "--daemonize"], tmp_path)
-    try:
-        assert r.returncode == 0 and r.stderr == "", r.stderr
-        # no waiting: the parent returned after everything listened and the pidfile was written
-        assert connectable(str(sock)) and pid.exists()
-        child = int(pid.read_text())
-        os.kill(child, 0)
-    finally:
-        if pid.exists():
-            child = int(pid.read_text())
-            os.kill(child, signal.SIGTERM)
-            wait_until(lambda: not _alive(child), DEADLINE, "the daemonized process to exit")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    # no waiting: the parent returned after everything listened and the pidfile was written
+    assert connectable(str(sock)) and pid.exists()
+    child = int(pid.read_text())
+    reap_pids.append(child)
+    os.kill(child, signal.SIGTERM)
+    wait_until(lambda: not _alive(child), DEADLINE, "the daemonized process to exit")
     assert not pid.exists() and not sock.exists()
 
 
@@ -164,32 +160,19 @@ def test_daemonize_reports_a_startup_failure(tmp_path):
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "/nonexistent/x" in r.stderr
 
 
-def test_chardev_without_wait_off_waits_for_its_first_client(tmp_path, image):
+def test_chardev_without_wait_off_waits_for_its_first_client(tmp_path, image, daemon):
     """QEMU's default for a server chardev is wait=on: startup goes on once a client connected."""
-    import subprocess
-    from helpers.qmp import DAEMON, RawClient
+    from helpers.qmp import RawClient
     sock, pid = tmp_path / "q.sock", tmp_path / "pid"
-    proc = subprocess.Popen(DAEMON + ["--chardev", f"socket,id=m0,path={sock},server=on", "--monitor", "m0",
-                                      "--pidfile", str(pid)] + [str(a) for a in _blockdevs(image)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
-    try:
-        # the socket file appears (a probe connection would itself be the first client)
-        wait_until(lambda: proc.poll() is not None or sock.exists(), DEADLINE, "the monitor socket")
-        assert proc.poll() is None and not pid.exists()   # waiting: the rest of the command line has not run
-        def first_client():                        # bound a moment before it listens: retry a refusal
-            try:
-                return RawClient(str(sock))
-            except ConnectionRefusedError:
-                return None
-        c = wait_until(first_client, DEADLINE, "the first client's connection").negotiate()
-        wait_until(lambda: pid.exists(), DEADLINE, "the pidfile after the first client")
-        nodes = c.execute("query-named-block-nodes")["return"]
-        assert {n["node-name"] for n in nodes} == {"f0", "q0"}
-        c.execute("quit")
-        c.close()
-        assert proc.wait(DEADLINE) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(DEADLINE)
-        proc.stderr.close()
+    d = daemon("--chardev", f"socket,id=m0,path={sock},server=on", "--monitor", "m0", "--pidfile", pid,
+               *_blockdevs(image), monitor=False)
+    # the socket file appears once it listens (a probe connection would itself be the first client)
+    wait_until(lambda: d.proc.poll() is not None or sock.exists(), DEADLINE, "the monitor socket")
+    assert d.proc.poll() is None and not pid.exists()     # waiting: the rest of the command line has not run
+    c = RawClient(str(sock)).negotiate()                  # the first client: startup continues
+    d.clients.append(c)
+    wait_until(lambda: pid.exists(), DEADLINE, "the pidfile after the first client")
+    nodes = c.execute("query-named-block-nodes")["return"]
+    assert {n["node-name"] for n in nodes} == {"f0", "q0"}
+    c.execute("quit")
+    assert d.wait() == 0

@@ -2,7 +2,7 @@
 issue 14's pair is built from (its full model tests live with the pair)."""
 import signal
 
-from helpers.qmp import DEADLINE, Daemon
+from helpers.qmp import DEADLINE
 from helpers.referees import needs, qcheck, qimg, qio
 from helpers.wait import wait_until
 
@@ -26,29 +26,26 @@ def test_primary_and_secondary_daemons_checkpoint_and_fail_over(daemon, tmp_path
     s.cmd("xen-set-replication", enable=True, primary=False)
     # primary: a quorum over the local disk, a replication node over an nbd client of colo1 added as a child
     (tmp_path / "p").mkdir()
-    prim = Daemon(tmp_path / "p", ["--blockdev", f"driver=file,node-name=f0,filename={tmp_path / 'primary.qcow2'}",
-                                   "--blockdev", "driver=qcow2,node-name=disk,file=f0"])
-    try:
-        p = prim.client()
-        p.cmd("blockdev-add", driver="quorum", **{"node-name": "colo-disk0", "vote-threshold": 1,
-                                                  "read-pattern": "fifo"}, children=["disk"])
-        p.cmd("blockdev-add", driver="replication", mode="primary", **{"node-name": "rep0"},
-              file={"driver": "nbd", "server": {"type": "unix", "path": str(s_nbd)}, "export": "colo1"})
-        p.cmd("x-blockdev-change", parent="colo-disk0", node="rep0")
-        p.cmd("xen-set-replication", enable=True, primary=True)
-        p.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(p_nbd)}})
-        p.cmd("block-export-add", type="nbd", id="guest", **{"node-name": "colo-disk0"}, writable=True)
-        guest = f"nbd+unix:///colo-disk0?socket={p_nbd}"
-        qio(guest, "write -P 0x11 0 1M", fmt="raw")
-        for q in (s, p):
-            q.cmd("xen-colo-do-checkpoint")
-        qio(guest, "write -P 0x22 1M 1M", fmt="raw")           # after the checkpoint: rolled back by failover
-        status = p.cmd("query-xen-replication-status")
-        assert status["error"] is False and status["stage"] == "running"
-        prim.proc.send_signal(signal.SIGKILL)                   # the primary dies
-        prim.wait()
-    finally:
-        prim.stop()
+    prim = daemon("--blockdev", f"driver=file,node-name=f0,filename={tmp_path / 'primary.qcow2'}",
+                  "--blockdev", "driver=qcow2,node-name=disk,file=f0", home=tmp_path / "p")
+    p = prim.client()
+    p.cmd("blockdev-add", driver="quorum", **{"node-name": "colo-disk0", "vote-threshold": 1,
+                                              "read-pattern": "fifo"}, children=["disk"])
+    p.cmd("blockdev-add", driver="replication", mode="primary", **{"node-name": "rep0"},
+          file={"driver": "nbd", "server": {"type": "unix", "path": str(s_nbd)}, "export": "colo1"})
+    p.cmd("x-blockdev-change", parent="colo-disk0", node="rep0")
+    p.cmd("xen-set-replication", enable=True, primary=True)
+    p.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(p_nbd)}})
+    p.cmd("block-export-add", type="nbd", id="guest", **{"node-name": "colo-disk0"}, writable=True)
+    guest = f"nbd+unix:///colo-disk0?socket={p_nbd}"
+    qio(guest, "write -P 0x11 0 1M", fmt="raw")
+    for q in (s, p):
+        q.cmd("xen-colo-do-checkpoint")
+    qio(guest, "write -P 0x22 1M 1M", fmt="raw")           # after the checkpoint: rolled back by failover
+    status = p.cmd("query-xen-replication-status")
+    assert status["error"] is False and status["stage"] == "running"
+    prim.proc.send_signal(signal.SIGKILL)                   # the primary dies
+    prim.wait()
     s.cmd("xen-set-replication", enable=False, primary=False, failover=True)
     wait_until(lambda: s.cmd("query-xen-replication-status")["stage"] == "done", DEADLINE, "failover done")
     s.cmd("quit")
