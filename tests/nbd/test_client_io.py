@@ -183,3 +183,24 @@ def test_a_write_of_many_small_pieces(tmp_path):
     blk.pwritev(5, iov)
     assert blk.pread(5, 21000) == b"".join(pieces)
     assert blk.node.driver.client.reconnects == 0 and blk.node.driver.client.state == "connected"
+
+
+def test_a_server_without_structured_replies(tmp_path):
+    """nbdkit --no-sr: simple replies only (reads carry their data after the reply header), no block
+    status context: the disk reads as data everywhere."""
+    peer = nbd_peers.nbdkit(tmp_path, "memory", "4M", extra=("--no-sr",))
+    blk = pyrep.open_backend(peer.opts())
+    info = blk.node.driver.client.info
+    assert not info.structured and info.context_id is None
+    data = random.Random(9).randbytes(300000)
+    blk.pwrite(12345, data)
+    assert blk.pread(12345, len(data)) == data
+    st = blk.block_status(0, blk.length)
+    assert st.flags & BS_DATA and st.length == blk.length
+
+
+def test_a_server_without_fixed_newstyle_is_refused(tmp_path):
+    peer = nbd_peers.nbdkit(tmp_path, "memory", "4M", extra=("--mask-handshake=0",))
+    with pytest.raises(pyrep.BlockError) as e:
+        pyrep.open_backend(peer.opts())
+    assert "fixed newstyle" in str(e.value)
