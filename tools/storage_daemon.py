@@ -241,19 +241,35 @@ class Daemon:
                 add_item(self.graph, kind, spec, where, None, self.qmp)
 
     def write_pidfile(self, path):
-        """Lock and write the pidfile (an existing file is replaced only once it is ours)."""
+        """Write and lock the pidfile. A pidfile locked by a running daemon is refused; the file appears
+        whole (written under a temporary name, locked, then renamed), so a reader never sees it empty."""
         import fcntl
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UsageError(f"--pidfile {path}: cannot open pid file: {e.strerror}") from None
+        else:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UsageError(f"--pidfile {path}: cannot lock pid file: another daemon holds it") from None
+            finally:
+                os.close(fd)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise UsageError(f"--pidfile {path}: cannot open pid file: {e.strerror}") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.rename(tmp, path)
+        except BaseException:
             os.close(fd)
-            raise UsageError(f"--pidfile {path}: cannot lock pid file: another daemon holds it") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+            os.unlink(tmp)
+            raise
         self._pid_fd, self.pidfile = fd, path
 
     def shutdown(self):
