@@ -44,14 +44,13 @@ from pyrep.constants import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_
 from pyrep.driver import BlockDriver
 from pyrep.errors import BlockError, OptionError, ReplicationError
 from pyrep.options import Opt
+from pyrep.replication_state import IGNORED, TRANSITIONS, Event, Stage, next_stage
 
 __all__ = ["ReplicationDriver", "NONE", "RUNNING", "FAILOVER", "FAILOVER_FAILED", "DONE"]
 
-NONE = "none"
-RUNNING = "running"
-FAILOVER = "failover"
-FAILOVER_FAILED = "failover_failed"
-DONE = "done"
+# the stages, for callers that compare (Stage is a str enum: "running" == RUNNING)
+NONE, RUNNING, FAILOVER, FAILOVER_FAILED, DONE = (Stage.NONE, Stage.RUNNING, Stage.FAILOVER,
+                                                  Stage.FAILOVER_FAILED, Stage.DONE)
 
 _SHARED = PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE
 
@@ -82,7 +81,7 @@ class ReplicationDriver(BlockDriver):
                               f"or backend name of the root node that contains this replication node)")
         self.mode = mode
         self.top_id = top_id
-        self._stage = NONE
+        self._stage = Stage.NONE       # changed only by _move (the transition table of pyrep.replication_state)
         self._ctl = threading.RLock()
         self._error = None            # message of the first error since start, or None
         self._error_errno = None
@@ -113,7 +112,7 @@ class ReplicationDriver(BlockDriver):
                     if self.mode == "secondary":
                         self._stop_backup()
                         self._release(restore=True)
-                    self.stage = DONE
+                    self._move(Event.STOP)
                 elif self.stage == FAILOVER:
                     job = self._commit
                     if job is not None:
@@ -219,10 +218,24 @@ class ReplicationDriver(BlockDriver):
 
     @property
     def stage(self):
+        """The current :class:`~pyrep.replication_state.Stage`."""
         return self._stage
 
-    @stage.setter
-    def stage(self, value):
+    @property
+    def promoted(self):
+        """True once a failover started (stage failover or done): start, checkpoint and stop are ignored."""
+        return TRANSITIONS.get((self._stage, Event.START)) is IGNORED
+
+    def _allowed(self, event):
+        """The stage ``event`` leads to now (IGNORED: a promoted node ignores it); ReplicationError if the
+        table refuses it. Nothing changes."""
+        return next_stage(self._who(), self._stage, event)
+
+    def _move(self, event):
+        """Apply ``event``: the one place the stage changes. Returns False if the event is ignored."""
+        value = next_stage(self._who(), self._stage, event)
+        if value is IGNORED:
+            return False
         self._stage = value
         if self.mode == "primary":
             # RUNNING: the node layer calls the C forwarder directly; otherwise pwritev refuses
@@ -231,6 +244,7 @@ class ReplicationDriver(BlockDriver):
             else:
                 self.__dict__.pop("pwritev", None)
             self.node.driver_ops_changed()
+        return True
 
     @property
     def backup_job(self):
@@ -266,6 +280,9 @@ class ReplicationDriver(BlockDriver):
             return self._error
         job = self._backup
         if self.mode == "secondary" and self.stage == RUNNING and job is not None:
+            if job.cbw_error is not None:
+                return (f"copy-before-write to the hidden disk failed ({job.cbw_failures} write(s) into the "
+                        f"secondary disk refused): {job.cbw_error}")
             if job.error is not None:
                 return f"copy-before-write (backup job '{job.id}') failed: {job.error}"
             if job.status == "concluded":
@@ -282,18 +299,15 @@ class ReplicationDriver(BlockDriver):
 
     # ------------------------------------------------------------ control
     def start(self, mode):
+        """Start in ``mode``; False if ignored (promoted by a failover: continuous replication)."""
         with self._ctl:
-            if self.stage in (DONE, FAILOVER):
-                return False      # promoted after a failover (continuous replication): nothing to do
-            if self.stage != NONE:
-                raise ReplicationError(f"{self._who()}: block replication is already running (stage "
-                                       f"{self.stage})")
+            if self._allowed(Event.START) is IGNORED:
+                return False
             if mode != self.mode:
                 raise ReplicationError(f"{self._who()}: cannot start it in {mode} mode: it is a {self.mode} node")
             if self.mode == "primary":
                 self._error = None
-                self.stage = RUNNING
-                return True
+                return self._move(Event.START)
             self._start_secondary()
             return True
 
@@ -315,6 +329,7 @@ class ReplicationDriver(BlockDriver):
         if not any(isinstance(c.parent, BlockBackend) for c in secondary.parents):
             raise ReplicationError(f"{who}: the secondary disk '{secondary.name}' has no backend (open one on it "
                                    f"with pyrep.open_backend('{secondary.name}', share_rw=True))")
+        self._check_failover_can_write(secondary, hidden)
         la, lh, ls = active.length, hidden.length, secondary.length
         if not la == lh == ls:
             raise ReplicationError(f"{who}: the active disk '{active.name}' ({la} bytes), hidden disk "
@@ -337,6 +352,22 @@ class ReplicationDriver(BlockDriver):
                                    f"replication node")
         return active, hidden, secondary, top
 
+    def _check_failover_can_write(self, secondary, hidden):
+        """Refuse now what would make the failover fail later: the failover commit writes the secondary
+        disk, so every other user of it must share writes (a backend opened with share_rw, a writable
+        export)."""
+        from pyrep.constants import perm_names
+        from pyrep.jobs.commit import BASE_PERM
+        for c in secondary.parents:
+            if c.parent is hidden:
+                continue
+            missing = BASE_PERM & ~c.shared
+            if missing:
+                raise ReplicationError(
+                    f"{self._who()}: {c.user} does not share '{perm_names(missing)}' on the secondary disk "
+                    f"'{secondary.name}': a failover commits the active and hidden disks into that disk, which "
+                    f"needs it (open the backend with share_rw=True, export it writable)")
+
     def _start_secondary(self):
         from pyrep.graph import reopen_multiple
         import pyrep.jobs as jobs
@@ -354,12 +385,14 @@ class ReplicationDriver(BlockDriver):
         self._top, self._blocker, self._restore_ro = top, blocker, restore
         self._stopping = False
         try:
+            # break-guest-write: a write into the secondary disk whose old data cannot reach the hidden
+            # disk fails, so the secondary's view never changes without its copy (QEMU 7's default)
             self._backup = jobs.backup(secondary, hidden, sync="none", on_error="report",
-                                       on_complete=self._backup_concluded)
+                                       on_cbw_error="break-guest-write", on_complete=self._backup_concluded)
         except Exception as e:
             self._release(restore=True)
             raise ReplicationError(f"{who}: cannot start the copy-before-write backup job: {e}") from e
-        self.stage = RUNNING
+        self._move(Event.START)
         self._error = None
         try:
             self._checkpoint()
@@ -367,7 +400,7 @@ class ReplicationDriver(BlockDriver):
             self._error = None
             self._stop_backup()
             self._release(restore=True)
-            self.stage = NONE
+            self._move(Event.START_FAILED)
             raise
 
     def _backup_concluded(self, job):
@@ -383,6 +416,8 @@ class ReplicationDriver(BlockDriver):
     def _stop_backup(self):
         job = self._backup
         self._stopping = True
+        if job is not None and job.cbw_error is not None:
+            self._set_error(self.current_error(), getattr(job.cbw_error, "errno", errno.EIO) or errno.EIO)
         if job is not None:
             try:
                 job.cancel(sync=True)
@@ -437,26 +472,20 @@ class ReplicationDriver(BlockDriver):
 
     def do_checkpoint(self):
         with self._ctl:
-            if self.stage in (DONE, FAILOVER):
-                return None       # promoted: ignored
-            if self.mode == "primary":
-                if self.stage != RUNNING:
-                    raise ReplicationError(f"{self._who()}: block replication is not running")
-                return None
-            if self.stage != RUNNING:
-                raise ReplicationError(f"{self._who()}: block replication is not running (stage {self.stage})")
+            if self._allowed(Event.CHECKPOINT) is IGNORED or self.mode == "primary":
+                return None       # promoted: ignored; a primary has nothing to drop
             return self._checkpoint()
 
     def stop(self, failover):
+        """Stop (a secondary with ``failover``: commit active and hidden into the secondary disk);
+        False if ignored (promoted by a failover)."""
         with self._ctl:
-            if self.stage in (DONE, FAILOVER):
-                return False      # promoted: ignored
-            if self.stage != RUNNING:
-                raise ReplicationError(f"{self._who()}: block replication is not running (stage {self.stage})")
+            event = Event.FAILOVER if failover and self.mode == "secondary" else Event.STOP
+            if self._allowed(event) is IGNORED:
+                return False
             if self.mode == "primary":
-                self.stage = DONE
                 self._error = None
-                return True
+                return self._move(Event.STOP)
             if not failover:
                 try:
                     if self.current_error() is None:
@@ -464,7 +493,7 @@ class ReplicationDriver(BlockDriver):
                 finally:
                     self._stop_backup()
                     self._release(restore=True)
-                    self.stage = DONE
+                    self._move(Event.STOP)
                 return True
             self._start_failover()
             return True
@@ -472,7 +501,7 @@ class ReplicationDriver(BlockDriver):
     def _start_failover(self):
         import pyrep.jobs as jobs
         who = self._who()
-        self.stage = FAILOVER
+        self._move(Event.FAILOVER)
         self._stats["failover_started"] = time.perf_counter()
         self._stop_backup()
         self._release(restore=False)    # hidden and secondary stay writable: the commit writes them
@@ -488,7 +517,7 @@ class ReplicationDriver(BlockDriver):
             raise ReplicationError(f"{who}: failover failed: cannot start the commit job: {e}") from e
 
     def _failover_failed(self, message):
-        self.stage = FAILOVER_FAILED
+        self._move(Event.COMMIT_FAILED)
         self._error = None
         self._set_error(f"failover failed: {message}")
         self._commit_done.set()
@@ -499,7 +528,7 @@ class ReplicationDriver(BlockDriver):
         if t is not None:
             self._stats["failover_time"] = time.perf_counter() - t
         if job.error is None and not getattr(job, "cancelled", False):
-            self.stage = DONE
+            self._move(Event.COMMIT_DONE)
             self._error = None
             self._active = self._hidden = None
             self._commit_done.set()
@@ -514,5 +543,5 @@ class ReplicationDriver(BlockDriver):
         return self._commit_done.wait(timeout)
 
     def status(self):
-        return {"node": self.node.name, "mode": self.mode, "stage": self.stage,
+        return {"node": self.node.name, "mode": self.mode, "stage": self.stage.value,
                 "error": self.current_error() if self.stage != NONE else None}

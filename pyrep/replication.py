@@ -9,11 +9,12 @@ leaves when it closes. The control calls act on all of them:
     stop_all(failover, wait=False)
     status()                    # [{"node", "mode", "stage", "error"}]
 
-As this process may hold both sides (the in-process deployment, before the
-network link exists), ``start_all(mode)`` starts the nodes of that mode and
-leaves the others alone; the other calls take an optional ``mode`` to act on
-one side only. After a failover the secondary is promoted: start, checkpoint
-and stop are ignored on it (continuous replication).
+They behave as QEMU's replication_*_all: each walks every node, and a node
+promoted by a failover ignores start, checkpoint and stop in any mode
+(continuous replication). As this process may hold both sides (the in-process
+deployment), ``start_all(mode, skip_other_mode=True)`` starts one side and
+leaves the other alone; the other calls take an optional ``mode`` to act on
+one side only. The stages and their moves are in :mod:`pyrep.replication_state`.
 
 :func:`stats` gives the numbers the demo prints: bytes forwarded by the
 primary, bytes copied before write by the secondary's backup job, checkpoints
@@ -59,15 +60,26 @@ def _check_mode(mode, allow_none=True):
         raise ReplicationError(f"replication mode must be 'primary' or 'secondary', got {mode!r}")
 
 
-def start_all(mode):
-    """Start every replication node of ``mode`` ("primary" | "secondary").
+def start_all(mode, skip_other_mode=False):
+    """Start every replication node in ``mode`` ("primary" | "secondary"), as QEMU's
+    replication_start_all: every node is walked; a node promoted by a failover (stage failover or
+    done) ignores the call whatever its mode (continuous replication); a node of the other mode that
+    was not failed over is an error naming both modes — unless ``skip_other_mode`` (both sides in one
+    process: start each side with its own call); no replication node at all is not an error.
 
-    Raises ReplicationError if there is none, or when a node cannot start (the
-    nodes started by this call are stopped again)."""
+    The modes are checked before any node starts; when a node cannot start, the nodes started by
+    this call are stopped again."""
     _check_mode(mode, allow_none=False)
-    todo = nodes(mode)
-    if not todo:
-        raise ReplicationError(f"no replication node in {mode} mode in this process")
+    todo = []
+    for d in nodes():
+        if d.promoted:
+            continue
+        if d.mode != mode:
+            if skip_other_mode:
+                continue
+            raise ReplicationError(f"replication '{d.name}' is a {d.mode} node (stage {d.stage}, not failed "
+                                   f"over): it cannot start in {mode} mode")
+        todo.append(d)
     started = []
     for d in todo:
         try:

@@ -110,8 +110,8 @@ def run(size=64 * M, seed=None, checkpoints=5, writes_per_round=40, fmt="qcow2",
             "driver": "quorum", "node-name": "p_quorum", "vote-threshold": 1, "read-pattern": "fifo",
             "children": ["p_local", {"driver": "replication", "mode": "primary", "node-name": "p_rep",
                                      "file": "s_disk"}]}, name="p_top")
-        pyrep.replication.start_all("secondary")
-        pyrep.replication.start_all("primary")
+        pyrep.replication.start_all("secondary", skip_other_mode=True)
+        pyrep.replication.start_all("primary", skip_other_mode=True)
         out("replication started (secondary, then primary)")
 
         sec_writes = 0

@@ -34,6 +34,16 @@ Errors of a copy made for a guest write (``on_error``, after QEMU's
   ``job.io_error`` set; the cluster stays uncopied, so the next write to it
   (or the background loop after ``resume()``) tries again.
 
+``on_cbw_error`` (QEMU's copy-before-write option of that name) chooses between those
+policies and a stricter one:
+
+- ``"break-snapshot"`` (default): ``on_error`` decides, as above;
+- ``"break-guest-write"``: the guest write fails with the copy's error (a BlockError with its
+  errno), the cluster stays uncopied (the next write to it tries again), the job keeps
+  running and keeps the first such error in ``cbw_error`` (``cbw_failures`` counts them).
+  The target then never misses old data the source no longer holds: block replication's
+  hidden disk needs exactly that.
+
 Errors of the background copy (full/top): "report" ends the job, "ignore"
 retries the range later, "stop" pauses until resume().
 
@@ -53,6 +63,7 @@ from .job import Job, resolve_pair
 __all__ = ["BackupJob", "backup"]
 
 SYNC_MODES = ("none", "full", "top")
+CBW_ERROR_POLICIES = ("break-snapshot", "break-guest-write")
 _MAX_RUN = 1 << 20          # background copies batch clusters up to 1 MiB
 
 
@@ -60,9 +71,12 @@ class BackupJob(Job):
     type = "backup"
 
     def __init__(self, source, target, sync="none", job_id=None, on_error="report", cluster_size=None,
-                 on_complete=None):
+                 on_complete=None, on_cbw_error="break-snapshot"):
         if sync not in SYNC_MODES:
             raise OptionError(f"backup: sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+        if on_cbw_error not in CBW_ERROR_POLICIES:
+            raise OptionError(f"backup: on_cbw_error must be one of {', '.join(CBW_ERROR_POLICIES)}, "
+                              f"got {on_cbw_error!r}")
         source, target = resolve_pair("backup", source, target)
         length = source.length
         if cluster_size is None:
@@ -78,6 +92,9 @@ class BackupJob(Job):
         target.check_op("backup-target")
         super().__init__(job_id, on_error, on_complete)
         self.sync = sync
+        self.on_cbw_error = on_cbw_error
+        self.cbw_error = None          # break-guest-write: the first copy-before-write error
+        self.cbw_failures = 0          # break-guest-write: guest writes failed by their copy
         self.source, self.target = source, target
         self.cluster_size = cluster_size
         self.length = length
@@ -254,6 +271,14 @@ class BackupJob(Job):
         """A copy-before-write of the clusters ``failed`` failed; ``rest``: the claimed clusters of the
         same write not tried yet. True: go on copying ``rest`` (ignore: only ``failed`` is given up)."""
         policy = self.on_error
+        if self.on_cbw_error == "break-guest-write":
+            self._gate.release(failed + rest, False)
+            with self._cond:
+                self.cbw_failures += 1
+                if self.cbw_error is None:
+                    self.cbw_error = e
+            raise BlockError(e.errno, f"{self.describe()}: the write to '{self.source.name}' is refused: copying "
+                                      f"its old data to '{self.target.name}' failed: {e}") from e
         if policy == "ignore":
             self._gate.release(failed, True)
             with self._cond:
@@ -329,8 +354,9 @@ class BackupJob(Job):
                 pos = 0
 
 
-def backup(source, target, sync="none", job_id=None, on_error="report", cluster_size=None, on_complete=None):
+def backup(source, target, sync="none", job_id=None, on_error="report", cluster_size=None, on_complete=None,
+           on_cbw_error="break-snapshot"):
     """Start a backup job from ``source`` to ``target`` (Nodes or names); see the module docstring."""
     job = BackupJob(source, target, sync=sync, job_id=job_id, on_error=on_error, cluster_size=cluster_size,
-                    on_complete=on_complete)
+                    on_complete=on_complete, on_cbw_error=on_cbw_error)
     return job.start()

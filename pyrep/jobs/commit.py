@@ -35,7 +35,11 @@ from ..blockstatus import is_allocated_above
 from .job import Job, move_parents, resolve_node
 from .mirror import GRANULARITY, MirrorJob, check_pivot
 
-__all__ = ["CommitJob", "commit"]
+__all__ = ["CommitJob", "commit", "BASE_PERM"]
+
+# what a commit takes on its base: others must share it for the commit to start (replication checks it
+# at start, so a failover cannot fail on permissions)
+BASE_PERM = PERM_WRITE | PERM_CONSISTENT_READ
 
 
 class CommitJob(MirrorJob):
@@ -77,7 +81,7 @@ class CommitJob(MirrorJob):
                 reopen(base, False)
                 self._reopened = True
             self._take(top, "commit-top", PERM_CONSISTENT_READ, PERM_ALL)
-            self._take(base, "commit-base", PERM_WRITE | PERM_CONSISTENT_READ, PERM_ALL)
+            self._take(base, "commit-base", BASE_PERM, PERM_ALL)
             self._block(top, "commit-source")
             self._block(base, "commit-target")
             for n in self.intermediates:

@@ -31,8 +31,8 @@ def both(tmp_path, kind="raw+memory", sd_debug=None, active_debug=None, hidden_d
         pyrep.blockdev_add({"driver": "blkdebug", "node-name": "link", "file": S_LOCAL})
         target = "link"
     p = Primary(tmp_path, kind, size=SIZE, secondary_node=target, local_debug=local_debug)
-    replication.start_all("secondary")
-    replication.start_all("primary")
+    replication.start_all("secondary", skip_other_mode=True)
+    replication.start_all("primary", skip_other_mode=True)
     return p, s
 
 
@@ -73,19 +73,30 @@ def test_2_forwarding_error(tmp_path):
 
 
 def test_3_backup_error(tmp_path):
+    # a copy-before-write that fails fails the write that caused it (QEMU 7's on-cbw-error=break-guest-write):
+    # the secondary's view never changes without its copy
     p, s = both(tmp_path, kind="qcow2", hidden_debug="hidden_dbg")
     pyrep.inject_error("hidden_dbg", op="write", errno="EIO")
-    p.blk.pwrite(0, b"\x77" * CL)                        # copy-before-write fails, the write proceeds
-    assert s.local.pread(0, 4) == b"\x77" * 4
+    p.blk.pwrite(0, b"\x77" * CL)                        # the primary's own write succeeds...
     assert p.local.pread(0, 4) == b"\x77" * 4
-    with pytest.raises(pyrep.ReplicationError, match="rep.*copy-before-write"):
-        replication.get_error_all()
-    replication.get_error_all(mode="primary")
+    assert s.local.pread(0, 4) == b"\x11" * 4            # ...the forwarded one is refused on the secondary disk
+    expect_pattern(s.top, 0x11, 0, CL)                   # the secondary's view: still the checkpoint
+    with pytest.raises(pyrep.ReplicationError, match="rep.*copy-before-write.*EIO"):
+        replication.get_error_all(mode="secondary")
+    with pytest.raises(pyrep.ReplicationError, match="p_rep.*forwarding a write at 0"):
+        replication.get_error_all(mode="primary")
     assert stage() == "running"
+    with pytest.raises(pyrep.BlockError) as ei:          # a direct writer of the secondary disk sees the error
+        s.local.pwrite(CL, b"\x78" * 4096)
+    assert ei.value.errno == 5 and "hidden" in str(ei.value)
+    assert s.local.pread(CL, 4) == b"\x11" * 4
     pyrep.clear_errors("hidden_dbg")
-    assert pyrep.jobs.wait_all(10) and pyrep.jobs.list() == []     # the backup job ended
-    with pytest.raises(pyrep.ReplicationError, match="backup job"):
-        replication.do_checkpoint_all(mode="secondary")
+    s.local.pwrite(CL, b"\x78" * 4096)                   # the copy works again: so does the write
+    expect_pattern(s.top, 0x11, 0, 2 * CL)
+    assert [j.type for j in pyrep.jobs.list()] == ["backup"]     # the job kept running
+    replication.do_checkpoint_all(mode="secondary")
+    with pytest.raises(pyrep.ReplicationError, match="copy-before-write"):
+        replication.get_error_all(mode="secondary")      # the error stays until replication stops
     replication.stop_all(False)
     assert stage() == "done" and not pyrep.lookup("top").blockers
 
@@ -110,6 +121,9 @@ def test_4_secondary_disk_error(tmp_path):
     with pytest.raises(pyrep.ReplicationError, match="rep.*copy-before-write"):
         replication.get_error_all(mode="secondary")
     assert stage() == "running"
+    pyrep.clear_errors("sd_dbg")
+    assert s.local.pread(2 * CL, 4) == b"\x11" * 4       # refused: its old data could not be copied
+    expect_pattern(s.top, 0x11, 2 * CL, CL)
 
 
 def test_5_active_disk_error(tmp_path):

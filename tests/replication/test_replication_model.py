@@ -30,8 +30,8 @@ def test_random_model(tmp_path, kind, seed):
     rng = random.Random(seed)
     s = Secondary(tmp_path, kind, size=SIZE, fill=0x11)
     p = Primary(tmp_path, kind, size=SIZE, fill=0x11)
-    replication.start_all("secondary")
-    replication.start_all("primary")
+    replication.start_all("secondary", skip_other_mode=True)
+    replication.start_all("primary", skip_other_mode=True)
     primary = bytearray(b"\x11" * SIZE)
     checkpoint = bytes(primary)
     view = bytearray(checkpoint)           # checkpoint + secondary overlay
@@ -79,8 +79,8 @@ def test_concurrent_primary_writes_and_secondary_reads(tmp_path):
     s = Secondary(tmp_path, "qcow2+memory", size=size, fill=None)
     s.local.pwrite(0, b"".join(bytes([i % 250 + 1]) * cl for i in range(ncl)))
     p = Primary(tmp_path, "qcow2+memory", size=size, fill=None)
-    replication.start_all("secondary")
-    replication.start_all("primary")
+    replication.start_all("secondary", skip_other_mode=True)
+    replication.start_all("primary", skip_other_mode=True)
     # widen the race window: a read of the hidden disk that misses waits a little before it reads
     # the secondary disk (where the primary's write may land meanwhile)
     hidden = pyrep.lookup("hidden").driver

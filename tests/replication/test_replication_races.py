@@ -47,8 +47,8 @@ def setup(tmp_path):
     s.local.pwrite(0, b"".join(old_cluster(c) for c in range(NCL)))
     p = Primary(tmp_path, "raw+memory", size=SIZE, fill=None)
     p.local.pwrite(0, b"".join(old_cluster(c) for c in range(NCL)))
-    replication.start_all("secondary")
-    replication.start_all("primary")
+    replication.start_all("secondary", skip_other_mode=True)
+    replication.start_all("primary", skip_other_mode=True)
     return s, p
 
 
