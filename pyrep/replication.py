@@ -172,7 +172,7 @@ def stats():
         job = d.backup_job
         if job is not None:
             s["bytes_copied_before_write"] += getattr(job, "bytes_copied", 0)
-        s["mode"], s["stage"] = d.mode, d.stage
+        s["mode"], s["stage"] = d.mode, d.stage.value
         out[d.name] = s
         total["bytes_forwarded"] += s["bytes_forwarded"]
         total["bytes_copied_before_write"] += s["bytes_copied_before_write"]
