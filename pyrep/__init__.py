@@ -18,6 +18,7 @@ from .graph import blockdev_add, blockdev_del, close_graph, is_root, lookup, nod
 from .image import check_image, create_image
 from .node import BlockStatus, Child, Node, drained, is_allocated, is_allocated_above
 from .options import Opt, flatten, normalize, parse_drive, unflatten
+from .shutdown import handle_exit_signals   # importing it registers the exit hook: no write lost at exit
 
 __version__ = "0.1.0"
 

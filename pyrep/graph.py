@@ -449,11 +449,15 @@ def close_graph():
     they hold edges into the graph)."""
     for blk in list(_backends.values()):
         blk.close()
-    for _ in range(4):
-        for node in list(_nodes.values()):
-            if not node.parents:
-                node.monitor_owned = False
-                node.close()
+    # top down: a format flushes its caches into its file while closing, so no node may close before
+    # the nodes above it (unnamed backends are still attached: their roots close as roots)
+    for _ in range(len(_nodes) + 1):
+        roots = [n for n in list(_nodes.values()) if not n.closed and is_root(n)]
+        if not roots:
+            break
+        for node in roots:
+            node.monitor_owned = False
+            node.close()
     for node in list(_nodes.values()):
         node.monitor_owned = False
         node.close()

@@ -185,6 +185,7 @@ def run(size=64 * M, seed=None, checkpoints=5, writes_per_round=40, fmt="qcow2",
 
 def main(argv=None):
     """``pyrep-demo``: the two-process pair (:mod:`pyrep.tools.colo_demo`); ``--in-process``: this module's."""
+    pyrep.handle_exit_signals()      # SIGTERM/SIGINT: unwind (temporary images removed) and close every image
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--in-process" not in argv:
         from pyrep.tools import colo_demo
