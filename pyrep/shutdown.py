@@ -10,6 +10,8 @@ are flushed at exit:
   program with ``SystemExit(128 + signal)`` raised in the main thread, which unwinds it (``finally``
   blocks run) and reaches the exit hook, instead of killing the process with dirty caches.
 
+Python runs signal handlers in the main thread between bytecodes: a main thread blocked in one long
+call (a sleep, a lock wait) when the signal reaches another thread ends when that call returns.
 ``os._exit`` and SIGKILL still skip all of this; so does a forked child (it must not write metadata of
 images its parent holds).
 """
