@@ -28,6 +28,17 @@ def test_the_job_status_table_in_the_doc_is_the_codes_table():
     assert rows == _rows_from_code()
 
 
+def test_the_replication_stage_table_in_the_doc_is_the_codes_table():
+    from pyrep.replication_state import IGNORED, TRANSITIONS as STAGES
+    with open(DOC) as f:
+        text = f.read()
+    block = re.search(r"<!-- replication-stage-table:.*?-->\n(.*?)<!-- end replication-stage-table -->", text,
+                      re.S).group(1)
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| event")]
+    assert rows == [f"| {ev.value} | {st.value} | {'ignored' if new is IGNORED else new.value} |"
+                    for (st, ev), new in STAGES.items()]
+
+
 def test_the_package_points_at_docs_that_exist():
     doc = pyrep.__doc__
     for ref in re.findall(r"``(docs/[\w./-]+)``", doc):
