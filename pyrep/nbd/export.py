@@ -8,11 +8,12 @@ server's C loop straight to the backend.
 The registry of exports lives in :mod:`pyrep.nbd.server` (exports exist only while a server runs,
 as in QEMU).
 """
+import errno
 import threading
 
 from .. import constants as C
 from ..backend import open_backend
-from ..errors import OptionError
+from ..errors import BlockError, OptionError
 from . import proto as P
 
 MAX_EXTENTS = 2048          # descriptors in one BLOCK_STATUS reply (the client asks again for the rest)
@@ -67,9 +68,11 @@ class Export:
             if flags & P.CMD_FLAG_FUA:
                 self.blk.flush()
         elif cmd == P.CMD_WRITE_ZEROES:
-            f = C.REQ_FUA if flags & P.CMD_FLAG_FUA else 0
             if flags & P.CMD_FLAG_FAST_ZERO:
-                f |= C.REQ_NO_FALLBACK
+                # the spec wants ENOTSUP unless zeroing is certain to be fast; the engine's drivers do
+                # not report that (none honours REQ_NO_FALLBACK), so the client falls back at once
+                raise BlockError(errno.ENOTSUP, f"export '{self.name}': fast zeroing is not available")
+            f = C.REQ_FUA if flags & P.CMD_FLAG_FUA else 0
             self.blk.pwrite_zeroes(offset, length, f, may_unmap=not flags & P.CMD_FLAG_NO_HOLE)
         elif cmd == P.CMD_CACHE:
             pass        # a hint: our reads are served from the node as they come; nothing to prefetch

@@ -135,6 +135,11 @@ def test_request_errors_are_answered_and_the_connection_continues(server, disk):
     assert sorted(c.reply()[:2] for _ in range(2)) == [(50, 0), (51, P.NBD_ENOSPC)]
     c.request(P.CMD_READ, 52, 0, 8)
     assert c.reply(8) == (52, 0, b"12345678")
+    c.request(P.CMD_WRITE_ZEROES, 53, 0, 4, P.CMD_FLAG_FAST_ZERO)   # never promised fast: refused at once
+    assert c.reply()[:2] == (53, P.NBD_ENOTSUP)
+    c.request(P.CMD_WRITE_ZEROES, 54, 0, 4, P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FUA)
+    c.request(P.CMD_READ, 55, 0, 8)
+    assert c.reply() == (54, 0, b"") and c.reply(8) == (55, 0, bytes(4) + b"5678")
     c.close()
 
 
