@@ -150,14 +150,9 @@ def serve(a, ready_fd=None):
     for sig in sigs:
         signal.signal(sig, lambda *_: stop.set())
     node = pyrep.blockdev_add(_node_options(a))
-    # The server's threads start with these signals blocked, so the kernel delivers them to this
-    # thread: one landing on a server thread would only set Python's flag while this thread sleeps on.
-    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        srv = pyrep.nbd_server_start(_address(a), tls_creds=a.tls_creds, max_connections=max(0, a.shared),
-                                     workers=a.workers or DEFAULT_WORKERS)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+    # the server's threads block these signals, so they reach this thread and wake the wait below
+    srv = pyrep.nbd_server_start(_address(a), tls_creds=a.tls_creds, max_connections=max(0, a.shared),
+                                 workers=a.workers or DEFAULT_WORKERS)
     if not a.persistent:
         srv.on_idle(stop.set)
     pyrep.export_add(node, name=a.export_name, writable=not a.read_only, description=a.description)

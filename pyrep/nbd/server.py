@@ -21,6 +21,7 @@ at debug level on ``pyrep.nbd.server``); the listener and other connections carr
 import errno
 import logging
 import os
+import signal
 import socket
 import stat
 import threading
@@ -280,7 +281,16 @@ class NBDServer:
         self._stopping = False
         self._idle_callbacks = []
         self._thread = threading.Thread(target=self._accept_loop, name="nbd-accept", daemon=True)
-        self._thread.start()
+        # Our threads (the acceptor and every connection thread it starts) run with the stop signals
+        # blocked, so the kernel delivers a process-directed SIGTERM/SIGINT/SIGHUP to a thread of the
+        # embedding program: landing on one of ours it would only set Python's flag while the main
+        # thread sleeps on.
+        sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _bound_address(self):
         if self.sock.family == socket.AF_UNIX:
