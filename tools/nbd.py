@@ -156,9 +156,11 @@ def serve(a, ready_fd=None):
     if not a.persistent:
         srv.on_idle(stop.set)
     pyrep.export_add(node, name=a.export_name, writable=not a.read_only, description=a.description)
-    if a.pid_file:
-        with open(a.pid_file, "w") as f:
+    if a.pid_file:                  # written whole, then renamed: a reader never sees it empty
+        tmp = f"{a.pid_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             f.write(f"{os.getpid()}\n")
+        os.replace(tmp, a.pid_file)
     if ready_fd is not None:
         # detach from the parent's streams (whoever waits for the parent must not wait for us)
         null = os.open(os.devnull, os.O_RDWR)
