@@ -4,10 +4,13 @@ Rules name an operation (read, write, zero, discard, flush, any), the byte
 range a request must touch, the errno to fail with, whether to fire once,
 and how many matching requests to let pass first. A rule with ``delay``
 (seconds) holds matching requests that long before they go on (or fail, if
-it also has an errno): races in tests become reproducible. Rules can also be added
+it also has an errno): races in tests become reproducible. A rule with ``hold`` holds matching
+requests until :meth:`Rule.release` (at most ``HOLD_LIMIT`` seconds, then they fail with ETIMEDOUT):
+a test then knows a request is in flight (``rule.held``) for as long as it needs. Rules can also be added
 and cleared at run time with :func:`pyrep.inject_error` and
 :func:`pyrep.clear_errors`. Everything else is forwarded to ``file``.
 """
+import errno as _errno
 import threading
 import time
 
@@ -18,16 +21,18 @@ from pyrep.options import Opt, parse_bool, parse_size
 __all__ = ["BlkdebugDriver", "Rule"]
 
 _OPS = ("read", "write", "zero", "discard", "flush", "any")
-_RULE_KEYS = {"op", "errno", "offset", "length", "once", "after", "delay"}
+_RULE_KEYS = {"op", "errno", "offset", "length", "once", "after", "delay", "hold"}
+HOLD_LIMIT = 60.0       # a held request never waits longer: a test that forgot to release fails, not hangs
 
 
 class Rule:
     """One injected error: fail requests of ``op`` touching ``[offset, offset+length)``."""
 
-    __slots__ = ("op", "errno", "offset", "length", "once", "after", "delay", "seen", "fired")
+    __slots__ = ("op", "errno", "offset", "length", "once", "after", "delay", "seen", "fired", "hold", "held",
+                 "_released", "_cond")
 
     def __init__(self, op="any", errno="EIO", offset=0, length=None, once=False, after=0, delay=None,
-                 where="inject-error"):
+                 hold=False, where="inject-error"):
         if op not in _OPS:
             raise OptionError(f"blkdebug: {where}.op: expected one of {', '.join(_OPS)}, got {op!r}")
         self.op = op
@@ -48,8 +53,33 @@ class Rule:
         self.length = None if length is None else parse_size(length, f"blkdebug: {where}.length")
         self.once = parse_bool(once, f"blkdebug: {where}.once")
         self.after = parse_size(after, f"blkdebug: {where}.after")
+        self.hold = parse_bool(hold, f"blkdebug: {where}.hold")
         self.seen = 0
         self.fired = 0
+        self.held = 0                       # requests waiting for release() right now
+        self._released = False
+        self._cond = threading.Condition()
+
+    def release(self):
+        """Let every request this rule holds (and every later one) go on."""
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+    def wait_held(self, n=1, timeout=HOLD_LIMIT):
+        """Wait until ``n`` requests are held; True if they are."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.held >= n, timeout)
+
+    def _hold(self):
+        with self._cond:
+            self.held += 1
+            self._cond.notify_all()
+            try:
+                if not self._cond.wait_for(lambda: self._released, HOLD_LIMIT):
+                    raise BlockError(_errno.ETIMEDOUT, f"blkdebug: request held {HOLD_LIMIT} s and never released")
+            finally:
+                self.held -= 1
 
     def matches(self, op, offset, length):
         if self.op != "any" and self.op != op:
@@ -99,12 +129,14 @@ class BlkdebugDriver(BlockDriver):
 
     def clear_rules(self):
         with self._lock:
-            self.rules = []
+            rules, self.rules = self.rules, []
+        for rule in rules:
+            rule.release()              # nothing stays held by a rule nobody can reach any more
 
     def _check(self, op, offset, length):
         if not self.rules:
             return
-        delay, fail = 0.0, None
+        delay, fail, holds = 0.0, None, []
         with self._lock:
             for rule in list(self.rules):
                 if not rule.matches(op, offset, length):
@@ -116,11 +148,15 @@ class BlkdebugDriver(BlockDriver):
                 if rule.once:
                     self.rules.remove(rule)
                 delay = max(delay, rule.delay or 0.0)
+                if rule.hold:
+                    holds.append(rule)
                 if rule.errno is not None:
                     fail = rule
                     break
         if delay:
             time.sleep(delay)  # outside the lock: other requests keep flowing
+        for rule in holds:
+            rule._hold()
         if fail is not None:
             raise BlockError(fail.errno, f"blkdebug: injected error on {op} at {offset} "
                                          f"(+{length}) of node '{self.node.name}'")
@@ -149,12 +185,14 @@ class BlkdebugDriver(BlockDriver):
         return self.file.node.make_empty()
 
 
-def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0, delay=None):
+def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0, delay=None,
+                 hold=False):
     """Add a rule to the blkdebug node ``node_name`` at run time; returns the Rule.
 
-    With ``delay`` (seconds) and ``errno=None`` matching requests are only held up."""
+    With ``delay`` (seconds) and ``errno=None`` matching requests are only held up; with ``hold`` they
+    wait for ``rule.release()``."""
     driver = _blkdebug(node_name)
-    rule = Rule(op=op, errno=errno, offset=offset, length=length, once=once, after=after, delay=delay)
+    rule = Rule(op=op, errno=errno, offset=offset, length=length, once=once, after=after, delay=delay, hold=hold)
     driver.add_rule(rule)
     return rule
 

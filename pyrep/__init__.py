@@ -32,12 +32,14 @@ def close_all():
     close_graph()
 
 
-def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0, delay=None):
-    """Make the blkdebug node ``node_name`` fail (or, with ``delay`` and ``errno=None``, hold up)
-    matching requests from now on (see the blkdebug driver)."""
+def inject_error(node_name, op="write", errno="EIO", offset=0, length=None, once=False, after=0, delay=None,
+                 hold=False):
+    """Make the blkdebug node ``node_name`` fail (or, with ``delay`` and ``errno=None``, hold up; with
+    ``hold``, hold until ``rule.release()``) matching requests from now on (see the blkdebug driver);
+    returns the rule."""
     from .drivers.blkdebug import inject_error as _inject
     return _inject(node_name, op=op, errno=errno, offset=offset, length=length, once=once, after=after,
-                   delay=delay)
+                   delay=delay, hold=hold)
 
 
 def clear_errors(node_name):

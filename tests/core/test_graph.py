@@ -1,7 +1,6 @@
 """The node graph: names, references, lifetimes, permissions, blockers, reopen, drain, allocation."""
 import errno
 import threading
-import time
 
 import pytest
 
@@ -9,7 +8,8 @@ import pyrep
 from pyrep.constants import BS_ALLOCATED, BS_DATA, BS_ZERO
 
 from helpers.referees import needs, qcheck, qimg
-from helpers.threads import run_in_threads
+from helpers.threads import TIMEOUT, run_in_threads, spawn
+from helpers.wait import stays_false
 
 
 def raw(tmp_path, name="d.raw", size=1 << 20, **extra):
@@ -167,29 +167,31 @@ def test_drain_waits_for_in_flight_and_holds_new_requests():
     started, release = threading.Event(), threading.Event()
 
     def slow_notifier(node, offset, length, flags):
-        started.set()
-        release.wait(5)
+        if offset == 0:
+            started.set()
+            release.wait(TIMEOUT)
     blk.node.add_write_notifier(slow_notifier)
-    t = threading.Thread(target=blk.pwrite, args=(0, b"a" * 512))
-    t.start()
-    started.wait(5)
+    w = spawn(blk.pwrite, 0, b"a" * 512)
+    assert started.wait(TIMEOUT)
     assert blk.in_flight == 1
-    drained = threading.Event()
+    drained, leave = threading.Event(), threading.Event()
 
     def drainer():
         with pyrep.drained(blk.node):
             drained.set()
-            time.sleep(0.05)
-    d = threading.Thread(target=drainer)
-    d.start()
-    time.sleep(0.05)
-    assert not drained.is_set()  # the write is still in flight
+            leave.wait(TIMEOUT)
+    d = spawn(drainer)
+    assert stays_false(drained.is_set), "drained while a write was still in flight"
     release.set()
-    assert drained.wait(5)
-    t.join(5)
-    d.join(5)
+    assert drained.wait(TIMEOUT)
+    w.join()
     assert blk.in_flight == 0
-    assert blk.pread(0, 1) == b"a"
+    late = spawn(blk.pwrite, 4096, b"b" * 512)      # a new request inside the drained section waits
+    assert stays_false(late.done.is_set), "a request ran inside a drained section"
+    leave.set()
+    d.join()
+    late.join()
+    assert blk.pread(0, 1) == b"a" and blk.pread(4096, 1) == b"b"
 
 
 def test_is_allocated_above_across_a_chain():
@@ -395,11 +397,10 @@ def test_a_write_notifier_reads_old_data_untracked_inside_a_serialising_write():
         seen.append(bytes(buf))
     node.enable_tracking()
     node.add_write_notifier(notifier)
-    t = threading.Thread(target=node.pwritev, args=(0, 4096, pyrep.IOVector(b"new!" * 1024), REQ_SERIALISING))
-    t.start()
-    t.join(5)
-    alive = t.is_alive()
+    w = spawn(node.pwritev, 0, 4096, pyrep.IOVector(b"new!" * 1024), REQ_SERIALISING)
+    finished = w.done.wait(TIMEOUT)
     node.remove_write_notifier(notifier)
     node.disable_tracking()
-    assert not alive, "the notifier's read waited for the write it runs in"
+    assert finished, "the notifier's read waited for the write it runs in"
+    w.join()
     assert seen == [b"old!" * 1024] and node.pread(0, 4) == b"new!"

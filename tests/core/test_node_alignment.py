@@ -2,12 +2,11 @@
 whole blocks, and an unaligned write is a read-modify-write that must never put back stale bytes over a
 write that landed meanwhile."""
 import random
-import threading
-import time
 
 import pyrep
 
-from helpers.threads import run_in_threads
+from helpers.threads import run_in_threads, spawn
+from helpers.wait import stays_false
 
 BLOCK = 4096
 
@@ -20,16 +19,20 @@ def _aligned_node(tmp_path, size, name):
 
 
 def test_aligned_write_during_a_read_modify_write_is_not_overwritten(tmp_path):
-    """A 512-byte write reads its 4 KiB block, and its write-back is held (blkdebug delay); an aligned
+    """A 512-byte write reads its 4 KiB block, and its write-back is held (blkdebug hold); an aligned
     write of the whole block meanwhile must not be undone by the write-back: it waits for it instead."""
     blk = _aligned_node(tmp_path, 65536, "al")
     try:
-        pyrep.inject_error("al", op="write", errno=None, delay=0.3, once=True)
-        t = threading.Thread(target=blk.pwrite, args=(0, b"\xaa" * 512))
-        t.start()
-        time.sleep(0.1)                         # the unaligned write has read its block, its write is held
-        blk.pwrite(0, b"\xbb" * BLOCK)          # returns only after the held write-back
-        t.join()
+        rule = pyrep.inject_error("al", op="write", errno=None, hold=True)
+        rmw = spawn(blk.pwrite, 0, b"\xaa" * 512)
+        assert rule.wait_held(1)                # the unaligned write has read its block, its write is held
+        whole = spawn(blk.pwrite, 0, b"\xbb" * BLOCK)
+        assert stays_false(lambda: rule.held > 1 or whole.done.is_set()), \
+            "the aligned write went to the file under a held read-modify-write"
+        rule.release()
+        rmw.join()
+        whole.join()
+        assert rule.fired == 2                  # both writes reached the file, in order
         assert blk.pread(0, BLOCK) == b"\xbb" * BLOCK
     finally:
         pyrep.clear_errors("al")

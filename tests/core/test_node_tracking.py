@@ -1,13 +1,13 @@
 """Request tracking: a serialising request queues in arrival order, so overlapping requests that arrive
 after it wait behind it instead of overtaking it for ever."""
 import threading
-import time
 
 import pyrep
 from pyrep._core.iovec import IOVector
 from pyrep.constants import REQ_SERIALISING
 
-from helpers.threads import run_in_threads
+from helpers.threads import run_in_threads, spawn
+from helpers.wait import wait_until
 
 
 def test_serialising_write_is_not_starved_by_a_stream_of_overlapping_reads():
@@ -22,30 +22,25 @@ def test_serialising_write_is_not_starved_by_a_stream_of_overlapping_reads():
     pyrep.inject_error("trk", op="read", errno=None, delay=0.02)
     stop = threading.Event()
     reads = [0, 0]
-
-    deadline = time.monotonic() + 2.5           # the readers stop by themselves: a starved write fails
+    budget = 150                                # reads a reader makes at most (~3 s): then it stops by itself
 
     def reader(i):
-        time.sleep(0.01 * i)                    # staggered: the two reads overlap in time
-        while not stop.is_set() and time.monotonic() < deadline:
+        while not stop.is_set() and reads[i] < budget:
             blk.pread(0, 65536)
             reads[i] += 1
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
+    workers = [spawn(reader, i) for i in range(2)]
     try:
-        time.sleep(0.2)
-        t0 = time.monotonic()
+        wait_until(lambda: min(reads) >= 3, what="both readers to be reading")
         node.pwritev(0, 4096, IOVector(b"\x5a" * 4096), REQ_SERIALISING)
-        waited = time.monotonic() - t0
-        time.sleep(0.1)
-        assert waited < 0.5, waited
+        at_write = list(reads)
+        # a starved write gets in only once a reader has spent its whole budget and stopped
+        assert max(at_write) < budget, f"the write waited until the readers stopped ({at_write})"
+        wait_until(lambda: all(r > w for r, w in zip(reads, at_write)), what="the readers to go on after the write")
         assert blk.pread(0, 4096) == b"\x5a" * 4096
-        assert min(reads) > 3                   # the readers ran before and after
     finally:
         stop.set()
-        for t in threads:
-            t.join()
+        for w in workers:
+            w.join()
         pyrep.clear_errors("trk")
         node.disable_tracking()
         blk.close()

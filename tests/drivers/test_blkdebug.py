@@ -1,9 +1,12 @@
 """Fault injection: rules from options and at run time."""
 import errno
+import time
 
 import pytest
 
 import pyrep
+
+from helpers.threads import spawn
 
 
 @pytest.fixture
@@ -82,18 +85,46 @@ def test_inject_on_a_non_blkdebug_node():
 
 
 def test_delay_rules_hold_requests_without_failing(blk):
-    import threading
-    import time
-    pyrep.inject_error("dbg", op="read", errno=None, delay=0.2, offset=0, length=4096)
-    done = []
-    t = threading.Thread(target=lambda: done.append(blk.pread(0, 512)))
+    rule = pyrep.inject_error("dbg", op="read", errno=None, delay=0.2, offset=0, length=4096)
     t0 = time.monotonic()
-    t.start()
-    blk.pwrite(65536, b"w")          # other requests are not held up
-    blk.pread(65536, 1)
-    assert not done
-    t.join(5)
-    assert done == [bytes(512)] and time.monotonic() - t0 >= 0.2
+    assert blk.pread(0, 512) == bytes(512)
+    assert time.monotonic() - t0 >= 0.2 and rule.fired == 1      # a lower bound: slow machines pass too
+    blk.pwrite(65536, b"w")
+    assert blk.pread(65536, 1) == b"w" and rule.fired == 1        # outside the range: not delayed
     with pytest.raises(pyrep.OptionError, match=r"inject-error.0.delay: expected 0 to 60 seconds"):
         pyrep.blockdev_add({"driver": "blkdebug", "inject-error": [{"op": "read", "delay": -1}],
+                            "file": {"driver": "null"}})
+
+
+def test_hold_rules_hold_requests_until_released(blk):
+    rule = pyrep.inject_error("dbg", op="read", errno=None, hold=True, offset=0, length=4096)
+    r = spawn(blk.pread, 0, 512)
+    assert rule.wait_held(1)
+    blk.pwrite(65536, b"w")                     # other requests are not held up
+    assert blk.pread(65536, 1) == b"w"
+    assert not r.done.is_set() and rule.held == 1
+    rule.release()
+    assert r.join() == bytes(512) and rule.held == 0
+    assert blk.pread(0, 1) == b"\0"             # released: later requests pass at once
+
+
+def test_clearing_the_rules_releases_what_they_hold(blk):
+    rule = pyrep.inject_error("dbg", op="write", errno=None, hold=True)
+    w = spawn(blk.pwrite, 0, b"held")
+    assert rule.wait_held(1)
+    pyrep.clear_errors("dbg")
+    w.join()
+    assert blk.pread(0, 4) == b"held"
+
+
+def test_a_hold_with_an_errno_fails_the_request_once_released(blk):
+    rule = pyrep.inject_error("dbg", op="write", errno="ENOSPC", hold=True, once=True)
+    w = spawn(blk.pwrite, 0, b"x")
+    assert rule.wait_held(1)
+    rule.release()
+    with pytest.raises(pyrep.BlockError) as e:
+        w.join()
+    assert e.value.errno == errno.ENOSPC
+    with pytest.raises(pyrep.OptionError, match=r"inject-error.0.hold: "):
+        pyrep.blockdev_add({"driver": "blkdebug", "inject-error": [{"op": "read", "hold": "maybe"}],
                             "file": {"driver": "null"}})

@@ -37,6 +37,8 @@ class Worker(threading.Thread):
         super().join(timeout)
         if self.is_alive():
             raise AssertionError(f"{self.name} still running after {timeout} s")
+        if self in _started:
+            _started.remove(self)       # its outcome is the caller's now
         if self.error is not None:
             raise self.error
         return self.result
@@ -76,8 +78,9 @@ def reap(workers=None, timeout=TIMEOUT):
             w.join(max(0.0, deadline - time.monotonic()))
         except BaseException as e:  # noqa: BLE001 - collected, the first re-raised below
             errors.append(e)
+    for w in workers:
         if w in _started:
-            _started.remove(w)
+            _started.remove(w)          # a hung one is reported once, here, not by every later test
     if errors:
         if len(errors) > 1 and hasattr(errors[0], "add_note"):       # Python >= 3.11
             errors[0].add_note("other workers failed too: " + "; ".join(map(repr, errors[1:])))

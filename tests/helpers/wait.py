@@ -15,3 +15,15 @@ def wait_until(cond, timeout=TIMEOUT, what=None, interval=0.001):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or getattr(cond, '__qualname__', cond)}")
         time.sleep(interval)
+
+
+def stays_false(cond, window=0.2, interval=0.001):
+    """True if ``cond()`` stays false for ``window`` seconds. Only for things that must NOT happen (a
+    request that must wait, a write that must not land): a broken engine makes them happen at once, so
+    a short window catches it, and a working one never fails by being slow."""
+    deadline = time.monotonic() + window
+    while time.monotonic() < deadline:
+        if cond():
+            return False
+        time.sleep(interval)
+    return not cond()
