@@ -103,6 +103,7 @@ class MemoryDriver(BlockDriver):
         self._wake = threading.Event()    # first: close() runs after a failed open too
         self._closing = False
         self._compressor = None
+        self._passes = self._cancelled = 0  # background passes run / dropped by a make_empty (get_info)
         cs = opts["cluster-size"]
         if cs & (cs - 1) or not 512 <= cs <= 2 << 20:
             raise OptionError(f"memory: option '{self.node.option_prefix}cluster-size' must be a power of two from 512 "
@@ -162,7 +163,8 @@ class MemoryDriver(BlockDriver):
         st = self._store
         return {"memory-used": st.used, "allocated-clusters": len(st.clusters),
                 "cluster-size": self.cluster_size, "codec": self._codec, "raw-bytes": st.raw_bytes,
-                "pooled-buffers": len(st.pool)}
+                "pooled-buffers": len(st.pool), "compress-passes": self._passes,
+                "compress-cancelled": self._cancelled}
 
     # ------------------------------------------------------------ storage
     def _compress(self, buf):
@@ -271,6 +273,7 @@ class MemoryDriver(BlockDriver):
                 time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
             if not self._closing and store.empties == emptied and store.wake_pending:
                 self.compact(throttle=True)
+                self._passes += 1
 
     def compact(self, throttle=False):
         """Compress every cluster stored raw that compresses (a background pass, done now); return
@@ -350,7 +353,10 @@ class MemoryDriver(BlockDriver):
             self.size = length
 
     def make_empty(self):
-        """Drop every cluster (no request may be in flight). The raw buffers become the pool."""
+        """Drop every cluster (no request may be in flight). The raw buffers become the pool, and a
+        background pass that was waiting for its delay is dropped."""
+        if self._store.wake_pending:
+            self._cancelled += 1
         stale = self._store.empty()
         if len(stale) > 1024:
             # freeing many buffers takes milliseconds: a checkpoint should not wait for it

@@ -2,12 +2,14 @@
 import os
 import random
 import threading
-import time
 
 import pytest
 
 import pyrep
 from pyrep.constants import BS_ALLOCATED
+
+from helpers.threads import run_in_threads, spawn
+from helpers.wait import wait_until
 
 MiB = 1 << 20
 
@@ -114,12 +116,9 @@ def test_background_compressor_runs_by_itself():
                              "compress-delay": 0.2}) as blk:
         drv = blk.node.driver
         blk.pwrite(0, b"q" * (3 * MiB))               # below compress-above: stays raw, no thread
-        time.sleep(0.1)
         assert drv._compressor is None and drv.memory_used > 3 * MiB
         blk.pwrite(0, b"q" * (8 * MiB))               # above: the compressor wakes and compresses
-        deadline = time.monotonic() + 10
-        while drv.memory_used > MiB and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: drv.get_info()["compress-passes"] >= 1, what="a background pass")
         assert drv.memory_used < MiB
         assert blk.pread(0, 8 * MiB) == b"q" * (8 * MiB)
     assert not drv._compressor.is_alive()         # close stops it
@@ -169,13 +168,13 @@ def test_compaction_racing_with_writes_and_reads_loses_nothing():
         drv = blk.node.driver
         model = bytearray(size)
         stop = threading.Event()
+        passes = []
 
         def compactor():
             while not stop.is_set():
-                drv.compact()
+                passes.append(drv.compact())
 
-        t = threading.Thread(target=compactor)
-        t.start()
+        t = spawn(compactor)
         rng = random.Random(7)
         try:
             for i in range(3000):
@@ -187,9 +186,12 @@ def test_compaction_racing_with_writes_and_reads_loses_nothing():
                 if i % 50 == 0:
                     r = rng.randrange(0, size - 65536)
                     assert blk.pread(r, 65536) == model[r:r + 65536]
+                if i == 2000:
+                    wait_until(lambda: sum(passes) > 0, what="the compactor to compress while writes go on")
         finally:
             stop.set()
-            t.join()
+            t.join()                                  # re-raises a compactor that died
+        assert len(passes) > 1 and sum(passes) > 0, passes
         drv.compact()
         assert blk.pread(0, size) == bytes(model)
 
@@ -207,21 +209,14 @@ def test_inline_compression_racing_writes_to_the_same_cluster_loses_nothing():
         for r in range(80):
             a = bytes([r % 250 + 1]) * (cs // 2)
             bs = [(cs // 2 + i * 4096, bytes([(r + i) % 250 + 2]) * 4096) for i in range(8)]
-            bar = threading.Barrier(2)
 
             def first():
-                bar.wait()
                 blk.pwrite(0, a)
 
             def second():
-                bar.wait()
                 for off, d in bs:
                     blk.pwrite(off, d)
-            ts = [threading.Thread(target=first), threading.Thread(target=second)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+            run_in_threads(lambda f: f(), [(first,), (second,)])
             model[:cs // 2] = a
             for off, d in bs:
                 model[off:off + 4096] = d
@@ -234,17 +229,15 @@ def test_make_empty_cancels_a_pending_compression_pass():
     """A hidden disk emptied at every checkpoint is not compressed: the pass waits compress-delay,
     and a make_empty meanwhile cancels it."""
     with pyrep.open_backend({"driver": "memory", "size": "16M", "compress-above": "1M",
-                             "compress-delay": 0.5}) as blk:
+                             "compress-delay": 1}) as blk:
         drv = blk.node.driver
-        blk.pwrite(0, b"c" * (4 * MiB))
-        time.sleep(0.1)
+        blk.pwrite(0, b"c" * (4 * MiB))               # wakes the compressor: a pass in 1 s
         blk.node.make_empty()                         # within the delay: the pass is dropped
         blk.pwrite(0, b"d" * (512 * 1024))            # below compress-above: nothing new to wake it
-        time.sleep(1.0)
-        assert drv.get_info()["raw-bytes"] == 512 * 1024 and drv.memory_used > 512 * 1024
+        info = drv.get_info()
+        assert info["compress-cancelled"] == 1 and info["compress-passes"] == 0
+        assert info["raw-bytes"] == 512 * 1024
         blk.pwrite(MiB, b"e" * (4 * MiB))             # above again, and left alone: compressed
-        deadline = time.monotonic() + 10
-        while drv.memory_used > MiB and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert drv.memory_used < MiB
+        wait_until(lambda: drv.get_info()["compress-passes"] == 1, what="a background pass")
+        assert drv.memory_used < MiB and drv.get_info()["compress-cancelled"] == 1
         assert blk.pread(0, 512 * 1024) == b"d" * (512 * 1024) and blk.pread(MiB, 4 * MiB) == b"e" * (4 * MiB)

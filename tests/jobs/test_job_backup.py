@@ -1,4 +1,5 @@
 """Backup jobs: copy-before-write (sync=none), full/top copies, policies, job control."""
+import errno
 import os
 import random
 import threading
@@ -11,7 +12,8 @@ import pyrep.jobs
 from pyrep.errors import BlockError, OptionError
 
 from helpers.jobs import CS, SIZE
-from helpers.threads import run_in_threads
+from helpers.threads import run_in_threads, spawn
+from helpers.wait import stays_false, wait_until
 
 
 def pattern(tag, n=CS):
@@ -27,6 +29,12 @@ def raw_file(tmp_path, name, size=SIZE, fill=None):
             for i in range(size // CS):
                 f.write(fill(i))
     return {"driver": "raw", "file": {"driver": "file", "filename": str(path)}}
+
+
+def file_bytes(opts):
+    """What the raw file of ``opts`` holds, read past pyrep: the model the tests compare with."""
+    with open(opts["file"]["filename"], "rb") as f:
+        return f.read()
 
 
 def counting_target(name="tgt", size=SIZE):
@@ -59,7 +67,7 @@ def test_cow_copies_old_data_once_per_cluster(tmp_path):
         assert got == (pattern(c) if c in touched else bytes(CS)), c
     assert job.progress == (len(touched) * CS, SIZE)
     # a new checkpoint interval: the next write copies again (what the source held then)
-    cur = blk.pread(3 * CS, CS)
+    cur = file_bytes(opts)[3 * CS:4 * CS]               # what the source holds now, read past pyrep
     job.do_checkpoint()
     assert job.progress == (0, SIZE)
     blk.pwrite(3 * CS, b"X" * CS)
@@ -100,17 +108,16 @@ def test_concurrent_writers_and_overlay_readers(tmp_path):
     job = pyrep.jobs.backup("secondary", "hidden", sync="none")
     stop = threading.Event()
     errors = []
-    writes = [0]
+    reads = [0, 0, 0]
 
     def writer(seed):
         rng = random.Random(seed)
-        while not stop.is_set():
+        for _ in range(150):
             c = rng.randrange(nclusters)
             if rng.random() < 0.5:
                 sec.pwrite(c * CS, pattern(100 + seed, CS))
             else:
                 sec.pwrite(c * CS + rng.randrange(CS // 2), pattern(150 + seed, rng.randrange(1, CS // 2)))
-            writes[0] += 1
 
     def reader(seed):
         rng = random.Random(seed)
@@ -122,18 +129,20 @@ def test_concurrent_writers_and_overlay_readers(tmp_path):
             for k in range(n):
                 if data[k * CS:(k + 1) * CS] != pattern(c + k):
                     errors.append((c + k, set(data[k * CS:(k + 1) * CS])))
+            reads[seed - 10] += 1
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
-    threads += [threading.Thread(target=reader, args=(10 + i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(1.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    readers = [spawn(reader, 10 + i) for i in range(3)]
+    try:
+        wait_until(lambda: min(reads) > 0, what="the readers to be reading")
+        at_start = list(reads)
+        run_in_threads(writer, [(i,) for i in range(3)])          # 450 writes while they read
+        assert all(r > s for r, s in zip(reads, at_start)), "no read overlapped the writes"
+    finally:
+        stop.set()
+        for r in readers:
+            r.join()
     assert not errors, errors[:5]
-    assert writes[0] > 50
-    assert job.clusters_copied <= nclusters
+    assert 0 < job.clusters_copied <= nclusters
     for c in range(nclusters):
         assert active.pread(c * CS, CS) == pattern(c)
     job.cancel(sync=True)
@@ -147,19 +156,24 @@ def _snapshot_source(tmp_path, name):
 
 def test_full_backup_is_point_in_time_with_concurrent_writes(tmp_path):
     blk = _snapshot_source(tmp_path, "full.raw")
-    before = blk.pread(0, SIZE)
+    before = b"".join(pattern(i * 7) for i in range(SIZE // CS))
     topts = raw_file(tmp_path, "full-tgt.raw")
     topts["node-name"] = "tgt-raw"
     pyrep.blockdev_add({"driver": "slowtest", "node-name": "tgt", "delay": 0.001, "file": topts})
     done = []
     job = pyrep.jobs.backup("src", "tgt", sync="full", cluster_size=CS, on_complete=done.append)
     rng = random.Random(3)
+    writes = 0
+    deadline = time.monotonic() + 60
     while job.status != "concluded":
+        assert time.monotonic() < deadline, f"the backup did not end ({job.progress})"
         blk.pwrite(rng.randrange(SIZE - 5000), os.urandom(5000))
+        writes += 1
+    assert writes > 1                                   # the guest wrote while the job copied
     assert job.wait(10) and job.error is None and not job.cancelled
     assert done == [job]
     assert job.progress == (SIZE, SIZE)
-    assert pyrep.lookup("tgt").pread(0, SIZE) == before
+    assert file_bytes(topts) == before
     late = []
     job.add_callback(late.append)
     assert late == [job]
@@ -192,6 +206,7 @@ def test_cow_error_report_ends_job_guest_write_proceeds():
     assert blk.pread(0, 3) == b"new"
     assert job.wait(5)
     assert job.status == "concluded" and isinstance(job.error, BlockError) and not job.cancelled
+    assert job.error.errno == errno.ENOSPC
     assert seen == [job]
     assert not blk.node._write_notifiers
 
@@ -234,10 +249,11 @@ def test_cow_error_stop_fails_write_and_pauses():
     tgt, _ = counting_target()
     job = pyrep.jobs.backup("src", "tgt", on_error="stop")
     pyrep.inject_error("tgt", op="write")
-    with pytest.raises(BlockError):
+    with pytest.raises(BlockError) as e:
         blk.pwrite(0, b"new")
+    assert e.value.errno == errno.EIO
     assert blk.pread(0, 1) == pattern(1, 1)
-    assert job.status == "paused" and isinstance(job.io_error, BlockError)
+    assert job.status == "paused" and isinstance(job.io_error, BlockError) and job.io_error.errno == errno.EIO
     pyrep.clear_errors("tgt")
     job.resume()
     assert job.status == "running" and job.io_error is None
@@ -252,12 +268,10 @@ def test_background_error_report_and_stop(tmp_path):
     tgt, _ = counting_target()
     pyrep.inject_error("tgt", op="write", offset=2 * CS, length=1)
     job = pyrep.jobs.backup("src", "tgt", sync="full")
-    assert job.wait(10) and isinstance(job.error, BlockError)
+    assert job.wait(10) and isinstance(job.error, BlockError) and job.error.errno == errno.EIO
     job = pyrep.jobs.backup("src", "tgt", sync="full", on_error="stop")
-    deadline = time.monotonic() + 5
-    while job.io_error is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert job.status == "paused" and job.io_error is not None
+    wait_until(lambda: job.io_error is not None, what="the job to meet the error")
+    assert job.status == "paused" and job.io_error.errno == errno.EIO
     pyrep.clear_errors("tgt")
     job.resume()
     assert job.wait(10) and job.error is None
@@ -272,24 +286,18 @@ def test_pause_resume_cancel_progress(tmp_path):
     job = pyrep.jobs.backup("src", "tgt", sync="full", cluster_size=CS)
     job.pause()
     assert job.status == "paused"
-    deadline = time.monotonic() + 5
-    while not job.paused and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: job.paused, what="the job to reach a pause point")
     p1 = job.progress
-    time.sleep(0.1)
-    assert job.progress == p1 and p1[0] < SIZE
+    assert stays_false(lambda: job.progress != p1), "a paused job went on copying"
+    assert p1[0] < SIZE
     job.resume()
     assert job.status == "running"
-    deadline = time.monotonic() + 5
-    while job.progress[0] == p1[0] and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert job.progress[0] > p1[0]
+    wait_until(lambda: job.progress[0] > p1[0], what="the resumed job to copy")
     # drain stops it at a pause point too
     with pyrep.drained(blk.node):
         assert job.paused
         p2 = job.progress
-        time.sleep(0.05)
-        assert job.progress == p2
+        assert stays_false(lambda: job.progress != p2), "a job copied inside a drained section"
     job.cancel(sync=True)
     assert job.status == "concluded" and job.cancelled and job.error is None
     assert job.progress[0] < SIZE
@@ -307,11 +315,11 @@ def test_registry_ids_and_validation(tmp_path):
         pyrep.jobs.backup("other", "other-tgt", job_id="bk")
     with pytest.raises(pyrep.PermissionConflict):
         pyrep.jobs.backup("src", "tgt")          # backup-source is blocked by the first job
-    with pytest.raises(OptionError):
+    with pytest.raises(OptionError, match="target node 'small' .* is smaller than source node 'tgt'"):
         pyrep.jobs.backup("tgt", "small")
-    with pytest.raises(OptionError):
+    with pytest.raises(OptionError, match="bogus"):
         pyrep.jobs.backup("tgt", "src", sync="bogus")
-    with pytest.raises(OptionError):
+    with pytest.raises(OptionError, match="nope"):
         pyrep.jobs.get("nope")
     assert pyrep.jobs.list() == [job]
     pyrep.close_all()
@@ -323,8 +331,9 @@ def test_registry_ids_and_validation(tmp_path):
 def test_cow_into_a_memory_overlay_copies_in_its_clusters(tmp_path, hidden_cluster, copied):
     """A memory target is copied in its own clusters (min 4K), straight into buffers it lends
     (no intermediate copy); a qcow2-like target keeps QEMU's 64K minimum (next test)."""
-    src = pyrep.blockdev_add(dict(raw_file(tmp_path, "src.raw", fill=lambda i: os.urandom(CS)), **{"node-name": "src"}))
-    old = src.pread(0, SIZE)
+    sopts = raw_file(tmp_path, "src.raw", fill=lambda i: os.urandom(CS))
+    old = file_bytes(sopts)
+    src = pyrep.blockdev_add(dict(sopts, **{"node-name": "src"}))
     hidden = pyrep.blockdev_add({"driver": "memory", "node-name": "hid", "backing": "src",
                                  "cluster-size": hidden_cluster})
     blk = pyrep.open_backend(src, share_rw=True)
@@ -333,7 +342,7 @@ def test_cow_into_a_memory_overlay_copies_in_its_clusters(tmp_path, hidden_clust
     blk.pwrite(8192 + 100, b"new data")                 # one small write: one cluster copied
     assert job.bytes_copied == copied and job.clusters_copied == 1
     assert hidden.pread(0, SIZE) == old                 # the hidden disk still shows the old disk
-    assert blk.pread(8192 + 100, 8) == b"new data"
+    assert file_bytes(sopts)[8192 + 100:8192 + 108] == b"new data"
     blk.pwrite(8192, b"x" * 4096)                       # same cluster again: no second copy
     assert job.bytes_copied == copied
     job.do_checkpoint()
@@ -346,20 +355,24 @@ def test_cow_into_a_memory_overlay_copies_in_its_clusters(tmp_path, hidden_clust
 
 def test_cow_into_a_file_target_uses_64k_clusters(tmp_path):
     src = pyrep.blockdev_add(dict(raw_file(tmp_path, "src.raw", fill=lambda i: pattern(i)), **{"node-name": "src"}))
-    tgt = pyrep.blockdev_add(dict(raw_file(tmp_path, "tgt.raw"), **{"node-name": "tgt"}))
+    topts = raw_file(tmp_path, "tgt.raw")
+    tgt = pyrep.blockdev_add(dict(topts, **{"node-name": "tgt"}))
     blk = pyrep.open_backend(src, share_rw=True)
     job = pyrep.jobs.backup(src, tgt, sync="none")
     assert job.cluster_size == 65536
     blk.pwrite(100, b"z")
-    assert job.bytes_copied == 65536 and tgt.pread(0, 65536) == pattern(0)
+    assert job.bytes_copied == 65536
     job.cancel(sync=True)
+    tgt.flush()
+    assert file_bytes(topts)[:65536] == pattern(0)
 
 
 def test_writes_racing_for_one_cluster_copy_it_once_and_keep_old_data(tmp_path):
     """Many threads write into the same clusters at once: the C claim makes one of them copy
     each cluster, the others wait in the Python notifier; the target holds exactly the old data."""
-    src = pyrep.blockdev_add(dict(raw_file(tmp_path, "src.raw", fill=lambda i: os.urandom(CS)), **{"node-name": "src"}))
-    old = src.pread(0, SIZE)
+    sopts = raw_file(tmp_path, "src.raw", fill=lambda i: os.urandom(CS))
+    old = file_bytes(sopts)
+    src = pyrep.blockdev_add(dict(sopts, **{"node-name": "src"}))
     hidden = pyrep.blockdev_add({"driver": "memory", "node-name": "hid", "backing": "src", "cluster-size": "4K"})
     blk = pyrep.open_backend(src, share_rw=True)
     job = pyrep.jobs.backup(src, hidden, sync="none")
@@ -381,7 +394,7 @@ def test_cow_into_a_memory_target_the_c_path_cannot_take_directly(tmp_path):
     way, not through its lent buffers; the old data, zero clusters included, still lands in it."""
     src = pyrep.blockdev_add(dict(raw_file(tmp_path, "src.raw", fill=lambda i: pattern(i) if i % 2 else bytes(CS)),
                                   **{"node-name": "src"}))
-    old = src.pread(0, SIZE)
+    old = b"".join(pattern(i) if i % 2 else bytes(CS) for i in range(SIZE // CS))
     hidden = pyrep.blockdev_add({"driver": "memory", "node-name": "hid", "backing": "src", "cluster-size": "4K",
                                  "detect-zeroes": "on"})
     blk = pyrep.open_backend(src, share_rw=True)
