@@ -15,6 +15,8 @@ import pyrep
 from pyrep import replication
 from helpers.replication import M, Primary, Secondary
 from helpers.referees import qimg
+from helpers.threads import spawn
+from helpers.wait import wait_until
 
 SIZE = 8 * M
 
@@ -77,7 +79,8 @@ def test_concurrent_primary_writes_and_secondary_reads(tmp_path):
     cl = 65536
     ncl = size // cl
     s = Secondary(tmp_path, "qcow2+memory", size=size, fill=None)
-    s.local.pwrite(0, b"".join(bytes([i % 250 + 1]) * cl for i in range(ncl)))
+    disk = bytearray(b"".join(bytes([i % 250 + 1]) * cl for i in range(ncl)))    # the model of s_local
+    s.local.pwrite(0, bytes(disk))
     p = Primary(tmp_path, "qcow2+memory", size=size, fill=None)
     replication.start_all("secondary", skip_other_mode=True)
     replication.start_all("primary", skip_other_mode=True)
@@ -94,17 +97,21 @@ def test_concurrent_primary_writes_and_secondary_reads(tmp_path):
     bad = []
     for rnd in range(4):
         replication.do_checkpoint_all()
-        old = s.local.pread(0, size)
+        old = bytes(disk)
         own = {}
         own_lock = threading.Lock()
         stop = threading.Event()
+        primary_writes = []            # offsets; every writer of a round writes the same byte there
+        reads = [0] * 4
 
         def primary_writer(seed):
             rng = random.Random(seed)
-            while not stop.is_set():
+            for _ in range(60):
                 c = rng.randrange(ncl)
-                p.blk.pwrite(c * cl + rng.randrange(0, cl, 4096), bytes([0xe0 + rnd]) * 4096)
-                time.sleep(0.002)     # spread the first writes (the copies) over the round
+                off = c * cl + rng.randrange(0, cl, 4096)
+                p.blk.pwrite(off, bytes([0xe0 + rnd]) * 4096)
+                primary_writes.append(off)
+                time.sleep(0.002)     # pacing: spread the first writes (the copies) over the round
 
         def secondary_reader(seed):
             rng = random.Random(seed)
@@ -120,21 +127,29 @@ def test_concurrent_primary_writes_and_secondary_reads(tmp_path):
                         mine = own.get(c + k)
                     if chunk != mine:
                         bad.append((rnd, c + k, chunk[:8]))
+                reads[seed % 10] += 1
 
-        threads = [threading.Thread(target=primary_writer, args=(rnd * 10 + i,)) for i in range(3)]
-        threads += [threading.Thread(target=secondary_reader, args=(100 + rnd * 10 + i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        rng = random.Random(rnd)
-        for _ in range(10):
-            c = rng.randrange(ncl)
-            with own_lock:
-                s.top.pwrite(c * cl, bytes([0xd0 + c % 16]) * cl)
-                own[c] = bytes([0xd0 + c % 16]) * cl
-        time.sleep(0.4)
-        stop.set()
-        for t in threads:
-            t.join()
+        readers = [spawn(secondary_reader, 100 + rnd * 10 + i) for i in range(4)]
+        try:
+            wait_until(lambda: min(reads) > 0, what="the secondary's readers to be reading")
+            writers = [spawn(primary_writer, rnd * 10 + i) for i in range(3)]
+            rng = random.Random(rnd)
+            for _ in range(10):
+                c = rng.randrange(ncl)
+                with own_lock:
+                    s.top.pwrite(c * cl, bytes([0xd0 + c % 16]) * cl)
+                    own[c] = bytes([0xd0 + c % 16]) * cl
+            for w in writers:
+                w.join()
+            at_end = list(reads)
+            wait_until(lambda: all(r > e for r, e in zip(reads, at_end)), what="reads after the last write")
+        finally:
+            stop.set()
+            for r in readers:
+                r.join()
+        for off in primary_writes:
+            disk[off:off + 4096] = bytes([0xe0 + rnd]) * 4096
+        assert s.local.pread(0, size) == disk, "the secondary disk is not what the primary wrote"
         assert not bad, f"the secondary saw data that is neither old nor its own: {bad[:5]}"
         replication.get_error_all()
         view = s.top.pread(0, size)

@@ -1,9 +1,9 @@
-"""Deterministic races of copy-before-write, forced with blkdebug delay rules.
+"""Deterministic races of copy-before-write, forced with blkdebug hold rules.
 
 The random concurrency test (test_replication_model.py) hopes to hit the dangerous
 interleavings; these tests *force* them. The secondary disk is a raw image over a
-blkdebug node (``sd_dbg``), so a delay rule on it holds exactly one request at a
-chosen point:
+blkdebug node (``sd_dbg``), so a hold rule on it holds exactly one request at a
+chosen point, until the test releases it:
 
 - a *read* of cluster C on ``sd_dbg`` is either the secondary's read falling through
   active -> hidden -> secondary disk, or the backup job's copy-before-write read of
@@ -14,27 +14,20 @@ The model is always "the secondary disk at the last checkpoint + the secondary's
 writes": what the secondary reads, what the hidden disk holds, what a checkpoint keeps.
 Each test names the mechanism it guards (and the mutation of it that makes it fail).
 """
-import threading
-import time
-
 import pytest
 
 import pyrep
 from pyrep import replication
 from pyrep.node import is_allocated
+
 from helpers.replication import M, Primary, Secondary
+from helpers.threads import spawn
+from helpers.wait import stays_false
 
 SIZE = 2 * M
 CL = 65536                  # the backup's cluster size (memory hidden disk: 64 KiB clusters)
 NCL = SIZE // CL
-DELAY = 0.3                 # how long the held request waits: the window of the race
 C = 5                       # the cluster the races are about
-
-
-@pytest.fixture(autouse=True)
-def close_everything():
-    yield
-    pyrep.close_all()
 
 
 def old_cluster(c):
@@ -52,43 +45,10 @@ def setup(tmp_path):
     return s, p
 
 
-def hold(op, c=C, delay=DELAY):
-    """Hold the next ``op`` request touching cluster c on the secondary disk's file for ``delay`` s."""
-    return pyrep.inject_error("sd_dbg", op=op, errno=None, delay=delay, offset=c * CL, length=CL, once=True)
-
-
-def wait_fired(rule, timeout=5.0):
-    """Block until ``rule`` holds its request (it is then sleeping in blkdebug)."""
-    deadline = time.monotonic() + timeout
-    while not rule.fired:
-        assert time.monotonic() < deadline, f"blkdebug rule {rule} never fired"
-        time.sleep(0.001)
-
-
-class Run(threading.Thread):
-    """Run fn in a thread; keep its result, its exception and when it ended."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args = fn, args
-        self.result = self.error = None
-        self.done = threading.Event()
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as e:  # noqa: BLE001 - reported by get()
-            self.error = e
-        finally:
-            self.done.set()
-
-    def get(self, timeout=10):
-        self.join(timeout)
-        assert not self.is_alive(), f"{self.fn} did not finish in {timeout} s (deadlock?)"
-        if self.error is not None:
-            raise self.error
-        return self.result
+def hold(op, c=C):
+    """Hold the next ``op`` request touching cluster c on the secondary disk's file until the rule is
+    released (``rule.wait_held()`` tells when it is held)."""
+    return pyrep.inject_error("sd_dbg", op=op, errno=None, hold=True, offset=c * CL, length=CL, once=True)
 
 
 def patched(base, off, data):
@@ -118,12 +78,14 @@ def test_secondary_read_in_flight_when_primary_write_copies(tmp_path):
     copy made after the guest write instead of before."""
     s, p = setup(tmp_path)
     rule = hold("read")
-    reader = Run(s.top.pread, C * CL, CL)
-    wait_fired(rule)                          # the reader is inside hidden, reading the secondary disk
+    reader = spawn(s.top.pread, C * CL, CL)
+    assert rule.wait_held()                   # the reader is inside hidden, reading the secondary disk
     new = b"\xee" * 4096
-    writer = Run(p.blk.pwrite, C * CL + 8192, new)
-    got = reader.get()
-    writer.get()
+    writer = spawn(p.blk.pwrite, C * CL + 8192, new)
+    assert stays_false(writer.done.is_set), "the primary write did not wait for the secondary's read"
+    rule.release()
+    got = reader.join()
+    writer.join()
     assert got == old_cluster(C), "the secondary read saw the primary's write (or a torn cluster)"
     # afterwards: hidden holds the old cluster, the secondary still reads it, the disk has the new data
     assert hidden_holds()
@@ -143,12 +105,13 @@ def test_secondary_read_while_primary_write_is_copying(tmp_path):
     s, p = setup(tmp_path)
     rule = hold("read")
     new = b"\xab" * 4096
-    writer = Run(p.blk.pwrite, C * CL + 4096, new)
-    wait_fired(rule)                          # the copy of C is reading the old data (held)
+    writer = spawn(p.blk.pwrite, C * CL + 4096, new)
+    assert rule.wait_held()                   # the copy of C is reading the old data (held)
     got1 = s.top.pread(C * CL, CL)
     got2 = s.top.pread(C * CL + CL // 2, CL)  # half of C, half of C+1
     assert not writer.done.is_set(), "the primary write finished while its copy-before-write was held"
-    writer.get()
+    rule.release()
+    writer.join()
     assert got1 == old_cluster(C), "the secondary read saw the primary's write during its copy"
     assert got2 == old_cluster(C)[CL // 2:] + old_cluster(C + 1)[:CL // 2], "torn read across C, C+1"
     assert hidden_holds()
@@ -174,14 +137,14 @@ def test_second_write_waits_for_the_copy_in_progress(tmp_path, second):
     s, p = setup(tmp_path)
     rule = hold("read")
     d1, d2 = b"\x01" * 4096, b"\x02" * 4096
-    w1 = Run(p.blk.pwrite, C * CL, d1)
-    wait_fired(rule)                          # write 1's copy of C is reading (held)
+    w1 = spawn(p.blk.pwrite, C * CL, d1)
+    assert rule.wait_held()                   # write 1's copy of C is reading (held)
     blk2 = p.blk if second == "primary" else s.local
-    w2 = Run(blk2.pwrite, C * CL + 8192, d2)
-    time.sleep(DELAY / 3)
-    assert not w2.done.is_set(), "write 2 to a cluster being copied did not wait for the copy"
-    w1.get()
-    w2.get()
+    w2 = spawn(blk2.pwrite, C * CL + 8192, d2)
+    assert stays_false(w2.done.is_set), "write 2 to a cluster being copied did not wait for the copy"
+    rule.release()
+    w1.join()
+    w2.join()
     hidden = pyrep.lookup("hidden")
     assert hidden_holds()
     assert hidden.pread(C * CL, CL) == old_cluster(C), "hidden holds a write's data, not the checkpoint's"
@@ -213,16 +176,18 @@ def test_checkpoint_waits_for_in_flight_primary_write(tmp_path, held):
     s.top.pwrite(7 * CL, b"\x77" * CL)        # something in active too: the checkpoint drops it
     rule = hold("read" if held == "copy" else "write")
     new = b"\xc3" * 4096
-    writer = Run(p.blk.pwrite, C * CL + 12288, new)
-    wait_fired(rule)
-    replication.do_checkpoint_all()
-    drained_it = writer.done.is_set()
-    writer.get()
+    writer = spawn(p.blk.pwrite, C * CL + 12288, new)
+    assert rule.wait_held()
+    checkpoint = spawn(replication.do_checkpoint_all)
+    returned_early = not stays_false(checkpoint.done.is_set)
+    rule.release()
+    checkpoint.join()
+    writer.join()
     after = patched(old_cluster(C), 12288, new)
     assert s.local.pread(C * CL, CL) == after
     assert not hidden_holds(), "hidden is not empty after the checkpoint (a copy landed after make_empty)"
     assert s.top.pread(C * CL, CL) == after, "the secondary does not read the checkpointed write"
-    assert drained_it, "the checkpoint returned while a primary write was still in flight"
+    assert not returned_early, "the checkpoint returned while a primary write was still in flight"
     assert s.top.pread(7 * CL, CL) == old_cluster(7)
     # the next interval: a write to C is copied again, with the content of this checkpoint
     p.blk.pwrite(C * CL, b"\x99" * 4096)

@@ -1,6 +1,5 @@
 """make_empty, check/repair, dirty bit, resize, backing override, concurrency, info."""
 import struct
-import threading
 
 import pytest
 
@@ -10,7 +9,7 @@ from pyrep.errors import BlockError
 from helpers.qcow2 import open_q
 from helpers.referees import needs_qemu, qcheck, qimg, qio
 from helpers.threads import run_in_threads, spawn
-from helpers.wait import wait_until
+from helpers.wait import stays_false
 
 pytestmark = needs_qemu
 
@@ -71,20 +70,14 @@ def _held_backend(img, **opts):
                                         "file": {"driver": "file", "filename": str(img)}}})
 
 
-def _start_held_write(blk, offset, data, hold=0.4):
-    """Start ``blk.pwrite(offset, data)`` on a worker (what it raises fails the test at ``join``), its
-    write to the file held ``hold`` seconds by blkdebug; returns (worker, event set when the write
-    returned) once that write is being held in the file layer."""
-    landed = threading.Event()
-
-    def writer():
-        blk.pwrite(offset, data)
-        landed.set()
-    rule = pyrep.inject_error("heldfile", op="write", errno=None, delay=hold, once=True)
-    w = spawn(writer)
-    wait_until(lambda: rule.fired or w.done.is_set(), what="the write to be held in the file layer")
-    assert not landed.is_set(), "the write was not held"
-    return w, landed
+def _start_held_write(blk, offset, data):
+    """Start ``blk.pwrite(offset, data)`` on a worker, its write to the file held until the returned
+    rule is released; returns (worker, rule) once the write is in flight."""
+    rule = pyrep.inject_error("heldfile", op="write", errno=None, hold=True, once=True)
+    w = spawn(blk.pwrite, offset, data)
+    assert rule.wait_held()
+    assert not w.done.is_set()
+    return w, rule
 
 
 def test_make_empty_waits_for_writes_in_flight(tmp_path):
@@ -96,10 +89,13 @@ def test_make_empty_waits_for_writes_in_flight(tmp_path):
     blk = _held_backend(img)
     try:
         blk.pwrite(0, b"\x01" * 65536)             # allocated: the next write is a plain overwrite
-        t, landed = _start_held_write(blk, 0, b"\x02" * 4096)
-        blk.node.make_empty()
-        assert landed.is_set()                      # make_empty returned only after the write
-        t.join()
+        w, rule = _start_held_write(blk, 0, b"\x02" * 4096)
+        emptying = spawn(blk.node.make_empty)
+        assert stays_false(emptying.done.is_set), "make_empty returned with a write in flight"
+        rule.release()
+        emptying.join()
+        assert w.done.is_set()                      # make_empty returned only after the write
+        w.join()
         assert blk.pread(0, 65536) == bytes(65536)  # emptied after the write: nothing is left
         blk.pwrite(65536, b"\x03" * 65536)
     finally:
@@ -121,12 +117,13 @@ def test_cluster_freed_under_a_write_in_flight_is_not_reused_before_it_lands(tmp
     try:
         blk.pwrite(0, b"\x01" * 65536)
         blk.flush()
-        t, _ = _start_held_write(blk, 0, b"\x02" * 4096, hold=0.5)
+        w, rule = _start_held_write(blk, 0, b"\x02" * 4096)
         blk.pwrite_zeroes(0, 65536, may_unmap=True)
         blk.flush()
         assert drv.refs.grace                      # the free waits for the write in flight
         blk.pwrite(5 * 65536, b"\xbb" * 65536)
-        t.join()
+        rule.release()                             # the old write lands now, in its old host cluster
+        w.join()
         assert blk.pread(5 * 65536, 65536) == b"\xbb" * 65536
         assert blk.pread(0, 65536) == bytes(65536)
         blk.flush()
@@ -148,14 +145,16 @@ def test_frees_are_not_starved_by_later_requests_in_flight(tmp_path):
     try:
         blk.pwrite(0, b"\x01" * (3 * 65536))
         blk.flush()
-        first, _ = _start_held_write(blk, 0, b"\x02" * 4096)
+        first, rule = _start_held_write(blk, 0, b"\x02" * 4096)
         blk.pwrite_zeroes(0, 65536, may_unmap=True)
         blk.flush()                                 # queued behind the held write
         assert drv.refs.grace
+        rule.release()
         first.join()
-        second, _ = _start_held_write(blk, 2 * 65536, b"\x03" * 4096)    # after the free was queued
+        second, rule = _start_held_write(blk, 2 * 65536, b"\x03" * 4096)    # after the free was queued
         blk.flush()
         assert not drv.refs.grace                  # applied although a write is in flight
+        rule.release()
         second.join()
     finally:
         pyrep.clear_errors("heldfile")

@@ -7,15 +7,15 @@ refcount-block write before it has been flushed (the table may point to those cl
 table only when the L2 tables before it have been flushed too."""
 import random
 import struct
-import time
+import threading
 
 import pyrep
 from pyrep.driver import BlockDriver
 from pyrep.options import Opt
 
 from helpers.referees import needs_qemu, qcheck, qimg, qio
-from helpers.threads import run_in_threads
-from helpers.wait import wait_until
+from helpers.drivers import registered
+from helpers.threads import TIMEOUT, spawn
 
 CS = 4096                   # small clusters: an L2 table maps 2 MiB, so 64 MiB needs 32 of them
 SIZE = 64 << 20
@@ -136,21 +136,24 @@ def test_the_order_check_catches_a_table_written_before_its_data():
 
 
 class HoldAfterWrite(BlockDriver):
-    """Forwards everything; a write of ``hold-length`` bytes returns only ``hold`` seconds after it
-    reached the file (the request stays in flight with its data already there)."""
+    """Forwards everything; a write of ``hold-length`` bytes reaches the file, then returns only once
+    ``HoldAfterWrite.release`` is set (the request stays in flight with its data already there);
+    ``HoldAfterWrite.held`` is set while it waits."""
     format_name = "test-hold-after-write"
     is_filter = True
-    options = (Opt("file", "child", required=True), Opt("hold-length", "size", default=0),
-               Opt("hold", "number", default=0.4))
+    options = (Opt("file", "child", required=True), Opt("hold-length", "size", default=0))
+    held = threading.Event()
+    release = threading.Event()
 
     def open(self, opts):
         self.file = self.node.open_child(opts, "file", role="file")
-        self.hold_length, self.hold = opts["hold-length"], opts["hold"]
+        self.hold_length = opts["hold-length"]
 
     def pwritev(self, offset, length, iov, flags=0):
         r = self.file.pwritev(offset, length, iov, flags)
         if length == self.hold_length:
-            time.sleep(self.hold)
+            HoldAfterWrite.held.set()
+            HoldAfterWrite.release.wait(TIMEOUT)
         return r
 
 
@@ -164,30 +167,31 @@ def test_growing_the_file_never_cuts_off_a_write_in_flight(tmp_path):
     base, img = tmp_path / "base.raw", tmp_path / "a.qcow2"
     base.write_bytes(b"\x11" * 4096)            # the backing ends inside B's head: B's tail is zeroes
     qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", "-b", str(base), "-F", "raw", img, 8 * cs)
-    pyrep.register_driver(HoldAfterWrite, clobber=True)
-    try:
+    HoldAfterWrite.held.clear()
+    HoldAfterWrite.release.clear()
+    with registered(HoldAfterWrite):
         blk = pyrep.open_backend({
             "driver": "qcow2",
             "file": {"driver": "test-hold-after-write", "hold-length": cs,
                      "file": {"driver": "file", "filename": str(img)}},
             "backing": {"driver": "raw", "file": {"driver": "blkdebug", "node-name": "slowbase",
                                                   "file": {"driver": "file", "filename": str(base)}}}})
-        held = pyrep.inject_error("slowbase", op="read", errno=None, delay=0.2)
+        head = pyrep.inject_error("slowbase", op="read", errno=None, hold=True, once=True)
         try:
-            def b_partial():
-                blk.pwrite(8192, b"\xbb" * 4096)
-
-            def c_whole():
-                # once B, with its cluster reserved, is reading its head from the backing
-                wait_until(lambda: held.fired, what="B to read its head from the backing")
-                blk.pwrite(cs, b"\xcc" * cs)
-            run_in_threads(lambda f: f(), [(b_partial,), (c_whole,)])
+            b = spawn(blk.pwrite, 8192, b"\xbb" * 4096)
+            assert head.wait_held()             # B has reserved its cluster and reads its head
+            c = spawn(blk.pwrite, cs, b"\xcc" * cs)
+            assert HoldAfterWrite.held.wait(TIMEOUT)     # C's data is in the file, C is still in flight
+            head.release()                      # B goes on: it grows the file for its zero tail
+            b.done.wait(2)                      # (an engine may also make B wait for C: then it does not end)
+            HoldAfterWrite.release.set()
+            b.join()
+            c.join()
             assert blk.pread(cs, cs) == b"\xcc" * cs
             assert blk.pread(0, 12288) == b"\x11" * 4096 + bytes(4096) + b"\xbb" * 4096
         finally:
+            HoldAfterWrite.release.set()
             pyrep.clear_errors("slowbase")
             blk.close()
-    finally:
-        pyrep.unregister_driver("test-hold-after-write")
     qcheck(img)
     qio(img, f"read -P 0xcc {cs} {cs}", "read -P 0xbb 8192 4096", f"read -P 0 12288 {cs - 12288}")
