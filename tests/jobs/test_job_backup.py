@@ -159,17 +159,22 @@ def test_full_backup_is_point_in_time_with_concurrent_writes(tmp_path):
     before = b"".join(pattern(i * 7) for i in range(SIZE // CS))
     topts = raw_file(tmp_path, "full-tgt.raw")
     topts["node-name"] = "tgt-raw"
-    pyrep.blockdev_add({"driver": "slowtest", "node-name": "tgt", "delay": 0.001, "file": topts})
+    pyrep.blockdev_add({"driver": "blkdebug", "node-name": "tgt", "file": topts})
+    held = pyrep.inject_error("tgt", op="write", errno=None, hold=True, once=True, offset=SIZE // 2, length=CS)
     done = []
     job = pyrep.jobs.backup("src", "tgt", sync="full", cluster_size=CS, on_complete=done.append)
+    assert held.wait_held()                             # the job is halfway: the guest writes now
     rng = random.Random(3)
-    writes = 0
+    # copied clusters, and ones still to copy; not those of the held batch (up to 1 MiB from the held
+    # cluster: a guest write there rightly waits for the batch's copy)
+    for i in range(100):
+        lo, hi = (0, SIZE // 2 - 5000) if i % 2 else (SIZE // 2 + (1 << 20), SIZE - 5000)
+        blk.pwrite(rng.randrange(lo, hi), os.urandom(5000))
+    held.release()
     deadline = time.monotonic() + 60
-    while job.status != "concluded":
+    while job.status != "concluded":                    # and goes on writing while the job ends
         assert time.monotonic() < deadline, f"the backup did not end ({job.progress})"
         blk.pwrite(rng.randrange(SIZE - 5000), os.urandom(5000))
-        writes += 1
-    assert writes > 1                                   # the guest wrote while the job copied
     assert job.wait(10) and job.error is None and not job.cancelled
     assert done == [job]
     assert job.progress == (SIZE, SIZE)
