@@ -6,12 +6,16 @@
 ``make(tmp_path, size)`` returns the options of a fresh, zero-filled disk of
 ``size`` bytes. Class flags describe what the driver is: ``stores_data``
 (False for null), ``persistent`` (data survives close and reopen with the
-same options), ``zero_init`` (a fresh disk reads as zeroes).
+same options), ``zero_init`` (a fresh disk reads as zeroes), ``flush_visible_elsewhere`` (another
+process may open the disk meanwhile, read-only).
 """
 import asyncio
 import errno
+import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -23,12 +27,23 @@ from helpers.threads import run_in_threads
 MiB = 1 << 20
 
 
+def _sharing(opts):
+    """``opts`` opened read-only, sharing everything, at every level (qemu-img -U's reader)."""
+    if isinstance(opts, dict):
+        out = {k: _sharing(v) for k, v in opts.items()}
+        if "driver" in out:
+            out.update({"read-only": True, "force-share": True})
+        return out
+    return opts
+
+
 class Conformance:
     make = None
     size = 8 * MiB
     stores_data = True
     persistent = True
     zero_init = True
+    flush_visible_elsewhere = True     # a second process may open the disk while we hold it
 
     @pytest.fixture
     def blk(self, tmp_path):
@@ -139,12 +154,28 @@ class Conformance:
             await blk.co_pwrite(4096, b"async!")
             return await blk.co_pread(4096, 6)
         data = asyncio.run(go())
-        if self.stores_data:
-            assert data == b"async!"
+        assert data == (b"async!" if self.stores_data else bytes(6))
 
-    def test_flush(self, blk):
-        blk.pwrite(0, b"x")
+    def test_flush_leaves_the_data_for_a_reader_in_another_process(self, blk):
+        """A flush writes back whatever the driver caches (qcow2's tables, ...): a reader in another
+        process, opening the same options while this backend stays open, reads what was written.
+        A driver whose data does not outlive the process must still flush and keep it (null: zeroes)."""
+        payload = os.urandom(70000)
+        blk.pwrite(12345, payload)
         blk.flush()
+        if not self.stores_data:
+            assert blk.pread(12345, len(payload)) == bytes(len(payload))
+            return
+        assert blk.pread(12345, len(payload)) == payload
+        if not (self.persistent and self.flush_visible_elsewhere):
+            return
+        script = ("import json, sys, pyrep\n"
+                  "with pyrep.open_backend(json.loads(sys.argv[1]), read_only=True, shared='all') as b:\n"
+                  "    sys.stdout.write(b.pread(12345, 70000).hex())\n")
+        p = subprocess.run([sys.executable, "-c", script, json.dumps(_sharing(self._opts))], capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert bytes.fromhex(p.stdout) == payload, "another process does not see the flushed data"
 
     def test_persistence_across_reopen(self, blk):
         if not (self.stores_data and self.persistent):
