@@ -1,11 +1,15 @@
 """The quorum driver: voting reads, fifo reads, rewrite-corrupted, write thresholds, options, run-time children."""
+import errno
+import random
+import threading
 
 import pytest
 
 import pyrep
 from pyrep.drivers.quorum import child_errors, clear_child_errors
 
-from helpers.threads import run_in_threads
+from helpers.threads import run_in_threads, spawn
+from helpers.wait import wait_until
 
 M = 1 << 20
 
@@ -59,8 +63,9 @@ def test_read_errors_count_as_missing_votes():
     pyrep.inject_error("a", op="read")
     assert q.pread(0, 512) == b"z" * 512
     pyrep.inject_error("b", op="read")
-    with pytest.raises(pyrep.BlockError):
+    with pytest.raises(pyrep.BlockError) as ei:
         q.pread(0, 512)
+    assert ei.value.errno == errno.EIO
     assert {e["node"] for e in child_errors("q")} == {"a", "b"}
 
 
@@ -111,15 +116,103 @@ def test_write_threshold():
 
 
 def test_concurrent_writes_parallel_children():
+    """Threads write their own blocks at once: every child ends as the model, and so does a voted read
+    of the whole disk."""
     q = quorum([mem("a", 4 * M), mem("b", 4 * M)], 2)
+    model = bytearray(4 * M)
 
     def worker(i):
         for j in range(20):
-            q.pwrite((i * 20 + j) * 4096, bytes([i + 1]) * 4096)
+            off = (i * 20 + j) * 4096 + (i % 3) * 300           # unaligned for some threads
+            q.pwrite(off, bytes([i + 1]) * 3000)
 
     run_in_threads(worker, [(i,) for i in range(8)])
-    assert pyrep.lookup("a").pread(0, 4 * M) == pyrep.lookup("b").pread(0, 4 * M)
-    assert q.pread(0, 4096) == b"\x01" * 4096
+    for i in range(8):
+        for j in range(20):
+            off = (i * 20 + j) * 4096 + (i % 3) * 300
+            model[off:off + 3000] = bytes([i + 1]) * 3000
+    for name in ("a", "b"):
+        assert pyrep.lookup(name).pread(0, 4 * M) == model, name
+    assert q.pread(0, 4 * M) == model
+
+
+def test_a_child_failing_under_load_is_outvoted_and_then_a_second_one_fails_the_writes():
+    """Writers and readers run while child a starts failing every write and read: with 2 of 3 votes
+    nothing fails and a and its errors are reported; the other children hold the model. Then b fails
+    too: writes now fail with EIO, each naming the votes, and none of them is half-acknowledged."""
+    q = quorum([dbg("a", 2 * M), dbg("b", 2 * M), mem("c", 2 * M)], 2)
+    model = bytearray(2 * M)
+    lock = threading.Lock()
+    failing = threading.Event()
+
+    def worker(t):
+        rng = random.Random(t)
+        for i in range(150):
+            if i == 50 and t == 0:
+                pyrep.inject_error("a", op="any", errno="EIO")
+                failing.set()
+            blk_no = rng.randrange(t, 2 * M // 4096, 4)          # each thread owns its blocks
+            if rng.random() < 0.6:
+                data = bytes([rng.randrange(1, 256)]) * 4096
+                q.pwrite(blk_no * 4096, data)
+                with lock:
+                    model[blk_no * 4096:(blk_no + 1) * 4096] = data
+            else:
+                with lock:
+                    want = bytes(model[blk_no * 4096:(blk_no + 1) * 4096])
+                assert q.pread(blk_no * 4096, 4096) == want
+
+    run_in_threads(worker, [(t,) for t in range(4)])
+    assert failing.is_set()
+    assert {e["node"] for e in child_errors("q")} == {"a"}
+    assert pyrep.lookup("b").pread(0, 2 * M) == model and pyrep.lookup("c").pread(0, 2 * M) == model
+    assert q.pread(0, 2 * M) == model
+    pyrep.inject_error("b", op="write", errno="EIO")
+
+    def refused(t):
+        with pytest.raises(pyrep.BlockError) as ei:
+            q.pwrite(t * 65536, b"\xff" * 4096)
+        assert ei.value.errno == errno.EIO and "1 of 3" in str(ei.value)
+    run_in_threads(refused, [(t,) for t in range(4)])
+    pyrep.clear_errors("a")
+    pyrep.clear_errors("b")
+    assert pyrep.lookup("b").pread(0, 2 * M) == model
+
+
+def test_children_added_and_removed_while_writes_go_on():
+    """A writer keeps writing while a synced child joins and another leaves: every write that
+    returned is on every child that was a member at the time and stays until the end."""
+    q = quorum([mem("a"), mem("b")], 1)
+    model = bytearray(M)
+    stop = threading.Event()
+    n = [0]
+
+    def writer():
+        rng = random.Random(1)
+        while not stop.is_set():
+            off = rng.randrange(0, M - 4096, 512)
+            data = bytes([rng.randrange(1, 256)]) * 4096
+            q.pwrite(off, data)
+            model[off:off + 4096] = data
+            n[0] += 1
+    w = spawn(writer)
+    try:
+        wait_until(lambda: n[0] > 20, what="writes")
+        with pyrep.drained(pyrep.lookup("q")):           # sync the new child while no write runs
+            pyrep.blockdev_add(mem("c"))
+            pyrep.lookup("c").pwrite(0, bytes(model))
+            assert pyrep.quorum_add_child("q", "c") == "children.2"
+        at = n[0]
+        wait_until(lambda: n[0] > at + 20, what="writes after the child joined")
+        assert pyrep.quorum_del_child("q", "a") == "children.0"
+        at = n[0]
+        wait_until(lambda: n[0] > at + 20, what="writes after a child left")
+    finally:
+        stop.set()
+        w.join()
+    for name in ("b", "c"):
+        assert pyrep.lookup(name).pread(0, M) == model, name
+    assert q.pread(0, M) == model
 
 
 @pytest.mark.parametrize("opts,match", [
