@@ -6,10 +6,14 @@ old data; stop with failover committing active and hidden; continuous
 replication; checkpoint; get_error. Parametrized over the kinds of
 helpers.replication (qcow2 images made by qemu-img, and memory/raw variants).
 """
+import errno
+
 import pytest
 
 import pyrep
 from pyrep import replication
+
+from helpers.referees import qimg
 from helpers.replication import (IMG_SIZE, KINDS, S_LOCAL_BLK, Secondary, disk_opts, expect_pattern, need_commit, stage)
 
 HALF = IMG_SIZE // 2
@@ -31,8 +35,9 @@ def test_primary_read(tmp_path, kind):
         blk.pread(0, IMG_SIZE)
     assert ei.value.errno == 5
     replication.start_all("primary")
-    with pytest.raises(pyrep.BlockError):      # the primary never serves reads
+    with pytest.raises(pyrep.BlockError, match="the primary side never serves reads") as ei:
         blk.pread(0, 4096)
+    assert ei.value.errno == errno.EIO
     replication.stop_all(False)
 
 
@@ -49,11 +54,14 @@ def test_primary_start(tmp_path, kind):
     blk = primary_blk(tmp_path, kind)
     replication.start_all("primary")
     assert stage("p_rep") == "running"
-    blk.pwrite(0, b"\x00" * HALF)               # forwarded
-    with pytest.raises(pyrep.BlockError):
+    blk.pwrite(0, b"\x5a" * HALF)               # forwarded
+    with pytest.raises(pyrep.BlockError) as ei:
         blk.pread(0, HALF)
-    assert pyrep.lookup("p_local").pread(0, 16) == b"\x00" * 16
-    assert replication.stats()["p_rep"]["bytes_forwarded"] == HALF
+    assert ei.value.errno == errno.EIO
+    expect_pattern(pyrep.lookup("p_local"), 0x5a, 0, HALF)
+    expect_pattern(pyrep.lookup("p_local"), 0, HALF, HALF)
+    st = replication.stats()["p_rep"]
+    assert st["bytes_forwarded"] == HALF and st["forward_errors"] == 0
     replication.stop_all(False)
     assert stage("p_rep") == "done"
 
@@ -62,18 +70,24 @@ def test_primary_start(tmp_path, kind):
 def test_primary_stop(tmp_path, kind):
     primary_blk(tmp_path, kind)
     replication.start_all("primary")
+    assert stage("p_rep") == "running"
     replication.stop_all(True)                  # failover on a primary: just stop
     assert replication.status() == [{"node": "p_rep", "mode": "primary", "stage": "done", "error": None}]
+    assert pyrep.jobs.list() == [] and replication.stats()["p_rep"]["failover_time"] is None
 
 
 @pytest.mark.parametrize("kind", ["qcow2", "memory"])
 def test_primary_do_checkpoint(tmp_path, kind):
     primary_blk(tmp_path, kind)
-    with pytest.raises(pyrep.ReplicationError):  # not running
+    with pytest.raises(pyrep.ReplicationError, match="not running"):
         replication.do_checkpoint_all()
     replication.start_all("primary")
-    replication.do_checkpoint_all()
+    replication.do_checkpoint_all()             # a primary has nothing to checkpoint: no copy, no job
+    st = replication.stats()["p_rep"]
+    assert st["checkpoints"] == 0 and st["bytes_copied_before_write"] == 0 and st["stage"] == "running"
+    assert pyrep.jobs.list() == []
     replication.stop_all(False)
+    assert stage("p_rep") == "done"
 
 
 @pytest.mark.parametrize("kind", ["qcow2", "memory"])
@@ -82,7 +96,8 @@ def test_primary_get_error_all(tmp_path, kind):
     with pytest.raises(pyrep.ReplicationError, match="not running"):
         replication.get_error_all()
     replication.start_all("primary")
-    replication.get_error_all()
+    assert replication.get_error_all() is None
+    assert replication.status()[0]["error"] is None
     replication.stop_all(False)
 
 
@@ -166,6 +181,13 @@ def test_secondary_stop(tmp_path, kind):
     expect_pattern(s.local, 0x33, HALF, HALF)
     assert replication.stats()["rep"]["failover_time"] is not None
     assert pyrep.jobs.list() == []
+    if kind != "memory":                        # the disk image, judged by qemu-img
+        fmt = "raw" if kind.startswith("raw") else "qcow2"
+        path = pyrep.lookup("s_local").file.filename
+        pyrep.close_all()
+        model = tmp_path / "model.raw"
+        model.write_bytes(b"\x11" * HALF + b"\x33" * HALF)
+        qimg("compare", "-f", fmt, "-F", "raw", path, model)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -180,15 +202,18 @@ def test_secondary_continuous_replication(tmp_path, kind):
     replication.wait_failover(30)
     assert stage() == "done"
     # promoted: every replication call is ignored, in any mode (QEMU's test calls exactly these)
+    before = replication.stats()["rep"]
     replication.start_all("primary")
     replication.do_checkpoint_all()
     replication.stop_all(True)
     replication.start_all("secondary")
-    replication.get_error_all()
+    assert replication.get_error_all() is None
     replication.stop_all(False)
-    assert stage() == "done"
+    assert stage() == "done" and replication.stats()["rep"] == before and pyrep.jobs.list() == []
     s.top.pwrite(0, b"\x44" * 65536)                # writes now land on the secondary disk
-    assert s.local.pread(0, 4) == b"\x44" * 4
+    expect_pattern(s.local, 0x44, 0, 65536)
+    expect_pattern(s.local, 0x11, 65536, HALF - 65536)
+    expect_pattern(s.local, 0x33, HALF, HALF)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -212,6 +237,6 @@ def test_secondary_do_checkpoint(tmp_path, kind):
 def test_secondary_get_error_all(tmp_path, kind):
     Secondary(tmp_path, kind)
     replication.start_all("secondary")
-    replication.get_error_all()
+    assert replication.get_error_all() is None
     assert replication.status() == [{"node": "rep", "mode": "secondary", "stage": "running", "error": None}]
     replication.stop_all(False)
