@@ -71,7 +71,7 @@ def test_implicit_children_close_with_their_parent(tmp_path):
 
 def test_failed_open_leaves_nothing_behind(tmp_path):
     before = set(pyrep.nodes())
-    with pytest.raises(pyrep.OptionError):
+    with pytest.raises(pyrep.OptionError, match=r"file: option 'file.locking': expected one of 'on', 'off', 'auto'"):
         pyrep.blockdev_add({"driver": "raw", "node-name": "x", "file": {"driver": "file", "filename": str(
             tmp_path / "d.raw"), "locking": "sometimes"}})
     with pytest.raises(pyrep.BlockError) as e:
@@ -143,8 +143,9 @@ def test_read_only_node_and_reopen(tmp_path):
     node.pwrite(0, b"now")
     assert blk.pread(0, 3) == b"now"
     pyrep.reopen_multiple([(node, True)])
-    with pytest.raises(pyrep.BlockError):
+    with pytest.raises(pyrep.BlockError) as e:
         node.pwrite(0, b"x")
+    assert e.value.errno == errno.EPERM
 
 
 def test_reopen_is_atomic(tmp_path):
@@ -158,8 +159,9 @@ def test_reopen_is_atomic(tmp_path):
     with pytest.raises((pyrep.BlockError, pyrep.PermissionConflict)):
         pyrep.reopen_multiple([(good, False), (bad, False)])
     assert good.read_only and bad.read_only
-    with pytest.raises(pyrep.BlockError):
+    with pytest.raises(pyrep.BlockError) as e:
         good.pwrite(0, b"x")
+    assert e.value.errno == errno.EPERM
 
 
 def test_drain_waits_for_in_flight_and_holds_new_requests():

@@ -27,8 +27,9 @@ def test_rules_from_options_match_op_range_and_after():
         with pytest.raises(pyrep.BlockError) as e:
             b.pwrite(131000, b"c" * 100)           # touches the range: fails from now on
         assert e.value.errno == errno.ENOSPC and "injected error on write at 131000" in str(e.value)
-        with pytest.raises(pyrep.BlockError):
+        with pytest.raises(pyrep.BlockError) as e:
             b.pwrite(70000, b"d")
+        assert e.value.errno == errno.ENOSPC
         b.pread(0, 512 * 1024)                     # ends exactly where the read rule starts
         with pytest.raises(pyrep.BlockError) as e:
             b.pread(600000, 1)
@@ -38,10 +39,12 @@ def test_rules_from_options_match_op_range_and_after():
 
 def test_drive_string_rules():
     b = pyrep.open_backend("driver=blkdebug,inject-error.0.op=flush,inject-error.0.errno=EIO,file.driver=null")
-    with pytest.raises(pyrep.BlockError):
+    with pytest.raises(pyrep.BlockError) as e:
         b.flush()
-    with pytest.raises(pyrep.BlockError):  # close reports the failed flush, and still closes
+    assert e.value.errno == errno.EIO
+    with pytest.raises(pyrep.BlockError) as e:  # close reports the failed flush, and still closes
         b.close()
+    assert e.value.errno == errno.EIO
     assert b.closed and pyrep.nodes() == {}
 
 
@@ -62,8 +65,9 @@ def test_discard_reaches_the_filter_with_discard_unmap():
     b = pyrep.open_backend({"driver": "blkdebug", "node-name": "d2", "discard": "unmap",
                             "file": {"driver": "memory", "size": "1M"}})
     pyrep.inject_error("d2", op="discard", errno="EIO")
-    with pytest.raises(pyrep.BlockError):
+    with pytest.raises(pyrep.BlockError) as e:
         b.pdiscard(0, 65536)
+    assert e.value.errno == errno.EIO
     b.close()
 
 

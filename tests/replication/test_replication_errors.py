@@ -10,6 +10,7 @@
 
 Each checks the stage, get_error_all / status and the data.
 """
+import errno
 import pytest
 
 import pyrep
@@ -115,8 +116,9 @@ def test_4_secondary_disk_error(tmp_path):
     # a read error on the secondary disk: the secondary's reader sees it, and the copy-before-write
     # of the next primary write fails -> the secondary reports a replication error
     pyrep.inject_error("sd_dbg", op="read", errno="EIO", offset=2 * CL, length=CL)
-    with pytest.raises(pyrep.BlockError):
+    with pytest.raises(pyrep.BlockError) as e:
         s.top.pread(2 * CL, 4096)
+    assert e.value.errno == errno.EIO
     p.blk.pwrite(2 * CL, b"\x89" * CL)
     with pytest.raises(pyrep.ReplicationError, match="rep.*copy-before-write"):
         replication.get_error_all(mode="secondary")
@@ -135,8 +137,9 @@ def test_5_active_disk_error(tmp_path):
     pyrep.clear_errors("active_dbg")
     s.top.pwrite(CL, b"\x9a" * CL)
     pyrep.inject_error("active_dbg", op="read", errno="EIO")
-    with pytest.raises(pyrep.BlockError):
+    with pytest.raises(pyrep.BlockError) as e:
         s.top.pread(CL, 4096)
+    assert e.value.errno == errno.EIO
     pyrep.clear_errors("active_dbg")
     replication.get_error_all()                          # reported to the user, not a replication error
     assert stage() == "running"
@@ -179,8 +182,9 @@ def test_7_failover_failed(tmp_path):
     s.top.pwrite(2 * CL, b"\xbd" * CL)                   # active holds it
     s.top.pwrite(0, b"\xbe" * CL)                        # hidden holds it -> active
     assert s.local.pread(2 * CL, 4) == b"\x11" * 4
-    with pytest.raises(pyrep.BlockError):                # not allocated above: to the (failing) disk
+    with pytest.raises(pyrep.BlockError) as e:           # not allocated above: to the (failing) disk
         s.top.pwrite(3 * CL, b"\xbf" * CL)
+    assert e.value.errno == errno.EIO
     pyrep.clear_errors("sd_dbg")
     s.top.pwrite(3 * CL, b"\xbf" * CL)
     assert s.local.pread(3 * CL, 4) == b"\xbf" * 4
