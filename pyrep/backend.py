@@ -16,7 +16,7 @@ from ._core.fastpath import BackendCore
 from .constants import (PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, REQ_MAY_UNMAP,
                         perm_from)
 from .errors import OptionError
-from .node import Child, Node
+from .node import Child, Node, drained
 from .options import normalize
 from .pool import LazyPool
 
@@ -102,8 +102,12 @@ class BlockBackend(BackendCore):
         self._call(0, 0, False, self._root.node.flush)
 
     def truncate(self, length):
-        """Resize the disk (grow or shrink, as the driver allows)."""
-        self._call(0, 0, True, self._root.node.truncate, length)
+        """Resize the disk (grow or shrink, as the driver allows). The requests in flight finish first
+        and new ones wait until it is done (QEMU's truncate is a serialising request): a write still in
+        flight past the new end would otherwise land after the shrink and grow the disk again."""
+        self._check_request(0, 0, True)
+        with drained(self._root.node):
+            self._root.node.truncate(length)
 
     def block_status(self, offset, length):
         """:class:`~pyrep.node.BlockStatus` of the range's first extent."""
