@@ -2,11 +2,10 @@
 overwritten, bad options and values are refused by name, exit codes and streams follow qemu-img."""
 import json
 import os
-import subprocess
-import time
 
 import pytest
 
+from helpers.locks import qemu_io_holding
 from helpers.referees import needs, pimg, qimg, qio
 
 pytestmark = needs("qemu-img", "qemu-io")
@@ -30,30 +29,13 @@ def test_convert_onto_its_own_source_is_refused_and_keeps_it(img):
 
 
 def test_create_or_convert_over_an_image_in_use_is_refused(img, tmp_path):
-    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 20000", str(img)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # until qemu-io holds its locks: the byte that says "write is not shared" (QEMU takes its
-        # locks in steps while it opens the image)
-        from pyrep.drivers.file import _LOCK_SHARED_BASE, _bit_index, _byte_locked_by_other
-        from pyrep.constants import PERM_WRITE
-        fd = os.open(img, os.O_RDONLY)
-        try:
-            deadline = time.monotonic() + 20
-            while not _byte_locked_by_other(fd, _LOCK_SHARED_BASE + _bit_index(PERM_WRITE)):
-                assert time.monotonic() < deadline and holder.poll() is None, "qemu-io did not lock the image"
-                time.sleep(0.02)
-        finally:
-            os.close(fd)
+    with qemu_io_holding(img, fmt="qcow2"):         # entered once qemu-io holds its locks
         p = pimg("create", "-f", "qcow2", img, "1M")
         assert p.returncode == 1 and 'Failed to get "write" lock' in p.stderr, p.stderr
         src = tmp_path / "src.raw"
         src.write_bytes(b"\x07" * MiB)
         p = pimg("convert", "-O", "qcow2", src, img)
         assert p.returncode == 1 and 'Failed to get "write" lock' in p.stderr, p.stderr
-    finally:
-        holder.kill()
-        holder.wait()
     qio(img, "read -P 0x41 0 1M", "read -P 0x42 5M 64k")
 
 
