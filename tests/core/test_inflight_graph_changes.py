@@ -84,3 +84,20 @@ def test_a_request_after_a_truncate_sees_the_new_length(held):
     blk.pwrite(2 * MiB - 4096, b"\x45" * 4096)
     blk.close()
     assert path.stat().st_size == 2 * MiB and path.read_bytes()[-4096:] == b"\x45" * 4096
+
+
+def test_blockdev_del_refuses_a_node_a_backend_is_writing_through(tmp_path):
+    """A node added by blockdev_add, written through a backend with a write in flight: deleting it is
+    refused (the backend uses it); once the backend closed (after the write) the delete goes through."""
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(MiB))
+    pyrep.blockdev_add({"driver": "blkdebug", "node-name": "dbg", "file": {"driver": "file", "filename": str(path)}})
+    blk = pyrep.open_backend("dbg")
+    w, rule = hold_write(blk, 0, b"\x46" * 4096)
+    with pytest.raises(pyrep.PermissionConflict, match="node 'dbg' is in use by"):
+        pyrep.blockdev_del("dbg")
+    rule.release()
+    w.join()
+    blk.close()
+    pyrep.blockdev_del("dbg")
+    assert "dbg" not in pyrep.nodes() and path.read_bytes()[:4096] == b"\x46" * 4096
