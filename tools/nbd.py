@@ -9,8 +9,10 @@
 As qemu-nbd: the export is named "" unless -x; at most ``-e`` clients at once (default 1, 0 for no
 limit); without ``-t`` the server exits when its last client disconnects. SIGTERM/SIGINT stop it
 cleanly: in-flight requests finish and reply, every acknowledged write is flushed to disk, exit 0.
-``--cache``: ``unsafe`` ignores flushes; the other modes (writeback, writethrough, none, directsync)
-go through the page cache and honour every flush and FUA.
+``--cache``: ``writeback`` (the default) and ``none`` acknowledge writes from the page cache and make
+them stable on flush or FUA (``none`` does not bypass the page cache: no O_DIRECT here);
+``writethrough`` and ``directsync`` make every write stable before acknowledging it; ``unsafe`` ignores
+flushes.
 """
 import argparse
 import os
@@ -155,7 +157,8 @@ def serve(a, ready_fd=None):
                                  workers=a.workers or DEFAULT_WORKERS)
     if not a.persistent:
         srv.on_idle(stop.set)
-    pyrep.export_add(node, name=a.export_name, writable=not a.read_only, description=a.description)
+    exp = pyrep.export_add(node, name=a.export_name, writable=not a.read_only, description=a.description)
+    exp.writethrough = a.cache in ("writethrough", "directsync")
     if a.pid_file:                  # written whole, then renamed: a reader never sees it empty
         tmp = f"{a.pid_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:

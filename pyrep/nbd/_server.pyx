@@ -131,6 +131,7 @@ cdef class ServerConn:
     cdef int tflags
     cdef bint structured
     cdef uint32_t meta_id
+    cdef int write_flags            # request flags added to every write (REQ_FUA: the export is writethrough)
     cdef char *rbuf
     cdef size_t rpos, rend, rcap
     cdef pthread_mutex_t mlock
@@ -164,6 +165,7 @@ cdef class ServerConn:
         self.tflags = tflags
         self.structured = structured
         self.meta_id = meta_id
+        self.write_flags = REQ_FUA if getattr(export, "writethrough", False) else 0
         cdef Py_ssize_t n = PyBytes_GET_SIZE(initial)
         if n > <Py_ssize_t>self.rcap:
             raise ValueError("too much initial data")
@@ -464,7 +466,7 @@ cdef class ServerConn:
                 if cmd == CMD_READ:
                     data = self.blk.pread(offset, length)
                 elif cmd == CMD_WRITE:
-                    self.blk.pwrite(offset, payload, REQ_FUA if flags & FLAG_FUA else 0)
+                    self.blk.pwrite(offset, payload, (REQ_FUA if flags & FLAG_FUA else 0) | self.write_flags)
                 elif cmd == CMD_BLOCK_STATUS:
                     data = self.export.block_status(offset, length, flags)
                 else:

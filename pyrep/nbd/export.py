@@ -34,6 +34,9 @@ class Export:
         self.node = node
         self.blk = open_backend(node, read_only=not writable, share_rw=True)
         self.shutting_down = False
+        # writethrough: every write, trim and zeroing is stable before it is acknowledged (as if the
+        # client had set FUA); set before clients connect (pyrep-nbd --cache=writethrough/directsync)
+        self.writethrough = False
         self.connections = set()        # server-side connection objects (guarded by lock)
         self.lock = threading.Lock()
 
@@ -65,14 +68,14 @@ class Export:
             self.blk.flush()
         elif cmd == P.CMD_TRIM:
             self.blk.pdiscard(offset, length)
-            if flags & P.CMD_FLAG_FUA:
+            if flags & P.CMD_FLAG_FUA or self.writethrough:
                 self.blk.flush()
         elif cmd == P.CMD_WRITE_ZEROES:
             if flags & P.CMD_FLAG_FAST_ZERO:
                 # the spec wants ENOTSUP unless zeroing is certain to be fast; the engine's drivers do
                 # not report that (none honours REQ_NO_FALLBACK), so the client falls back at once
                 raise BlockError(errno.ENOTSUP, f"export '{self.name}': fast zeroing is not available")
-            f = C.REQ_FUA if flags & P.CMD_FLAG_FUA else 0
+            f = C.REQ_FUA if flags & P.CMD_FLAG_FUA or self.writethrough else 0
             self.blk.pwrite_zeroes(offset, length, f, may_unmap=not flags & P.CMD_FLAG_NO_HOLE)
         elif cmd == P.CMD_CACHE:
             pass        # a hint: our reads are served from the node as they come; nothing to prefetch

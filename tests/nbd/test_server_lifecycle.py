@@ -173,3 +173,39 @@ def test_an_exported_node_stays_writable_by_its_other_users(tmp_path, server):
     c.request(P.CMD_READ, 1, 0, 4096)
     assert c.reply(4096) == (1, 0, b"\x33" * 4096)
     c.close()
+
+
+class FlagLog(BlockDriver):
+    """Records the flags of every write that reaches it."""
+    format_name = "test-nbd-flaglog"
+    is_filter = True
+    options = (Opt("file", "child", required=True),)
+    seen = []
+
+    def open(self, opts):
+        self.file = self.node.open_child(opts, "file", role="file")
+
+    def pwritev(self, offset, length, iov, flags=0):
+        FlagLog.seen.append((offset, flags))
+        return self.file.pwritev(offset, length, iov, flags)
+
+
+@pytest.mark.parametrize("writethrough", [False, True])
+def test_fua_reaches_the_node_and_writethrough_forces_it(tmp_path, server, writethrough):
+    from pyrep.constants import REQ_FUA
+    FlagLog.seen = []
+    path = tmp_path / "f.raw"
+    path.write_bytes(bytes(1 << 20))
+    with registered(FlagLog):
+        node = pyrep.blockdev_add({"driver": "test-nbd-flaglog", "node-name": "fl",
+                                   "file": {"driver": "file", "filename": str(path)}})
+        exp = pyrep.export_add(node, writable=True)
+        exp.writethrough = writethrough
+        c = RawClient(server.sock_path).go("fl")
+        c.request(P.CMD_WRITE, 1, 0, 512, data=b"a" * 512)
+        c.request(P.CMD_WRITE, 2, 4096, 512, P.CMD_FLAG_FUA, data=b"b" * 512)
+        assert sorted(c.reply()[:2] for _ in range(2)) == [(1, 0), (2, 0)]
+        c.close()
+        fua = {off: bool(f & REQ_FUA) for off, f in FlagLog.seen}
+        assert fua == {0: writethrough, 4096: True}
+        pyrep.export_del("fl", timeout=60)
