@@ -1,6 +1,8 @@
-"""What every pyrep console script shares: its version line and quiet exit on a closed stdout."""
+"""What every pyrep console script shares: its version line, a quiet exit on a closed stdout, and an end
+by signal that loses no write."""
 import os
 import sys
+import threading
 
 
 def version_text(prog):
@@ -44,3 +46,14 @@ def quiet_broken_pipe():
     """Install the quiet stdout (idempotent)."""
     if not isinstance(sys.stdout, _QuietPipe) and sys.stdout is not None:
         sys.stdout = _QuietPipe(sys.stdout)
+
+
+def start_console_script():
+    """What a console script's ``main`` does first: stdout quiet on a closed pipe; SIGTERM, SIGINT and
+    SIGHUP end the program through ``SystemExit`` (``pyrep.shutdown``), so ``finally`` blocks run and
+    every image is flushed and closed at exit instead of dying with writes in its caches. Signal
+    handlers can only be set from the main thread: a ``main`` called from another thread keeps them."""
+    quiet_broken_pipe()
+    if threading.current_thread() is threading.main_thread():
+        from pyrep.shutdown import handle_exit_signals
+        handle_exit_signals()

@@ -10,7 +10,7 @@ import sys
 
 from pyrep.errors import Error
 
-from ..console import quiet_broken_pipe, version_text
+from ..console import start_console_script, version_text
 from .common import PROG, UsageError, err
 
 # name -> one-line help; the module pyrep.tools.img.<name> implements it
@@ -94,7 +94,7 @@ def build_parser(cmd=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    quiet_broken_pipe()
+    start_console_script()
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     try:
         args = parser.parse_args(argv)

@@ -3,7 +3,7 @@ a ``qemu-io> `` prompt when there are none), exit 1 if any command failed, as qe
 import argparse
 import sys
 
-from ..console import quiet_broken_pipe, version_text
+from ..console import start_console_script, version_text
 from .commands import PROG, Context, run_command
 
 RAW_PROBED = ("WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
@@ -79,7 +79,7 @@ def interactive(ctx, stdin=None):
 
 
 def main(argv=None):
-    quiet_broken_pipe()
+    start_console_script()
     a = build_parser().parse_args(argv)
     blk = None
     if a.filename is not None:
