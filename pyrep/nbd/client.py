@@ -31,6 +31,7 @@ Locks: ``_send_lock`` guards the socket's sending side and ``_conn`` changes;
 ``_cond`` guards ``_state``, ``_deadline`` and the reconnect thread. Order:
 ``_send_lock`` before ``_cond``. ``_inflight`` (cookie → request) is a dict used
 with atomic operations only (``pop`` claims a request: whoever pops it completes it).
+The reader thread never sends.
 """
 import bisect
 import errno
@@ -245,16 +246,16 @@ class _TlsChannel:
     ``ssl.SSLSocket`` read by the reader thread and written by callers would do.
 
     Every use of the ``SSLObject`` holds ``lock``; socket reads and writes happen outside it.
-    Ciphertext leaves in the order it was made: senders hold ``send_lock`` (the client's) from
-    encrypting to writing, and the reader takes it before writing what a read produced (TLS 1.3
-    answers some records, such as key updates, by itself)."""
+    Ciphertext leaves in the order it was made: senders hold the client's send lock from encrypting
+    to writing. What a read makes TLS answer by itself (a TLS 1.3 key update) stays in the memory BIO
+    and leaves with the next request: the reader never sends, so it never waits for a sender that
+    waits for the server that waits for us to read."""
 
-    def __init__(self, sock, context, hostname, send_lock):
+    def __init__(self, sock, context, hostname):
         self.sock = sock
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._in, self._out, server_hostname=hostname)
         self.lock = threading.Lock()
-        self.send_lock = send_lock
 
     def _feed(self):
         data = self.sock.recv(_RECV_BUF)
@@ -303,17 +304,6 @@ class _TlsChannel:
                     n = None
                 except ssl.SSLZeroReturnError:
                     return 0
-                answer = self._out.pending
-            # never wait for the send lock here: a sender may hold it, blocked until the server reads,
-            # while the server waits for us to read; what stays in the BIO leaves with the next send
-            if answer and self.send_lock.acquire(blocking=False):
-                try:
-                    with self.lock:
-                        out = self._out.read()
-                    if out:
-                        self.sock.sendall(out)
-                finally:
-                    self.send_lock.release()
             if n is not None:
                 return n
             self._feed()
@@ -551,7 +541,7 @@ class NbdClient:
             ev = event()
             if isinstance(ev, H.OptionError):
                 raise refused(ev, "STARTTLS")
-            sock = _TlsChannel(sock, self.tls, self.tls_hostname, self._send_lock)
+            sock = _TlsChannel(sock, self.tls, self.tls_hostname)
             sock.handshake()
             hs.tls_established()
         send(H.StructuredReply())
