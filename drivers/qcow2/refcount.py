@@ -272,7 +272,11 @@ class Refcounts(RefcountCore):
                     self.file.truncate(grow)
                     self.file_size = grow
                     return
-                except BlockError:
+                except BlockError as e:
+                    # a protocol that cannot grow by truncate (a block device, ...) gets zeroes written
+                    # from now on; a real error (EFBIG, ENOSPC, EIO) fails this request only
+                    if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                        raise
                     self.img._can_truncate = False
             pos = max(self.file_size, start)
             self.file.pwrite_zeroes(pos, end - pos)
