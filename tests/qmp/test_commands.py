@@ -66,7 +66,10 @@ def test_blockdev_add_del_and_query(daemon, images):
     img = top["image"]
     assert img["virtual-size"] == 8 * MiB and img["format"] == "qcow2" and img["filename"] == str(images / "top.qcow2")
     assert img["backing-image"]["filename"] == str(images / "base.qcow2") and img["backing-image"]["format"] == "qcow2"
-    assert "backing-image" not in q.cmd("query-named-block-nodes", flat=True)[0]["image"]
+    flat = {n["node-name"]: n for n in q.cmd("query-named-block-nodes", flat=True)}
+    assert "backing-image" not in flat["top0"]["image"]
+    implicit = [n for n in flat if n.startswith("#block")]         # the file and backing nodes, as in QEMU
+    assert {flat[n]["drv"] for n in implicit} == {"file", "qcow2"}
     # errors name the option
     cls, desc = _error(q, "blockdev-add", driver="qcow2", **{"node-name": "bad"},
                        file={"driver": "file", "filename": str(images / "top.qcow2"), "colour": "red"})

@@ -25,8 +25,8 @@ def blockdev_del(session, args):
 
 @TABLE.command("query-named-block-nodes", Opt("flat", "bool", default=False))
 def query_named_block_nodes(session, args):
-    """Every node with a user-given name, in QEMU's BlockDeviceInfo shape."""
-    return [device_info(n, flat=args["flat"]) for n in nodes().values() if not n.auto_named]
+    """Every node (implicit ones under their ``#blockN`` names, as in QEMU), in QEMU's BlockDeviceInfo shape."""
+    return [device_info(n, flat=args["flat"]) for n in nodes().values() if not n.closed]
 
 
 def image_info(node, flat=False, depth=0):
