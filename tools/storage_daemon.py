@@ -276,6 +276,8 @@ class Daemon:
         """Stop serving, finish in-flight requests, cancel jobs, flush and close every node."""
         import pyrep
         from pyrep.nbd import server as nbd
+        if not self.qmp.quitting:           # a signal: the monitors hear it as QEMU's do
+            self.qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
         self.qmp.close()
         for cfg in reversed(self.configs):
             _quietly(cfg.close)

@@ -112,6 +112,7 @@ def test_sigterm_exits_0_and_removes_sockets_and_pidfile(daemon, image, tmp_path
     q = d.client()
     assert q.cmd("query-version")["package"].startswith("pyrep")
     d.signal(signal.SIGTERM)
+    assert pull_event(q, "SHUTDOWN")["data"] == {"guest": False, "reason": "host-signal"}
     assert d.wait() == 0
     assert not (tmp_path / "pid").exists() and not os.path.exists(d.qmp_path)
     qcheck(image)
