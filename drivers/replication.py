@@ -389,6 +389,8 @@ class ReplicationDriver(BlockDriver):
             # disk fails, so the secondary's view never changes without its copy (QEMU 7's default)
             self._backup = jobs.backup(secondary, hidden, sync="none", on_error="report",
                                        on_cbw_error="break-guest-write", on_complete=self._backup_concluded)
+            # nobody else may end it: without it, writes into the secondary disk would change the view
+            self._backup.owner = f"replication '{self.node.name}'"
         except Exception as e:
             self._release(restore=True)
             raise ReplicationError(f"{who}: cannot start the copy-before-write backup job: {e}") from e
@@ -420,7 +422,7 @@ class ReplicationDriver(BlockDriver):
             self._set_error(self.current_error(), getattr(job.cbw_error, "errno", errno.EIO) or errno.EIO)
         if job is not None:
             try:
-                job.cancel(sync=True)
+                job.cancel(sync=True, force=True)
             except Exception:  # noqa: BLE001
                 pass
         self._backup = None

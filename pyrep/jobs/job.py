@@ -125,6 +125,9 @@ class Job:
     """Base of every job. Subclasses implement :meth:`run` (in the job thread) and :meth:`cleanup`."""
 
     type = "job"
+    # who made this job for its own use ("replication 'rep'", QEMU's internal jobs): only the owner ends
+    # it (cancel(force=True)); a user's cancel is refused, as ending it would break the owner's guarantees
+    owner = None
 
     def __init__(self, job_id=None, on_error="report", on_complete=None):
         if on_error not in ERROR_POLICIES:
@@ -361,9 +364,12 @@ class Job:
         with self._cond:
             return (self._user_paused or self._drain > 0) and not self._busy and not self._done.is_set()
 
-    def cancel(self, sync=False):
+    def cancel(self, sync=False, force=False):
         """Stop the job; ``sync=True`` waits until it concluded. A cancelled job has
-        ``cancelled == True`` and ``error is None`` (for mirror after ``ready`` the graph is unchanged)."""
+        ``cancelled == True`` and ``error is None`` (for mirror after ``ready`` the graph is unchanged).
+        A job with an ``owner`` is cancelled only with ``force`` (by its owner, or when everything closes)."""
+        if self.owner is not None and not force:
+            raise OptionError(f"{self.describe()} belongs to {self.owner} and ends with it: stop that instead")
         with self._cond:
             if self.status == JobStatus.CONCLUDED:
                 return
@@ -455,7 +461,7 @@ def cancel_all():
     """Cancel every job and wait for them (used by :func:`pyrep.close_all`)."""
     jobs = list_jobs()
     for job in jobs:
-        job.cancel()
+        job.cancel(force=True)
     for job in jobs:
         job.wait(30)
 

@@ -156,3 +156,16 @@ def test_the_stage_is_set_in_one_place():
     src = inspect.getsource(drv)
     assert len(re.findall(r"self\._stage\s*=(?!=)", src)) == 2      # open() and _move()
     assert not re.search(r"self\.stage\s*=(?!=)", src)
+
+
+def test_nobody_but_replication_ends_its_copy_before_write_job(tmp_path):
+    # without the job, the primary's writes would change the secondary's view with no copy kept
+    s = Secondary(tmp_path, "memory", size=SIZE, start=True)
+    job = s.driver.backup_job
+    with pytest.raises(pyrep.OptionError, match="belongs to replication 'rep'"):
+        job.cancel()
+    s.local.pwrite(0, b"\x22" * CL)
+    expect_pattern(s.top, 0x11, 0, CL)                  # copied before the write: the view holds
+    replication.get_error_all()
+    replication.stop_all(False)
+    assert job.cancelled and pyrep.jobs.list() == []
