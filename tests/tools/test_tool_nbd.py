@@ -150,3 +150,21 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     p = run(sys.executable, "-m", "pyrep.tools.nbd", "--object", "tls-creds-x509,id=x,dir=/nonexistent",
             "-k", str(tmp_path / "s.sock"), tmp_path / "missing.raw", check=False)
     assert p.returncode == 1 and "/nonexistent" in p.stderr and "Traceback" not in p.stderr
+
+
+def _free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_tcp_bind_and_port_and_list_over_tcp(tmp_path, pyrep_nbd):
+    img = _image(tmp_path, fill=b"\x5c" * 4096)
+    port = _free_port()
+    pyrep_nbd("-t", "-b", "127.0.0.1", "-p", port, "-x", "tcp", "-f", "raw", img)
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x5c 0 4k", f"nbd://127.0.0.1:{port}/tcp")
+    out = run(sys.executable, "-m", "pyrep.tools.nbd", "-L", "-b", "127.0.0.1", "-p", port).stdout
+    assert " export: 'tcp'" in out and f"size:  {4 << 20}" in out
