@@ -169,3 +169,30 @@ def test_nobody_but_replication_ends_its_copy_before_write_job(tmp_path):
     replication.get_error_all()
     replication.stop_all(False)
     assert job.cancelled and pyrep.jobs.list() == []
+
+
+def test_a_write_waiting_for_a_failing_copy_tries_it_itself_and_fails_too(tmp_path):
+    # writer A's copy of cluster 0 is slow and fails; writer B meets the cluster claimed, waits in the
+    # job's Python notifier, then copies it itself: the copy fails again, so B's write fails as well
+    from helpers.threads import spawn
+    from helpers.wait import wait_until
+    s = Secondary(tmp_path, "raw+memory", size=SIZE, start=True, sd_debug="sd_dbg")
+    gate = s.driver.backup_job._gate
+    pyrep.inject_error("sd_dbg", op="read", errno="EIO", offset=0, length=CL, delay=0.5)
+
+    def write_a():
+        with pytest.raises(pyrep.BlockError) as ei:
+            s.local.pwrite(0, b"\x22" * 4096)
+        return ei.value.errno
+
+    a = spawn(write_a)
+    wait_until(lambda: not gate.claimed.is_empty(), what="writer A claiming cluster 0")
+    with pytest.raises(pyrep.BlockError) as ei:
+        s.local.pwrite(4096, b"\x23" * 4096)
+    assert ei.value.errno == 5 and a.join() == 5
+    pyrep.clear_errors("sd_dbg")
+    expect_pattern(s.local, 0x11, 0, CL)
+    expect_pattern(s.top, 0x11, 0, CL)
+    assert gate.claimed.is_empty()
+    with pytest.raises(pyrep.ReplicationError, match="2 write\\(s\\) into the secondary disk refused"):
+        replication.get_error_all()
