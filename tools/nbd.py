@@ -120,7 +120,13 @@ def list_exports(a):
         io[0] = ctx.wrap_socket(s, server_hostname=a.tls_hostname or (target and "localhost") or
                                 (addr["host"] if addr["type"] == "inet" else None))
         hs.tls_established()
-    names = [e.name for e in ask(H.List()) if isinstance(e, H.Server)]
+    replies = ask(H.List())
+    if isinstance(replies[-1], H.OptionError):
+        err = replies[-1]
+        why = "the server requires TLS" if err.code == P.REP_ERR_TLS_REQD else (err.message or hex(err.code))
+        io[0].close()
+        return _die(f"cannot list the exports: {why}")
+    names = [e.name for e in replies if isinstance(e, H.Server)]
     print(f"exports available: {len(names)}")
     for name in names:
         print(f" export: '{name}'")

@@ -96,3 +96,12 @@ def test_object_add_checks_the_directory(tmp_path, pki):
         pyrep.object_del("c1")
     with pytest.raises(pyrep.OptionError, match="no object"):
         pyrep.lookup_object("c1")
+
+
+def test_pyrep_nbd_list_over_tls(tls_server, pki):
+    import sys
+    out = run(sys.executable, "-m", "pyrep.tools.nbd", "-L", "-k", tls_server.sock_path,
+              "--object", f"tls-creds-x509,id=c9,dir={pki['client']},endpoint=client", "--tls-creds", "c9").stdout
+    assert " export: 'd0'" in out and f"size:  {4 << 20}" in out
+    p = run(sys.executable, "-m", "pyrep.tools.nbd", "-L", "-k", tls_server.sock_path, check=False)
+    assert p.returncode == 1 and "requires TLS" in p.stderr and "Traceback" not in p.stderr
