@@ -229,9 +229,9 @@ def test_make_empty_cancels_a_pending_compression_pass():
     """A hidden disk emptied at every checkpoint is not compressed: the pass waits compress-delay,
     and a make_empty meanwhile cancels it."""
     with pyrep.open_backend({"driver": "memory", "size": "16M", "compress-above": "1M",
-                             "compress-delay": 1}) as blk:
+                             "compress-delay": 3}) as blk:
         drv = blk.node.driver
-        blk.pwrite(0, b"c" * (4 * MiB))               # wakes the compressor: a pass in 1 s
+        blk.pwrite(0, b"c" * (4 * MiB))               # wakes the compressor: a pass in 3 s
         blk.node.make_empty()                         # within the delay: the pass is dropped
         blk.pwrite(0, b"d" * (512 * 1024))            # below compress-above: nothing new to wake it
         info = drv.get_info()
