@@ -4,7 +4,6 @@ import json
 import os
 import random
 import subprocess
-import threading
 
 import pytest
 
@@ -14,6 +13,7 @@ from pyrep.drivers.nbd import make_uri, parse_uri
 from pyrep.nbd.client import Address  # noqa: F401
 
 from helpers import nbd_peers
+from helpers.threads import spawn
 from helpers.referees import qimg, qio
 
 MiB = 1 << 20
@@ -97,22 +97,13 @@ def test_open_timeout_waits_for_a_server_that_comes_up(tmp_path):
     img = tmp_path / "d.raw"
     img.write_bytes(b"\x5a" * MiB)
     sock = tmp_path / "qemu-nbd.sock"
-    result = {}
-
-    def opener():
-        try:
-            result["blk"] = pyrep.open_backend({"driver": "nbd", "server": {"type": "unix", "path": str(sock)},
-                                                "export": "disk", "open-timeout": 60})
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            result["error"] = e
-    t = threading.Thread(target=opener)
-    t.start()
+    opener = spawn(pyrep.open_backend, {"driver": "nbd", "server": {"type": "unix", "path": str(sock)},
+                                        "export": "disk", "open-timeout": 60})
     try:
         nbd_peers.qemu_nbd(tmp_path, img)
     finally:
-        t.join(120)
-    assert not t.is_alive() and "error" not in result, result
-    assert result["blk"].pread(0, 4) == b"\x5a" * 4
+        blk = opener.join(120)                  # re-raises what the open raised
+    assert blk.pread(0, 4) == b"\x5a" * 4
 
 
 def test_read_only_export(tmp_path):

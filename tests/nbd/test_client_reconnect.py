@@ -16,7 +16,8 @@ _JOIN = 60          # far beyond any bound below: a thread still alive then is a
 
 
 def _call_in_thread(fn):
-    """Run ``fn`` on a thread; returns (thread, result dict with 'value' or 'error')."""
+    """Run ``fn`` on a worker; returns (worker, result dict with 'value' or 'error'): the tests expect
+    some of these calls to fail and check how."""
     out = {}
 
     def run():
@@ -24,9 +25,7 @@ def _call_in_thread(fn):
             out["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the test
             out["error"] = e
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
+    return spawn(run), out
 
 
 def _kill_with_a_read_in_flight(tmp_path, **opts):
