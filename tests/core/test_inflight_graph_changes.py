@@ -101,3 +101,25 @@ def test_blockdev_del_refuses_a_node_a_backend_is_writing_through(tmp_path):
     blk.close()
     pyrep.blockdev_del("dbg")
     assert "dbg" not in pyrep.nodes() and path.read_bytes()[:4096] == b"\x46" * 4096
+
+
+@pytest.mark.xfail(strict=True, raises=(AssertionError, pyrep.BlockError),
+                   reason="known bug (issue 11): requests made on a Node directly are not counted, so blockdev_del "
+                          "closes the node under a write in flight (the write then fails with EBADF)")
+def test_blockdev_del_waits_for_a_write_made_on_the_node_itself(tmp_path):
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(MiB))
+    node = pyrep.blockdev_add({"driver": "blkdebug", "node-name": "dbg",
+                               "file": {"driver": "file", "filename": str(path)}})
+    rule = pyrep.inject_error("dbg", op="write", errno=None, hold=True, once=True)
+    w = spawn(node.pwrite, 0, b"\x47" * 4096)
+    assert rule.wait_held()
+    deleting = spawn(pyrep.blockdev_del, "dbg")
+    try:
+        waited = stays_false(deleting.done.is_set)
+    finally:
+        rule.release()
+    deleting.join()
+    w.join()
+    assert waited, "blockdev_del closed the node with a write in flight"
+    assert path.read_bytes()[:4096] == b"\x47" * 4096
