@@ -75,6 +75,11 @@ def pimg(*args, check=None):
     return run(sys.executable, "-m", "pyrep.tools.img", *args, check=check)
 
 
+def pio(*args, check=None):
+    """pyrep-io, run as the user runs it (a subprocess); its exit code is left to the caller, as pimg's."""
+    return run(sys.executable, "-m", "pyrep.tools.io", *args, check=check)
+
+
 def qcheck(path):
     """qemu-img check --output=json; asserts no corruption, no leak, no check error."""
     p = qimg("check", "--output=json", path, check=False)

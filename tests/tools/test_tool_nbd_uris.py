@@ -1,23 +1,13 @@
 """pyrep-img and pyrep-io take NBD URIs wherever they take a filename, judged against qemu-img and
 qemu-io on the same export of a real qemu-nbd (started here, stopped by the fixtures)."""
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from helpers.nbd_peers import Peer, qemu_nbd
-from helpers.referees import needs, qimg, run
+from helpers.referees import needs, pimg, pio, qimg, run
 
 pytestmark = needs("qemu-img", "qemu-io", "qemu-nbd")
-
-
-def pimg(*args):
-    return subprocess.run([sys.executable, "-m", "pyrep.tools.img", *map(str, args)], capture_output=True, text=True)
-
-
-def pio(*args):
-    return subprocess.run([sys.executable, "-m", "pyrep.tools.io", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture
