@@ -46,7 +46,7 @@ from ..graph import lookup
 from ..node import Child, Node
 
 __all__ = ["Job", "JobStatus", "JobStatusError", "TRANSITIONS", "Cancelled", "list_jobs", "get", "wait_all", "cancel_all", "ERROR_POLICIES", "add_status_listener",
-           "remove_status_listener"]
+           "remove_status_listener", "add_error_listener", "remove_error_listener"]
 
 ERROR_POLICIES = ("report", "ignore", "stop")
 
@@ -114,6 +114,30 @@ def _tell(job, old, new):
             fn(job, old, new)
         except Exception as e:  # a listener must not break the job machinery
             warnings.warn(f"{job.describe()}: status listener {fn!r} raised {e!r}", RuntimeWarning)
+
+
+_error_listeners = []      # fn(job, error, action): an I/O error met the job's policy (QMP's BLOCK_JOB_ERROR)
+
+
+def add_error_listener(fn):
+    """Call ``fn(job, error, action)`` when an I/O error of a job's own copy meets its ``on_error``
+    policy, before the policy acts (``action``: "report", "ignore" or "stop"). Same rules as a
+    status listener: quick, in the job's thread, no calls back into the job."""
+    global _error_listeners
+    _error_listeners = _error_listeners + [fn]
+
+
+def remove_error_listener(fn):
+    global _error_listeners
+    _error_listeners = [f for f in _error_listeners if f is not fn]
+
+
+def _tell_error(job, error, action):
+    for fn in _error_listeners:
+        try:
+            fn(job, error, action)
+        except Exception as e:  # noqa: BLE001 - a listener must not break the job machinery
+            warnings.warn(f"{job.describe()}: error listener {fn!r} raised {e!r}", RuntimeWarning)
 
 
 class Cancelled(Exception):
@@ -415,7 +439,10 @@ class Job:
     def _handle_error(self, e):
         """Apply the policy to an error of the job's own I/O (job thread). Returns normally for
         "ignore" and "stop" (after a resume) so the caller retries or skips; raises for "report"."""
-        if self.on_error == "report" or not isinstance(e, BlockError):
+        if not isinstance(e, BlockError):
+            raise e
+        _tell_error(self, e, self.on_error)
+        if self.on_error == "report":
             raise e
         if self.on_error == "ignore":
             with self._cond:

@@ -1,6 +1,8 @@
 """Status listeners: every status change of every job is told, in order (a QMP monitor's job events)."""
 import threading
 
+import pytest
+
 import pyrep
 from pyrep.jobs import job as jobmod
 
@@ -57,3 +59,25 @@ def test_removed_listener_is_not_called_and_a_raising_one_breaks_nothing():
         jobmod.remove_status_listener(bad)
         src.close()
         pyrep.blockdev_del("lst_dst2")
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore"])
+def test_error_listener_hears_each_error_with_the_action(policy):
+    seen = []
+
+    def listener(job, error, action):
+        seen.append((job.id, error.errno, action))
+
+    jobmod.add_error_listener(listener)
+    try:
+        src = pyrep.open_backend({"driver": "null", "size": "1M"})
+        pyrep.blockdev_add({"driver": "blkdebug", "node-name": "lst_bad", "file": {"driver": "null", "size": "1M"},
+                            "inject-error": [{"op": "write", "errno": "EIO", "once": True}]})
+        job = pyrep.jobs.backup(src.node, "lst_bad", sync="full", job_id="lst_err", on_error=policy)
+        assert job.wait(30)
+        src.close()
+    finally:
+        jobmod.remove_error_listener(listener)
+    import errno
+    assert seen == [("lst_err", errno.EIO, policy)]
+    assert (job.error is not None) == (policy == "report")

@@ -45,7 +45,7 @@ def test_bad_object_is_one_line(daemon, tmp_path):
     assert r.returncode == 1 and "unknown object type 'secret'" in r.stderr
 
 
-@pytest.mark.parametrize("policy, action", [("report", "report"), ("stop", "stop")])
+@pytest.mark.parametrize("policy, action", [("report", "report"), ("stop", "stop"), ("ignore", "ignore")])
 def test_block_job_error_events(daemon, policy, action):
     d = daemon("--blockdev", "driver=null,node-name=src,size=4M",
                "--blockdev", '{"driver": "blkdebug", "node-name": "dst", '
@@ -59,6 +59,9 @@ def test_block_job_error_events(daemon, policy, action):
     if policy == "stop":
         pull_event(q, "JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "paused")
         q.cmd("job-resume", id="j")                  # the injected error fired once: the retry succeeds
+        done = pull_event(q, "BLOCK_JOB_COMPLETED")["data"]
+        assert "error" not in done and done["offset"] == done["len"] == 4 * MiB
+    elif policy == "ignore":                       # the job went on; the failed range was retried
         done = pull_event(q, "BLOCK_JOB_COMPLETED")["data"]
         assert "error" not in done and done["offset"] == done["len"] == 4 * MiB
     else:

@@ -10,8 +10,8 @@ changes into QEMU's events::
     cancel:   aborting, BLOCK_JOB_CANCELLED, concluded
     then null (auto-dismiss, or job-dismiss)
 
-``on_error="stop"`` pausing a job on an I/O error sends BLOCK_JOB_ERROR with
-action ``stop``. pyrep applies one error policy to a job, so
+Every I/O error that meets a job's policy sends BLOCK_JOB_ERROR with the
+action taken (``report``, ``ignore``, ``stop``; before the pause a stop causes). pyrep applies one error policy to a job, so
 ``on-source-error`` and ``on-target-error`` must agree when both are given.
 """
 import threading
@@ -29,10 +29,11 @@ _POLICY = {"report": "report", "ignore": "ignore", "stop": "stop", "enospc": "st
 
 
 class _Record:
-    __slots__ = ("job", "auto_dismiss", "soft_cancel", "status")
+    __slots__ = ("job", "auto_dismiss", "soft_cancel", "status", "error_told")
 
     def __init__(self, auto_dismiss):
         self.job, self.auto_dismiss, self.soft_cancel, self.status = None, auto_dismiss, False, "created"
+        self.error_told = False
 
 
 class JobEvents:
@@ -43,9 +44,11 @@ class JobEvents:
         self._lock = threading.Lock()
         self._records = {}          # job id -> _Record (until dismissed)
         jobmod.add_status_listener(self._on_status)
+        jobmod.add_error_listener(self._on_error)
 
     def close(self):
         jobmod.remove_status_listener(self._on_status)
+        jobmod.remove_error_listener(self._on_error)
 
     def expect(self, job_id, auto_dismiss):
         """Reserve ``job_id`` for a job about to start (its first change is told before it is returned)."""
@@ -90,6 +93,14 @@ class JobEvents:
     def _status(self, job_id, status):
         self.server.emit("JOB_STATUS_CHANGE", {"id": job_id, "status": status})
 
+    def _on_error(self, job, error, action):
+        with self._lock:
+            rec = self._records.get(job.id)
+        if rec is None:
+            return
+        rec.error_told = True
+        self.server.emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": _operation(error), "action": action})
+
     def _on_status(self, job, old, new):
         with self._lock:
             rec = self._records.get(job.id)
@@ -101,9 +112,6 @@ class JobEvents:
             self._status(job.id, "created")
         if new != "concluded":
             rec.status = new
-            if new == "paused" and job.io_error is not None:      # the error first, then the pause (QEMU's order)
-                self.server.emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": _operation(job.io_error),
-                                                     "action": "stop"})
             self._status(job.id, new)
             if new == "ready":
                 self.server.emit("BLOCK_JOB_READY", self._block_data(job))
@@ -113,8 +121,9 @@ class JobEvents:
             self.server.emit("BLOCK_JOB_CANCELLED", data)
         else:
             if job.error is not None:
-                self.server.emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": _operation(job.error),
-                                                     "action": "report"})
+                if not rec.error_told:      # an error that did not pass the job's policy (a setup failure)
+                    self.server.emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": _operation(job.error),
+                                                         "action": "report"})
                 data["error"] = str(job.error)
             else:
                 self._status(job.id, "waiting")
