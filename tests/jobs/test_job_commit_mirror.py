@@ -56,10 +56,19 @@ def test_active_commit_with_concurrent_writes(tmp_path):
     blk, model, path = make_chain(tmp_path, slow=0.003)
     done = []
     job = pyrep.jobs.commit("top", job_id="failover", on_complete=done.append)
+    job.pause()          # the first guest writes land while the commit has provably not converged
     assert job.type == "commit" and pyrep.jobs.get("failover") is job
     assert not pyrep.lookup("base").read_only
     rng = random.Random(7)
     nwrites = 0
+    for _ in range(10):
+        off = rng.randrange(SIZE - 3000)
+        d = rng.randbytes(rng.randrange(1, 3000))
+        blk.pwrite(off, d)
+        model[off:off + len(d)] = d
+        nwrites += 1
+    assert job.status != "concluded"
+    job.resume()
     deadline = time.monotonic() + 20
     while job.status != "concluded" and time.monotonic() < deadline:
         off = rng.randrange(SIZE - 3000)
