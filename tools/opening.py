@@ -143,8 +143,9 @@ def open_error(name, e, plain=True):
 
 def open_image(name, fmt=None, image_opts=False, backing=True, read_only=True, cache=None,
                force_share=False, extra=None, repair=False, guarded_probe=False):
-    """A BlockBackend on the image ``name`` (see ``image_options``). Errors: ``Error`` whose message is
-    QEMU's reason (``open_error``), the image not named; ``OpenError`` carries the name."""
+    """A BlockBackend on the image ``name`` (see ``image_options``). An image that does not open raises
+    ``OpenError`` (its ``.reason`` in QEMU's words, see ``open_error``); ``-f`` with ``--image-opts``
+    raises ``Error`` as qemu-img refuses it."""
     if image_opts and fmt is not None:
         raise Error("--image-opts and --format are mutually exclusive")
     if not image_opts and is_local(name):
