@@ -11,20 +11,10 @@ import time
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 DAEMON = [sys.executable, "-m", "pyrep.tools.storage_daemon"]
+from .wait import unix_listening as connectable  # noqa: F401 - the daemon tests' name for it
 from .wait import wait_until
 
 DEADLINE = 30.0
-
-
-def connectable(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 class Daemon:

@@ -1,4 +1,5 @@
 """Waiting for a condition with a deadline, instead of sleeping and hoping."""
+import socket
 import time
 
 TIMEOUT = 10.0
@@ -27,3 +28,15 @@ def stays_false(cond, window=0.2, interval=0.001):
             return False
         time.sleep(interval)
     return not cond()
+
+
+def unix_listening(path):
+    """True if a server accepts connections on the Unix socket ``path`` (for ``wait_until``)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -8,21 +8,11 @@ import pytest
 
 import pyrep
 from helpers.referees import run  # noqa: F401 - re-exported for the NBD tests
+from helpers.wait import unix_listening as can_connect  # noqa: F401 - the NBD tests' name for it
 from helpers.wait import wait_until
 from pyrep.nbd import handshake as H
 from pyrep.nbd import proto as P
 from pyrep.nbd import transmission as T
-
-
-def can_connect(path):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def uri(sock, export=""):

@@ -135,11 +135,16 @@ def test_x_blockdev_change_quorum_children(daemon):
     assert "not quorum" in _error(q, "x-blockdev-change", parent="b", node="qu")[1]
 
 
+def _source_and_target(images):
+    """Options for two qcow2 nodes: ``src`` (top.qcow2 and its backing) and ``dst`` (copy.qcow2)."""
+    return ["--blockdev", f"driver=file,node-name=f0,filename={images / 'top.qcow2'}",
+            "--blockdev", "driver=qcow2,node-name=src,file=f0",
+            "--blockdev", f"driver=file,node-name=f1,filename={images / 'copy.qcow2'}",
+            "--blockdev", "driver=qcow2,node-name=dst,file=f1"]
+
+
 def test_backup_jobs_events_query_dismiss(daemon, images):
-    d = daemon("--blockdev", f"driver=file,node-name=f0,filename={images / 'top.qcow2'}",
-               "--blockdev", "driver=qcow2,node-name=src,file=f0",
-               "--blockdev", f"driver=file,node-name=f1,filename={images / 'copy.qcow2'}",
-               "--blockdev", "driver=qcow2,node-name=dst,file=f1")
+    d = daemon(*_source_and_target(images))
     q = d.client()
     q.cmd("blockdev-backup", **{"job-id": "j1", "device": "src", "target": "dst", "sync": "full",
                                 "auto-dismiss": False})
@@ -176,10 +181,7 @@ def test_backup_jobs_events_query_dismiss(daemon, images):
 
 
 def test_mirror_ready_complete_and_cancel(daemon, images):
-    d = daemon("--blockdev", f"driver=file,node-name=f0,filename={images / 'top.qcow2'}",
-               "--blockdev", "driver=qcow2,node-name=src,file=f0",
-               "--blockdev", f"driver=file,node-name=f1,filename={images / 'copy.qcow2'}",
-               "--blockdev", "driver=qcow2,node-name=dst,file=f1")
+    d = daemon(*_source_and_target(images))
     q = d.client()
     q.cmd("blockdev-mirror", **{"job-id": "m1", "device": "src", "target": "dst", "sync": "full"})
     ready = pull_event(q, "BLOCK_JOB_READY")["data"]
