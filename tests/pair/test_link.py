@@ -15,6 +15,7 @@ import struct
 import threading
 
 import pytest
+from helpers.threads import spawn
 
 from pyrep.tools import colo
 
@@ -31,8 +32,7 @@ class ResettingProxy:
         self.port = self.listener.getsockname()[1]
         self.conns = []
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+        self.threads = [spawn(self._accept, name="proxy-accept")]
 
     def _accept(self):
         while True:
@@ -44,9 +44,7 @@ class ResettingProxy:
             with self.lock:
                 self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                t = threading.Thread(target=self._pump, args=(a, b), daemon=True)
-                t.start()
-                self.threads.append(t)
+                self.threads.append(spawn(self._pump, a, b, name="proxy-pump"))
 
     @staticmethod
     def _pump(src, dst):
@@ -86,8 +84,7 @@ class ResettingProxy:
         self.listener.close()
         self.reset()
         for t in self.threads:
-            t.join(10)
-            assert not t.is_alive(), "a proxy thread did not end"
+            t.join(10)          # re-raises what a proxy thread raised; fails if one did not end
 
 
 def _assert_link_error(pri):
