@@ -161,6 +161,18 @@ class Side:
         return self.proc.returncode
 
 
+def _side(kind, name, cmd, qmp_path, workdir):
+    """Start ``cmd`` and connect to its monitor; a process whose monitor never answers is killed, not leaked."""
+    with open(os.path.join(workdir, f"{name}.log"), "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        return Side(kind, name, proc, qmp_path, workdir)
+    except BaseException:
+        proc.kill()
+        proc.wait(30)
+        raise
+
+
 def start_pyrep(workdir, name, extra_args=()):
     """Start ``pyrep-storage-daemon`` with a QMP monitor on ``<workdir>/<name>.qmp``."""
     qmp_path = os.path.join(workdir, f"{name}.qmp")
@@ -168,8 +180,7 @@ def start_pyrep(workdir, name, extra_args=()):
     cmd = [exe] if exe else [sys.executable, "-m", "pyrep.tools.storage_daemon"]
     cmd += ["--chardev", f"socket,id=mon0,path={qmp_path},server=on,wait=off", "--monitor", "chardev=mon0",
             *extra_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{name}.log"), "wb"))
-    return Side("pyrep", name, proc, qmp_path, workdir)
+    return _side("pyrep", name, cmd, qmp_path, workdir)
 
 
 def start_qemu(workdir, name, extra_args=()):
@@ -177,8 +188,7 @@ def start_qemu(workdir, name, extra_args=()):
     qmp_path = os.path.join(workdir, f"{name}.qmp")
     cmd = ["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
            "-qmp", f"unix:{qmp_path},server=on,wait=off", *extra_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{name}.log"), "wb"))
-    return Side("qemu", name, proc, qmp_path, workdir)
+    return _side("qemu", name, cmd, qmp_path, workdir)
 
 
 def _file(filename, fmt="qcow2"):

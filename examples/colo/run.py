@@ -26,7 +26,12 @@ def daemon(workdir, side):
     exe = shutil.which("pyrep-storage-daemon") or sys.executable
     cmd = [exe] if exe != sys.executable else [exe, "-m", "pyrep.tools.storage_daemon"]
     proc = subprocess.Popen(cmd + ["--config", f"{side}.toml"], cwd=workdir)
-    return colo.Side("pyrep", side, proc, os.path.join(workdir, f"{side}.qmp"), workdir)
+    try:
+        return colo.Side("pyrep", side, proc, os.path.join(workdir, f"{side}.qmp"), workdir)
+    except BaseException:          # a daemon whose monitor never answered is not left running
+        proc.kill()
+        proc.wait(30)
+        raise
 
 
 def main(workdir=None):
