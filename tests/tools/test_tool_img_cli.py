@@ -163,3 +163,16 @@ def test_every_option_has_a_description():
         sub = next(a for a in parser._actions if a.dest == "cmd").choices[name]
         for action in parser._actions + sub._actions:
             assert action.help, (name, action.option_strings or action.dest)
+
+
+@needs_qemu_img
+def test_info_backing_chain_refuses_a_loop_through_the_engines_one_check(chain):
+    # x.qcow2 -> base.qcow2 -> x.qcow2 (made with qemu-img rebase -u): qemu-img refuses it, so do we, with
+    # the graph's loop check (the one that also sees json: and nbd backings), not a check of our own
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", "x.qcow2", "-F", "qcow2", "base.qcow2"], cwd=chain,
+                   check=True)
+    theirs, mine = run("qemu-img", "info", "--backing-chain", "x.qcow2", cwd=chain), \
+        run("pyrep-img", "info", "--backing-chain", "x.qcow2", cwd=chain)
+    assert theirs.returncode == mine.returncode == 1
+    assert "loops" in mine.stderr and "is already in the chain" in mine.stderr, mine.stderr
+    assert mine.stdout == ""
