@@ -29,6 +29,7 @@ from pyrep.nbd._wire cimport put16, put32, put64, get16, get32, get64, c_validat
 
 import logging
 
+from pyrep.blocking import set_hint
 from pyrep.nbd.proto import errno_to_nbd
 
 cdef extern from "sys/socket.h" nogil:
@@ -43,6 +44,8 @@ cdef extern from "sys/socket.h" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int MSG_NOSIGNAL
+    int MSG_PEEK
+    int MSG_DONTWAIT
 
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_mutex_t:
@@ -95,6 +98,14 @@ cdef enum:
 # A request holding the reader role this long lets a waiting thread read the requests behind it.
 cdef long long STEAL_NS = 1000000
 
+
+def set_steal_ns(long long ns):
+    """Set how long a request may keep the reader role before a waiting thread takes it over; returns
+    the old value (for tests that must see only what :meth:`ServerConn.yield_role` hands over)."""
+    global STEAL_NS
+    old, STEAL_NS = STEAL_NS, ns
+    return old
+
 # Replies of requests read back to back are sent together: one sendmsg for up to BATCH replies. A reply
 # waits at most BATCH_NS (or until no further request is buffered) for the ones behind it.
 cdef enum:
@@ -142,6 +153,8 @@ cdef class ServerConn:
     cdef long long proc_start       # when the role holder started executing a request (0: reading)
     cdef bint watcher               # a waiting thread is watching proc_start with a timed wait
     cdef bint dozing                # ... or, the connection being idle, sleeping until a request starts
+    cdef bint yielded               # the holder's request is about to wait (yield_role): take the role now
+    cdef public long long yields    # times yield_role handed the reader role over
     cdef public int threads         # threads inside run()
     cdef public long long steals    # times a waiting thread took the reader role over
     cdef public bint closing        # no further request is read
@@ -306,7 +319,7 @@ cdef class ServerConn:
             if not self.reader_taken:
                 self.reader_taken = True
                 break
-            if self.proc_start and _now_ns() - self.proc_start >= STEAL_NS:
+            if self.proc_start and (self.yielded or _now_ns() - self.proc_start >= STEAL_NS):
                 # the holder is stuck in a request: take the role over (it learns so by the epoch)
                 self.steals += 1
                 break
@@ -320,10 +333,9 @@ cdef class ServerConn:
                     idle = 0
                     continue
                 clock_gettime(CLOCK_REALTIME, &ts)
-                ts.tv_nsec += STEAL_NS
-                if ts.tv_nsec >= 1000000000:
-                    ts.tv_sec += 1
-                    ts.tv_nsec -= 1000000000
+                ts.tv_nsec += STEAL_NS % 1000000000
+                ts.tv_sec += STEAL_NS // 1000000000 + ts.tv_nsec // 1000000000
+                ts.tv_nsec %= 1000000000
                 pthread_cond_timedwait(&self.cond, &self.mlock, &ts)
                 idle = idle + 1 if self.proc_start == 0 else 0
             else:
@@ -331,6 +343,7 @@ cdef class ServerConn:
         if not self.closing:
             self.role_epoch += 1
             self.proc_start = 0
+            self.yielded = False
             epoch = self.role_epoch
         if watching:
             self.watcher = False
@@ -342,6 +355,7 @@ cdef class ServerConn:
     cdef bint _begin_request(self) noexcept nogil:
         pthread_mutex_lock(&self.mlock)
         self.proc_start = _now_ns()
+        self.yielded = False
         if self.dozing:                         # the watcher sleeps: it must time this request
             self.dozing = False
             pthread_cond_broadcast(&self.cond)
@@ -383,6 +397,7 @@ cdef class ServerConn:
         bt.niov = 0
         bt.nrep = 0
         self.threads += 1
+        set_hint(self.yield_role)
         try:
             while True:
                 if epoch < 0:
@@ -444,9 +459,27 @@ cdef class ServerConn:
                       _now_ns() - bt.first_ns >= BATCH_NS):
                     self._flush(&bt, keep)
         finally:
+            set_hint(None)
             if bt.niov:
                 self._flush(&bt, keep)
             self.threads -= 1
+
+    def yield_role(self):
+        """The request this thread runs is about to wait on something slow (:mod:`pyrep.blocking`): let a
+        waiting thread take the reader role over now instead of after ``STEAL_NS``. Only when another
+        request is already there to read (buffered, or waiting in the socket): with none, handing the
+        role over would cost a wake-up and win nothing (depth 1)."""
+        cdef char c
+        if self.rend == self.rpos and (self.sock is not None or
+                                       recv(self.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) <= 0):
+            return
+        with nogil:
+            pthread_mutex_lock(&self.mlock)
+            if self.proc_start and not self.yielded:
+                self.yielded = True         # the next look at it takes the role over
+                self.yields += 1
+                pthread_cond_broadcast(&self.cond)
+            pthread_mutex_unlock(&self.mlock)
 
     def stop(self):
         """Read no further request (in-flight ones finish and reply); wakes waiting threads."""

@@ -43,6 +43,7 @@ import threading
 import time
 from _thread import allocate_lock
 
+from pyrep.blocking import about_to_wait
 from pyrep.errors import BlockError, OptionError
 
 from . import proto
@@ -740,7 +741,9 @@ class NbdClient:
         return req
 
     def _wait(self, req):
-        req.done.acquire()
+        if not req.done.acquire(False):
+            about_to_wait()             # a server running this request on our thread may read on meanwhile
+            req.done.acquire()
         if req.error:
             raise BlockError(req.error, req.msg or f"{self._where()}: {proto.CMD_NAMES[req.cmd]} of {req.length} "
                                                    f"bytes at {req.offset} failed")
