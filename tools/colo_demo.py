@@ -90,7 +90,7 @@ def _compare(what, got, expected):
 
 
 def run(args):
-    size = parse_size(args.size)
+    size = args.size                       # bytes: main() parsed and checked it
     rng = random.Random(args.seed)
     workdir = tempfile.mkdtemp(prefix="pyrep-demo-")
     _say(f"pyrep-demo: two storage daemons, NBD over {args.transport}, images in {workdir}")
@@ -196,6 +196,17 @@ def run(args):
     return 0 if ok else 1
 
 
+def disk_size(ap, text):
+    """``--size`` of both demos in bytes; a bad one is the parser's usage error (exit 2)."""
+    try:
+        size = parse_size(text, "--size")
+    except pyrep.OptionError as e:
+        ap.error(str(e))
+    if size < 2 * M or size % 512:
+        ap.error("--size must be a multiple of 512 and at least 2M")
+    return size
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="pyrep-demo", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     ap.add_argument("--size", default="64M", help="disk size (default 64M)")
@@ -206,12 +217,7 @@ def main(argv=None):
                     help="NBD between the daemons: loopback TCP (default) or Unix sockets")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
-    try:
-        size = parse_size(args.size, "--size")
-    except pyrep.OptionError as e:
-        ap.error(str(e))
-    if size < 2 * M or size % 512:
-        ap.error("--size must be a multiple of 512 and at least 2M")
+    args.size = disk_size(ap, args.size)
     try:
         return run(args)
     except (pyrep.Error, colo.QMPError, OSError, RuntimeError) as e:

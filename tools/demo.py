@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import pyrep
-from pyrep.options import parse_size
 
 M = 1 << 20
 
@@ -199,12 +198,8 @@ def main(argv=None):
     ap.add_argument("--fmt", choices=("qcow2", "raw"), default="qcow2", help="image format of the disks")
     ap.add_argument("--keep", action="store_true", help="keep the images")
     args = ap.parse_args(argv)
-    try:
-        size = parse_size(args.size, "--size")
-    except pyrep.OptionError as e:
-        ap.error(str(e))
-    if size < 2 * M or size % 512:
-        ap.error("--size must be a multiple of 512 and at least 2M")
+    from pyrep.tools.colo_demo import disk_size
+    size = disk_size(ap, args.size)
     try:
         return run(size=size, seed=args.seed, checkpoints=args.checkpoints, writes_per_round=args.writes,
                    fmt=args.fmt, keep=args.keep)
