@@ -11,7 +11,9 @@ waits to be needed again. Requests of one connection therefore run concurrently 
 them is slow, and replies leave in completion order. One waiting thread watches with a timed wait;
 the others sleep until woken, and the watcher too while the connection is idle.
 
-Socket calls release the GIL; a plaintext connection is driven through its file descriptor (recv,
+The reader polls its socket briefly before it sleeps in ``recv`` (adaptive, like QEMU's
+``poll-max-ns``): a client that sends its next request right after our reply is served without a
+context switch. Socket calls release the GIL; a plaintext connection is driven through its file descriptor (recv,
 sendmsg), a TLS one through its Python ``SSLSocket`` by a single thread (an SSL object must not be
 used from two threads at once). READ and WRITE go straight to the backend's C methods
 (``pread``/``pwrite``); the rare commands (FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) call the
@@ -20,7 +22,7 @@ Python export object.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memmove
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EINTR, EAGAIN
 from posix.uio cimport iovec
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
@@ -99,6 +101,33 @@ cdef enum:
 cdef long long STEAL_NS = 1000000
 
 
+# Adaptive polling of the socket before a blocking recv (see ServerConn._recv_polled); 0 switches it off.
+# 64 µs: a QD1 client here (fio's nbd engine) sends its next request 35-50 µs after our reply; with
+# QEMU's 32 µs the window never caught it (bench/RESULTS.md).
+cdef long long POLL_MAX_NS = 64000
+cdef long long POLL_START_NS = 4000
+
+cdef extern from *:
+    """
+    #if defined(__x86_64__) || defined(__i386__)
+    static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+    #else
+    static inline void cpu_relax(void) { }
+    #endif
+    """
+    void cpu_relax() nogil
+
+
+def set_poll_max_ns(long long ns):
+    """Set the longest a connection polls its socket before sleeping in ``recv`` (0: never poll);
+    returns the old value. Applies to connections' next adjustment."""
+    global POLL_MAX_NS
+    if ns < 0:
+        raise ValueError("poll-max-ns must be >= 0")
+    old, POLL_MAX_NS = POLL_MAX_NS, ns
+    return old
+
+
 def set_steal_ns(long long ns):
     """Set how long a request may keep the reader role before a waiting thread takes it over; returns
     the old value (for tests that must see only what :meth:`ServerConn.yield_role` hands over)."""
@@ -160,6 +189,7 @@ cdef class ServerConn:
     cdef public bint closing        # no further request is read
     cdef public object reason       # why the connection ends: None (client left or DISC) or a message
     cdef public long long requests  # requests read so far
+    cdef public long long poll_ns   # the current polling window of _recv_polled (adaptive)
 
     def __cinit__(self, int fd, sock, blk, export, uint64_t size, int tflags, bint structured, uint32_t meta_id,
                   bytes initial=b""):
@@ -197,18 +227,52 @@ cdef class ServerConn:
         cdef Py_ssize_t r
         cdef int fd = self.fd
         if self.sock is None:
-            while True:
-                with nogil:
-                    r = recv(fd, p, n, 0)
-                if r < 0 and errno == EINTR:
-                    continue
-                return r
+            with nogil:
+                r = self._recv_polled(p, n)
+            return r
         try:
             data = self.sock.recv(n)
         except OSError:
             return -1
         r = len(data)
         memcpy(p, <char *>data, r)
+        return r
+
+    cdef Py_ssize_t _recv_polled(self, char *p, size_t n) noexcept nogil:
+        """``recv`` on the plaintext socket, polled for up to ``poll_ns`` before it sleeps.
+
+        Sleeping in ``recv`` and being woken costs a context switch each way, which on a virtual
+        machine is most of a small request's cost. Like QEMU's adaptive polling (``poll-max-ns``), the
+        window grows (doubling, up to ``POLL_MAX_NS``) while requests keep arriving just after it
+        ended, and shrinks (halving, then off) while they arrive long after it, so an idle or slow
+        client costs no spinning."""
+        cdef Py_ssize_t r
+        cdef long long t0, waited
+        if self.poll_ns > POLL_MAX_NS:
+            self.poll_ns = POLL_MAX_NS
+        if self.poll_ns > 0:
+            t0 = _now_ns()
+            while True:
+                r = recv(self.fd, p, n, MSG_DONTWAIT)
+                if r >= 0 or (errno != EAGAIN and errno != EINTR):
+                    return r
+                if _now_ns() - t0 >= self.poll_ns:
+                    break
+                cpu_relax()
+        t0 = _now_ns()
+        while True:
+            r = recv(self.fd, p, n, 0)
+            if r >= 0 or errno != EINTR:
+                break
+        if POLL_MAX_NS > 0:
+            waited = _now_ns() - t0 + self.poll_ns
+            if waited <= POLL_MAX_NS:
+                # the request came soon after the window closed: a longer window would have caught it
+                self.poll_ns = self.poll_ns * 2 if self.poll_ns else POLL_START_NS
+                if self.poll_ns > POLL_MAX_NS:
+                    self.poll_ns = POLL_MAX_NS
+            elif self.poll_ns:
+                self.poll_ns = self.poll_ns // 2 if self.poll_ns > POLL_START_NS else 0
         return r
 
     cdef int _fill(self, size_t need) except -2:
