@@ -12,8 +12,8 @@ them is slow, and replies leave in completion order. One waiting thread watches 
 the others sleep until woken, and the watcher too while the connection is idle.
 
 The reader polls its socket briefly before it sleeps in ``recv`` (adaptive, like QEMU's
-``poll-max-ns``): a client that sends its next request right after our reply is served without a
-context switch. Socket calls release the GIL; a plaintext connection is driven through its file descriptor (recv,
+``poll-max-ns``: :mod:`pyrep.nbd._poll`): a client that sends its next request right after our
+reply is served without a context switch. Socket calls release the GIL; a plaintext connection is driven through its file descriptor (recv,
 sendmsg), a TLS one through its Python ``SSLSocket`` by a single thread (an SSL object must not be
 used from two threads at once). READ and WRITE go straight to the backend's C methods
 (``pread``/``pwrite``); the rare commands (FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) call the
@@ -22,11 +22,13 @@ Python export object.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memmove
-from libc.errno cimport errno, EINTR, EAGAIN
+from libc.errno cimport errno, EINTR
 from posix.uio cimport iovec
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from pyrep._core.constants cimport REQ_FUA
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from pyrep.nbd._poll cimport now_ns, recv_polled
 from pyrep.nbd._wire cimport put16, put32, put64, get16, get32, get64, c_validate
 
 import logging
@@ -65,19 +67,6 @@ cdef extern from "pthread.h" nogil:
     int pthread_cond_signal(pthread_cond_t *c)
     int pthread_cond_broadcast(pthread_cond_t *c)
 
-cdef extern from "time.h" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec *ts)
-    int CLOCK_MONOTONIC
-    int CLOCK_REALTIME
-
-
-cdef inline long long _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000000000LL + ts.tv_nsec
 
 cdef enum:
     REQUEST_MAGIC = 0x25609513
@@ -99,33 +88,6 @@ cdef enum:
 
 # A request holding the reader role this long lets a waiting thread read the requests behind it.
 cdef long long STEAL_NS = 1000000
-
-
-# Adaptive polling of the socket before a blocking recv (see ServerConn._recv_polled); 0 switches it off.
-# 64 µs: a QD1 client here (fio's nbd engine) sends its next request 35-50 µs after our reply; with
-# QEMU's 32 µs the window never caught it (bench/RESULTS.md).
-cdef long long POLL_MAX_NS = 64000
-cdef long long POLL_START_NS = 4000
-
-cdef extern from *:
-    """
-    #if defined(__x86_64__) || defined(__i386__)
-    static inline void cpu_relax(void) { __builtin_ia32_pause(); }
-    #else
-    static inline void cpu_relax(void) { }
-    #endif
-    """
-    void cpu_relax() nogil
-
-
-def set_poll_max_ns(long long ns):
-    """Set the longest a connection polls its socket before sleeping in ``recv`` (0: never poll);
-    returns the old value. Applies to connections' next adjustment."""
-    global POLL_MAX_NS
-    if ns < 0:
-        raise ValueError("poll-max-ns must be >= 0")
-    old, POLL_MAX_NS = POLL_MAX_NS, ns
-    return old
 
 
 def set_steal_ns(long long ns):
@@ -189,7 +151,7 @@ cdef class ServerConn:
     cdef public bint closing        # no further request is read
     cdef public object reason       # why the connection ends: None (client left or DISC) or a message
     cdef public long long requests  # requests read so far
-    cdef public long long poll_ns   # the current polling window of _recv_polled (adaptive)
+    cdef public long long poll_ns   # the reader's polling window (adaptive, pyrep.nbd._poll)
 
     def __cinit__(self, int fd, sock, blk, export, uint64_t size, int tflags, bint structured, uint32_t meta_id,
                   bytes initial=b""):
@@ -228,7 +190,7 @@ cdef class ServerConn:
         cdef int fd = self.fd
         if self.sock is None:
             with nogil:
-                r = self._recv_polled(p, n)
+                r = recv_polled(fd, p, n, &self.poll_ns)
             return r
         try:
             data = self.sock.recv(n)
@@ -236,43 +198,6 @@ cdef class ServerConn:
             return -1
         r = len(data)
         memcpy(p, <char *>data, r)
-        return r
-
-    cdef Py_ssize_t _recv_polled(self, char *p, size_t n) noexcept nogil:
-        """``recv`` on the plaintext socket, polled for up to ``poll_ns`` before it sleeps.
-
-        Sleeping in ``recv`` and being woken costs a context switch each way, which on a virtual
-        machine is most of a small request's cost. Like QEMU's adaptive polling (``poll-max-ns``), the
-        window grows (doubling, up to ``POLL_MAX_NS``) while requests keep arriving just after it
-        ended, and shrinks (halving, then off) while they arrive long after it, so an idle or slow
-        client costs no spinning."""
-        cdef Py_ssize_t r
-        cdef long long t0, waited
-        if self.poll_ns > POLL_MAX_NS:
-            self.poll_ns = POLL_MAX_NS
-        if self.poll_ns > 0:
-            t0 = _now_ns()
-            while True:
-                r = recv(self.fd, p, n, MSG_DONTWAIT)
-                if r >= 0 or (errno != EAGAIN and errno != EINTR):
-                    return r
-                if _now_ns() - t0 >= self.poll_ns:
-                    break
-                cpu_relax()
-        t0 = _now_ns()
-        while True:
-            r = recv(self.fd, p, n, 0)
-            if r >= 0 or errno != EINTR:
-                break
-        if POLL_MAX_NS > 0:
-            waited = _now_ns() - t0 + self.poll_ns
-            if waited <= POLL_MAX_NS:
-                # the request came soon after the window closed: a longer window would have caught it
-                self.poll_ns = self.poll_ns * 2 if self.poll_ns else POLL_START_NS
-                if self.poll_ns > POLL_MAX_NS:
-                    self.poll_ns = POLL_MAX_NS
-            elif self.poll_ns:
-                self.poll_ns = self.poll_ns // 2 if self.poll_ns > POLL_START_NS else 0
         return r
 
     cdef int _fill(self, size_t need) except -2:
@@ -383,7 +308,7 @@ cdef class ServerConn:
             if not self.reader_taken:
                 self.reader_taken = True
                 break
-            if self.proc_start and (self.yielded or _now_ns() - self.proc_start >= STEAL_NS):
+            if self.proc_start and (self.yielded or now_ns() - self.proc_start >= STEAL_NS):
                 # the holder is stuck in a request: take the role over (it learns so by the epoch)
                 self.steals += 1
                 break
@@ -418,7 +343,7 @@ cdef class ServerConn:
 
     cdef bint _begin_request(self) noexcept nogil:
         pthread_mutex_lock(&self.mlock)
-        self.proc_start = _now_ns()
+        self.proc_start = now_ns()
         self.yielded = False
         if self.dozing:                         # the watcher sleeps: it must time this request
             self.dozing = False
@@ -515,12 +440,12 @@ cdef class ServerConn:
                     keep.append(data)
                 bt.nrep += 1
                 if bt.nrep == 1:
-                    bt.first_ns = _now_ns()
+                    bt.first_ns = now_ns()
                 if not self._end_request(epoch):
                     epoch = -1          # another thread read on while we were busy: wait to be needed
                     self._flush(&bt, keep)
                 elif (bt.nrep == BATCH or self.rend - self.rpos < REQUEST_SIZE or
-                      _now_ns() - bt.first_ns >= BATCH_NS):
+                      now_ns() - bt.first_ns >= BATCH_NS):
                     self._flush(&bt, keep)
         finally:
             set_hint(None)

@@ -8,10 +8,15 @@ and runs the transmission phase:
 - callers on any thread (or coroutines through the backend's thread pool) register
   a request under a fresh cookie and send it, header and payload at once, under the
   send lock (requests never interleave on the wire);
-- one reader thread per connection receives the replies, simple or structured, in
-  any order, and completes the request their cookie names, reading read payloads
-  straight into the caller's buffers;
-- a caller waits for its own request only.
+- the callers themselves receive the replies (QEMU's client does the same): one
+  waiting caller at a time holds the *reader role* and reads replies, simple or
+  structured, in any order, completing the request each cookie names (read payloads
+  go straight into that caller's buffers) until its own request is complete; then
+  it hands the role to another waiting caller, if any. The others sleep until their
+  request completes or the role is handed to them. No thread sits between the socket
+  and the caller: a reply costs one wake-up (the caller's own), not two (a reader
+  thread's, then the caller's), and with a short poll of the socket before sleeping
+  (:func:`pyrep.nbd._wire.recv_into_polled`, adaptive), often none.
 
 Disconnects (QEMU's ``reconnect-delay``). When the connection breaks (EOF, a reset,
 a protocol error from the server), with ``reconnect_delay == 0`` every request in
@@ -31,9 +36,15 @@ Locks: ``_send_lock`` guards the socket's sending side and ``_conn`` changes;
 ``_cond`` guards ``_state``, ``_deadline`` and the reconnect thread. Order:
 ``_send_lock`` before ``_cond``. ``_inflight`` (cookie → request) is a dict used
 with atomic operations only (``pop`` claims a request: whoever pops it completes it).
-The reader thread never sends.
+``_rmu`` guards the reader role (``_reading``, ``_sleepers``, and each request's ``completed``,
+``sleeping``, ``handoff``); it is taken last and held only for a few assignments. The reader never
+sends.
+
+A break of the connection is noticed by whoever reads next: while requests are in flight, at once; an
+idle client notices when it next sends a request (as QEMU's client does).
 """
 import bisect
+import collections
 import errno
 import itertools
 import socket
@@ -47,6 +58,7 @@ from pyrep.blocking import about_to_wait
 from pyrep.errors import BlockError, OptionError
 
 from . import proto
+from ._poll import PolledReceiver
 from .proto import ProtocolError
 from .transmission import BlockStatusChunk, ErrorChunk, OffsetHole, pack_request, parse_chunk, unpack_reply_header
 
@@ -58,7 +70,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.5
 _RECV_BUF = 256 * 1024
 _RECV_SLACK = 4096
 _SENDMSG_MAX = 512
-_CLOSE_JOIN = 5.0                   # seconds close() waits for the reader thread
+_CLOSE_JOIN = 5.0                   # seconds close() waits for the reconnect thread's attempt
 _DISC_WAIT = 1.0                    # seconds close() waits for the send lock to say goodbye
 
 _MOVES = {
@@ -175,7 +187,7 @@ class _Request:
     """One command in flight. ``done`` is held until the request completes (a reply, or a failure)."""
 
     __slots__ = ("cookie", "cmd", "flags", "offset", "length", "payload", "dest", "done", "error", "msg",
-                 "extents", "conn", "got")
+                 "extents", "conn", "got", "completed", "sleeping", "handoff")
 
     def __init__(self, cmd, flags, offset, length, payload=None, dest=None):
         self.cmd, self.flags, self.offset, self.length = cmd, flags, offset, length
@@ -188,22 +200,20 @@ class _Request:
         self.extents = None         # block status: [(length, flags), ...]
         self.conn = None            # the connection it was last sent on
         self.got = 0                # read: bytes of data or holes received (a structured reply must cover all)
-
-
-def _fail(req, err, msg):
-    req.error, req.msg = err, msg
-    req.done.release()
+        self.completed = False      # answered or failed (see NbdClient._finish)
+        self.sleeping = False       # its caller sleeps on ``done`` (it is in NbdClient._sleepers)
+        self.handoff = False        # ``done`` was released to hand the caller the reader role
 
 
 # ---------------------------------------------------------------- connection
 class _Conn:
-    """One negotiated connection and its reader thread. ``sock`` is the socket; ``io`` carries the
-    bytes: the socket itself, or a :class:`_TlsChannel` over it."""
+    """One negotiated connection. ``sock`` is the socket; ``io`` carries the bytes: the socket itself,
+    or a :class:`_TlsChannel` over it; ``rx`` receives them (used by the reader role's holder only)."""
 
     def __init__(self, sock, io, info):
         self.sock, self.io, self.info = sock, io, info
         self.tls = io is not sock
-        self.reader = None
+        self.rx = _Receiver(io, None if self.tls else sock.fileno())
         self.broken = False
 
     def send(self, req):
@@ -336,10 +346,13 @@ class _Receiver:
     """Buffered reads from a socket: small headers come from a buffer, large payloads go straight
     into the destination buffers."""
 
-    __slots__ = ("sock", "buf", "view", "start", "end")
+    __slots__ = ("sock", "buf", "view", "start", "end", "recv_into")
 
-    def __init__(self, sock):
+    def __init__(self, sock, fd=None):
+        """``sock``: what to receive from (a socket or a TLS channel); ``fd``: the plaintext socket's
+        descriptor, received from with adaptive polling (:mod:`pyrep.nbd._poll`)."""
         self.sock = sock
+        self.recv_into = sock.recv_into if fd is None else PolledReceiver(fd).recv_into
         self.buf = bytearray(_RECV_BUF)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
@@ -355,7 +368,7 @@ class _Receiver:
         while self.end < n:
             # a little beyond what is needed: replies without payload batch up, but a read's payload
             # is mostly left in the socket for ``into`` to receive in place (no copy through here)
-            got = self.sock.recv_into(self.view[self.end:max(n, self.end + _RECV_SLACK)])
+            got = self.recv_into(self.view[self.end:max(n, self.end + _RECV_SLACK)])
             if not got:
                 raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
             self.end += got
@@ -399,7 +412,7 @@ class _Receiver:
             if k == n:
                 return
             mv = mv[k:]
-        recv_into = self.sock.recv_into
+        recv_into = self.recv_into
         while len(mv):
             got = recv_into(mv)
             if not got:
@@ -442,6 +455,10 @@ class NbdClient:
         self._bs_gen = 0                # see _data_changed
         self._bs_cache = None           # (gen, extent starts, extents, end) of the last block status
         self.reconnects = 0             # how many times a broken connection was replaced
+        self._rmu = allocate_lock()     # the reader role (see the module docstring)
+        self._reading = False           # a caller holds the reader role
+        self._sleepers = collections.deque()    # requests whose callers sleep, oldest first
+        self.handoffs = 0               # times the reader role passed from one caller to another
 
     def __repr__(self):
         return f"<NbdClient {self.address} export={self.export!r} {self._state}>"
@@ -600,9 +617,6 @@ class NbdClient:
         self._conn = conn
         self._move("connected")
         self._deadline = None
-        conn.reader = threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
-                                       name=f"nbd-reader {self.address}")
-        conn.reader.start()
         for req in list(self._inflight.values()):
             if req.conn is not conn:
                 req.conn = conn
@@ -610,8 +624,12 @@ class NbdClient:
                 try:
                     conn.send(req)
                 except OSError:
-                    conn.shutdown()     # the reader notices and the requests wait for the next connection
+                    conn.shutdown()     # the next reader notices; the requests wait for the next connection
                     break
+        with self._rmu:
+            if not self._reading and self._sleepers:
+                self._reading = True    # callers that slept through the break: one of them reads now
+                self._hand_role()
 
     # --------------------------------------------------------- disconnects
     def _lost(self, conn, why):
@@ -639,7 +657,8 @@ class NbdClient:
         for cookie in list(self._inflight):
             req = self._inflight.pop(cookie, None)
             if req is not None:
-                _fail(req, err, msg)
+                req.error, req.msg = err, msg
+                self._finish(req)
 
     def _reconnect_loop(self):
         """Connect again until it works or the client closes; at the deadline, fail what waits."""
@@ -713,8 +732,6 @@ class NbdClient:
         with self._send_lock, self._cond:
             self._conn = None
             self._fail_all(errno.EIO, f"{self._where()}: the client was closed")
-        if conn is not None and conn.reader is not None and conn.reader is not threading.current_thread():
-            conn.reader.join(_CLOSE_JOIN)
         if reconnector is not None and reconnector is not threading.current_thread():
             reconnector.join(_CLOSE_JOIN + _CONNECT_ATTEMPT_TIMEOUT)
 
@@ -741,9 +758,34 @@ class NbdClient:
         return req
 
     def _wait(self, req):
-        if not req.done.acquire(False):
+        """Until ``req`` completes: read replies while holding the reader role, sleep otherwise."""
+        rmu = self._rmu
+        lead = False
+        if not req.completed:
             about_to_wait()             # a server running this request on our thread may read on meanwhile
-            req.done.acquire()
+        while True:
+            with rmu:
+                if req.completed:
+                    if lead:
+                        self._hand_role()
+                    break
+                conn = self._conn
+                readable = conn is not None     # a broken one too: its reader finds out, and calls _lost
+                if lead and not readable:
+                    lead = False        # nothing to read until a reconnect (_install hands the role on)
+                    self._reading = False
+                elif not lead and readable and not self._reading:
+                    lead = self._reading = True
+                if not lead:
+                    req.sleeping = True
+                    self._sleepers.append(req)
+            if lead:
+                self._read_reply(conn)
+                continue
+            req.done.acquire()          # completed, or handed the reader role
+            if req.handoff:
+                req.handoff = False
+                lead = True
         if req.error:
             raise BlockError(req.error, req.msg or f"{self._where()}: {proto.CMD_NAMES[req.cmd]} of {req.length} "
                                                    f"bytes at {req.offset} failed")
@@ -868,40 +910,60 @@ class NbdClient:
             raise first
 
     # ---------------------------------------------------------- reader
-    def _read_loop(self, conn):
-        """The reader thread of ``conn``: receive replies until the connection ends."""
-        rx = _Receiver(conn.io)
+    def _hand_role(self):
+        """Pass the reader role (held; ``_rmu`` held) to the oldest sleeping caller, or drop it."""
+        if self._sleepers:
+            req = self._sleepers.popleft()
+            req.sleeping = False
+            req.handoff = True
+            self.handoffs += 1
+            req.done.release()
+        else:
+            self._reading = False
+
+    def _finish(self, req):
+        """``req`` is answered or failed (its ``error``/``msg`` set): wake its caller if it sleeps."""
+        with self._rmu:
+            req.completed = True
+            if req.sleeping:
+                req.sleeping = False
+                self._sleepers.remove(req)
+                req.done.release()
+
+    def _read_reply(self, conn):
+        """Receive one reply (or one chunk of a structured reply) on ``conn`` and apply it; the caller
+        holds the reader role. A broken connection goes to ``_lost``."""
+        rx = conn.rx
         inflight = self._inflight
         try:
-            while True:
-                head = rx.reply_header()
-                req = inflight.get(head[-1] if head[0] == "simple" else head[3])
-                if head[0] == "simple":
-                    _, err, cookie = head
-                    if req is None:
-                        raise ProtocolError(f"a reply for unknown cookie {cookie}")
-                    if req.cmd == proto.CMD_READ and not err:
-                        if conn.info.structured:
-                            raise ProtocolError("a simple reply to a read after structured replies were agreed")
-                        self._read_data(rx, req, 0, req.length)
-                    self._complete(req, proto.nbd_to_errno(err))
-                    continue
-                _, flags, rtype, cookie, plen = head
+            head = rx.reply_header()
+            req = inflight.get(head[-1] if head[0] == "simple" else head[3])
+            if head[0] == "simple":
+                _, err, cookie = head
                 if req is None:
-                    raise ProtocolError(f"a reply chunk for unknown cookie {cookie}")
-                if rtype == proto.REPLY_TYPE_OFFSET_DATA:
-                    # the data goes straight into the caller's buffers: no copy, no parse of the payload
-                    if req.cmd != proto.CMD_READ or plen < 9:
-                        raise ProtocolError(f"an OFFSET_DATA chunk of {plen} bytes for {proto.CMD_NAMES[req.cmd]}")
-                    off, = rx.unpack(proto.U64)
-                    self._check_range(req, off, plen - 8)
-                    self._read_data(rx, req, off - req.offset, plen - 8)
-                else:
-                    self._chunk(conn, req, rtype, parse_chunk(rtype, rx.take(plen)))
-                if flags & proto.REPLY_FLAG_DONE:
-                    if req.cmd == proto.CMD_READ and not req.error and req.got != req.length:
-                        raise ProtocolError(f"the reply to a read of {req.length} bytes covered {req.got}")
-                    self._complete(req, req.error)
+                    raise ProtocolError(f"a reply for unknown cookie {cookie}")
+                if req.cmd == proto.CMD_READ and not err:
+                    if conn.info.structured:
+                        raise ProtocolError("a simple reply to a read after structured replies were agreed")
+                    self._read_data(rx, req, 0, req.length)
+                self._complete(req, proto.nbd_to_errno(err))
+                return
+            _, flags, rtype, cookie, plen = head
+            if req is None:
+                raise ProtocolError(f"a reply chunk for unknown cookie {cookie}")
+            if rtype == proto.REPLY_TYPE_OFFSET_DATA:
+                # the data goes straight into the caller's buffers: no copy, no parse of the payload
+                if req.cmd != proto.CMD_READ or plen < 9:
+                    raise ProtocolError(f"an OFFSET_DATA chunk of {plen} bytes for {proto.CMD_NAMES[req.cmd]}")
+                off, = rx.unpack(proto.U64)
+                self._check_range(req, off, plen - 8)
+                self._read_data(rx, req, off - req.offset, plen - 8)
+            else:
+                self._chunk(conn, req, rtype, parse_chunk(rtype, rx.take(plen)))
+            if flags & proto.REPLY_FLAG_DONE:
+                if req.cmd == proto.CMD_READ and not req.error and req.got != req.length:
+                    raise ProtocolError(f"the reply to a read of {req.length} bytes covered {req.got}")
+                self._complete(req, req.error)
         except (OSError, ProtocolError, struct.error, ValueError) as e:
             self._lost(conn, e)
         except BaseException as e:      # noqa: BLE001 - a bug here must not leave callers waiting
@@ -920,7 +982,7 @@ class NbdClient:
             if req.msg is None:
                 req.msg = (f"{self._where()}: {proto.CMD_NAMES[req.cmd]} of {req.length} bytes at {req.offset}: "
                            f"the server answered {errno.errorcode.get(err, err)}")
-        req.done.release()
+        self._finish(req)
 
     def _read_data(self, rx, req, at, n):
         """Receive ``n`` bytes of read data into the request's buffers at request offset ``at``."""
