@@ -33,8 +33,11 @@ def installed_pyrep_img(workdir):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     venv, wheels = os.path.join(workdir, "venv"), os.path.join(workdir, "wheel")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels,
-                    root], check=True, capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels,
+                        root], capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"building a wheel of {root} failed (this venv needs: pip install wheel cython):\n"
+                 f"{p.stdout[-2000:]}{p.stderr[-2000:]}")
     whl = [os.path.join(wheels, f) for f in os.listdir(wheels) if f.endswith(".whl")]
     # --no-deps: blosc (memory-node compression) is imported only when a node compresses
     subprocess.run([sys.executable, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install", "-q",
