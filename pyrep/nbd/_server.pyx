@@ -13,8 +13,8 @@ the others sleep until woken, and the watcher too while the connection is idle.
 
 The reader polls its socket briefly before it sleeps in ``recv`` (adaptive, like QEMU's
 ``poll-max-ns``: :mod:`pyrep.nbd._poll`): a client that sends its next request right after our
-reply is served without a context switch. Socket calls release the GIL; a plaintext connection is driven through its file descriptor (recv,
-sendmsg), a TLS one through its Python ``SSLSocket`` by a single thread (an SSL object must not be
+reply is served without a context switch. Socket calls release the GIL; a plaintext connection is
+driven through its file descriptor (recv, sendmsg), a TLS one through its Python ``SSLSocket`` by a single thread (an SSL object must not be
 used from two threads at once). READ and WRITE go straight to the backend's C methods
 (``pread``/``pwrite``); the rare commands (FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) call the
 Python export object.

@@ -16,7 +16,7 @@ and runs the transmission phase:
   request completes or the role is handed to them. No thread sits between the socket
   and the caller: a reply costs one wake-up (the caller's own), not two (a reader
   thread's, then the caller's), and with a short poll of the socket before sleeping
-  (:func:`pyrep.nbd._wire.recv_into_polled`, adaptive), often none.
+  (:class:`pyrep.nbd._poll.PolledReceiver`, adaptive), often none.
 
 Disconnects (QEMU's ``reconnect-delay``). When the connection breaks (EOF, a reset,
 a protocol error from the server), with ``reconnect_delay == 0`` every request in
@@ -346,12 +346,11 @@ class _Receiver:
     """Buffered reads from a socket: small headers come from a buffer, large payloads go straight
     into the destination buffers."""
 
-    __slots__ = ("sock", "buf", "view", "start", "end", "recv_into")
+    __slots__ = ("buf", "view", "start", "end", "recv_into")
 
     def __init__(self, sock, fd=None):
         """``sock``: what to receive from (a socket or a TLS channel); ``fd``: the plaintext socket's
         descriptor, received from with adaptive polling (:mod:`pyrep.nbd._poll`)."""
-        self.sock = sock
         self.recv_into = sock.recv_into if fd is None else PolledReceiver(fd).recv_into
         self.buf = bytearray(_RECV_BUF)
         self.view = memoryview(self.buf)
@@ -780,7 +779,12 @@ class NbdClient:
                     req.sleeping = True
                     self._sleepers.append(req)
             if lead:
-                self._read_reply(conn)
+                try:
+                    self._read_reply(conn)
+                except BaseException:
+                    with rmu:           # a bug (or an interrupt) leaves this caller: the role must not go with it
+                        self._hand_role()
+                    raise
                 continue
             req.done.acquire()          # completed, or handed the reader role
             if req.handoff:

@@ -91,3 +91,38 @@ def test_callers_read_each_others_replies_and_hand_the_role_on(gated, order):
             expected += 1
     assert client.handoffs == expected
     assert not [t for t in threading.enumerate() if t.name.startswith("nbd-reader")]
+
+
+def test_a_holder_that_fails_unexpectedly_hands_the_role_on(gated, server):
+    """A bug while reading a reply (here an injected RuntimeError) ends the holder's call and breaks the
+    connection; the role must not leave with it: after the reconnect, a caller that slept through it
+    reads its reply."""
+    blk = pyrep.open_backend({"driver": "nbd", "server": {"type": "unix", "path": server.sock_path},
+                              "export": "g", "reconnect-delay": 30})
+    try:
+        client = blk.node.driver.client
+        Gated.gates = [threading.Event() for _ in range(N)]
+        Gated.entered = [threading.Event() for _ in range(N)]
+        real, calls = client._read_data, []
+
+        def broken_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected")
+            return real(*args)
+        client._read_data = broken_once
+        w0 = spawn(blk.pread, 0, 4096)
+        assert Gated.entered[0].wait(HOLD)
+        wait_until(lambda: client._reading, what="caller 0 to hold the role")
+        w1 = spawn(blk.pread, SPAN, 4096)
+        assert Gated.entered[1].wait(HOLD)
+        wait_until(lambda: len(client._sleepers) == 1, what="caller 1 to sleep")
+        Gated.gates[0].set()
+        with pytest.raises(RuntimeError, match="injected"):
+            w0.join()
+        wait_until(lambda: client.reconnects == 1, what="the reconnect")
+        Gated.gates[1].set()
+        assert w1.join() == bytes([2]) * 4096
+        assert not client._sleepers
+    finally:
+        blk.close()
