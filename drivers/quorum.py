@@ -174,6 +174,12 @@ class QuorumDriver(BlockDriver):
             results = [(c, None, None) for c in children if id(c) not in bad] + failed
         else:
             results = self._run_all(children, fn)
+        err = self._verdict(op, offset, length, results)
+        if err is not None:
+            raise err
+
+    def _verdict(self, op, offset, length, results):
+        """Report the children that failed one write; None if enough succeeded, else the BlockError."""
         ok = 0
         first_err = None
         for c, _, exc in results:
@@ -184,10 +190,10 @@ class QuorumDriver(BlockDriver):
                     first_err = exc
                 self._report(c, op, offset, length, exc)
         if ok >= self.threshold:
-            return
+            return None
         err = getattr(first_err, "errno", None) or errno.EIO
-        raise BlockError(err, f"quorum '{self.node.name}': {op} at {offset} (+{length}) succeeded on only {ok} of "
-                              f"{len(children)} children (vote-threshold {self.threshold}); first error: {first_err}")
+        return BlockError(err, f"quorum '{self.node.name}': {op} at {offset} (+{length}) succeeded on only {ok} of "
+                               f"{len(results)} children (vote-threshold {self.threshold}); first error: {first_err}")
 
     # ----------------------------------------------------------------- I/O
     def preadv(self, offset, length, iov):
@@ -256,6 +262,20 @@ class QuorumDriver(BlockDriver):
 
     def pwritev(self, offset, length, iov, flags=0):
         self._vote_writes("write", offset, length, lambda c: c.pwritev(offset, length, iov, flags))
+
+    def pwritev_batch(self, reqs):
+        # every child gets the whole batch (an NBD child sends it in one message), then each request is
+        # voted on as pwritev votes
+        children = list(self._children)
+        per_child = self._run_all(children, lambda c: c.node.pwritev_batch(reqs))
+        out = []
+        for i, (offset, length, _, _) in enumerate(reqs):
+            results = [(c, None, exc if exc is not None else res[i]) for c, res, exc in per_child]
+            if all(r[2] is None for r in results):
+                out.append(None)
+            else:
+                out.append(self._verdict("write", offset, length, results))
+        return out
 
     def pwrite_zeroes(self, offset, length, flags=0):
         self._vote_writes("zero", offset, length, lambda c: c.pwrite_zeroes(offset, length, flags))

@@ -21,6 +21,7 @@ import errno
 from .constants import (BS_ALLOCATED, BS_DATA, BS_OFFSET_VALID, BS_RECURSE, PERM_ALL, PERM_CONSISTENT_READ,
                         PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED)
 from .errors import BlockError
+from ._core.fastpath import pwritev_each
 from .options import Opt
 
 __all__ = ["BlockDriver"]
@@ -101,6 +102,16 @@ class BlockDriver:
         if self.is_filter:
             return self.node.children["file"].pwritev(offset, length, iov, flags)
         raise BlockError(errno.ENOTSUP, f"{self.format_name}: write not supported")
+
+    def pwritev_batch(self, reqs):
+        """Write several independent requests ``[(offset, length, iov, flags), ...]`` at once; return a
+        list with None or the ``OSError``/``BlockError`` of each (a failed request does not stop the
+        others). Optional: a driver implements it when it can overlap the requests (an NBD client sends
+        them in one message and waits for all the replies together); this fallback writes them one by
+        one. The caller guarantees: the requests were in flight together (their order among themselves
+        is free, as for concurrent requests), none is serialising, lengths are positive, offsets in
+        range, and the node is on its fast path (no tracking, notifier or alignment in the way)."""
+        return pwritev_each(self.pwritev, reqs)
 
     def pwrite_zeroes(self, offset, length, flags=0):
         """Make ``[offset, offset+length)`` read as zeroes (``REQ_MAY_UNMAP``: may deallocate).

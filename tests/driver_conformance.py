@@ -20,7 +20,7 @@ import sys
 import pytest
 
 import pyrep
-from pyrep.constants import BS_ZERO
+from pyrep.constants import BS_ZERO, REQ_FUA
 
 from helpers.threads import run_in_threads
 
@@ -104,6 +104,27 @@ class Conformance:
             with pytest.raises(pyrep.BlockError) as e:
                 call()
             assert e.value.errno == errno.EINVAL
+
+    def test_batched_writes_land_and_a_bad_one_fails_alone(self, blk):
+        # BlockBackend.pwritev_batch: the driver's own batch if it has one (nbd), else one by one
+        rng = random.Random(7)
+        iov = pyrep.IOVector()
+        parts = [rng.randbytes(n) for n in (1000, 3096)]
+        for p in parts:
+            iov.add(p)
+        reqs = [(0, rng.randbytes(4096), 0), (8192, rng.randbytes(512), REQ_FUA),
+                (self.size, b"x" * 4096, 0),            # beyond the end: fails alone
+                (MiB + 1, rng.randbytes(70000), 0), (2 * MiB, iov, 0), (self.size - 100, rng.randbytes(100), 0)]
+        out = blk.pwritev_batch(reqs)
+        assert len(out) == len(reqs)
+        assert isinstance(out[2], pyrep.BlockError) and out[2].errno == errno.EINVAL
+        assert [e for i, e in enumerate(out) if i != 2] == [None] * (len(reqs) - 1)
+        if not self.stores_data:
+            return
+        for i, (off, data, _) in enumerate(reqs):
+            if i != 2:
+                want = b"".join(parts) if isinstance(data, pyrep.IOVector) else data
+                assert blk.pread(off, len(want)) == want, off
 
     def test_iovector_scatter_gather(self, blk):
         if not self.stores_data:

@@ -28,6 +28,7 @@ cdef class NodeIO:
     cdef public list _tracked
     cdef object _drv_preadv
     cdef object _drv_pwritev
+    cdef object _drv_pwritev_batch  # the driver's own pwritev_batch, or None
     # When the only write notifier is a skip-declaring one (a backup's copied clusters), a
     # write wholly inside set granules goes straight to the driver: the notifier would do nothing.
     cdef Bitmap _notifier_skip

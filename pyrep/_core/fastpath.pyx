@@ -106,6 +106,7 @@ cdef class NodeIO:
         (replication changes its read/write with its stage)."""
         self._drv_preadv = driver.preadv
         self._drv_pwritev = driver.pwritev
+        self._drv_pwritev_batch = driver.pwritev_batch if driver.implements("pwritev_batch") else None
 
     cdef object c_track_try(self, long long start, long long end, bint serialising):
         cdef tuple r
@@ -198,6 +199,39 @@ cdef class NodeIO:
                     if req is not None:
                         self.c_track_done(req)
         return self._pwritev_slow(offset, length, iov, flags)
+
+
+    def pwritev_batch(self, list reqs):
+        """Write independent requests ``[(offset, length, iov, flags), ...]``, as if they had been
+        submitted at once (as concurrent requests, their order among themselves is not guaranteed);
+        returns a list with, for each request, None or the ``OSError``/``BlockError`` it failed with.
+
+        A driver with its own ``pwritev_batch`` (one that can overlap the requests: an NBD client
+        sends them in one message) gets the whole list while the node is on its fast path; otherwise,
+        and for a serialising request, each request goes through :meth:`pwritev`."""
+        cdef tuple r
+        if not self._wslow and self._drv_pwritev_batch is not None:
+            for r in reqs:
+                if <long long>r[1] <= 0 or <long long>r[0] < 0 or (<int>r[3]) & REQ_SERIALISING:
+                    break
+            else:
+                return self._drv_pwritev_batch(reqs)
+        return pwritev_each(self.pwritev, reqs)
+
+
+cpdef list pwritev_each(write, list reqs):
+    """``pwritev_batch`` one request at a time through ``write(offset, length, iov, flags)``: the
+    fallback of the node layer, and of a driver whose batch cannot go further in one piece."""
+    cdef list out = []
+    cdef tuple r
+    for r in reqs:
+        try:
+            write(r[0], r[1], r[2], r[3])
+        except OSError as e:
+            out.append(e)
+        else:
+            out.append(None)
+    return out
 
 
 cdef class BackendCore:
@@ -307,6 +341,38 @@ cdef class BackendCore:
         """Write any bytes-like ``data`` at ``offset``."""
         cdef IOVector iov = data if isinstance(data, IOVector) else IOVector(data)
         self.pwritev(offset, iov, flags)
+
+    def pwritev_batch(self, list reqs):
+        """Write independent requests ``[(offset, data, flags), ...]`` (``data`` an IOVector or any
+        bytes-like object) as if submitted at once; returns None or the error of each request (one out
+        of range fails alone). See ``NodeIO.pwritev_batch``."""
+        cdef list out = [None] * len(reqs)
+        cdef list todo = []
+        cdef list where = []
+        cdef Py_ssize_t i
+        cdef IOVector iov
+        cdef tuple r
+        for i in range(len(reqs)):
+            r = reqs[i]
+            iov = r[1] if isinstance(r[1], IOVector) else IOVector(r[1])
+            try:
+                self._check(r[0], iov.nbytes, True)
+            except BlockError as e:
+                out[i] = e
+                continue
+            if iov.nbytes:
+                todo.append((r[0], iov.nbytes, iov, r[2]))
+                where.append(i)
+        if not todo:
+            return out
+        self._enter()
+        try:
+            res = self._root.node.pwritev_batch(todo)
+        finally:
+            self._leave()
+        for i in range(len(where)):
+            out[where[i]] = res[i]
+        return out
 
     def _call(self, long long offset, long long length, bint write, fn, *args):
         """Run ``fn(*args)`` as a request on ``[offset, offset+length)`` (checks, gate)."""

@@ -427,6 +427,19 @@ cdef class ServerConn:
                 elif cmd == CMD_DISC:
                     self._close_role(epoch)
                     return
+                if cmd == CMD_WRITE and bt.nrep + 1 < BATCH and self._next_is_write():
+                    # writes that came with this one, fully buffered: one backend call for all of them
+                    # (a replication primary forwards them to its secondary in one message)
+                    self._begin_request()
+                    self._write_batch(&bt, flags, handle, offset, length, payload)
+                    payload = None
+                    if not self._end_request(epoch):
+                        epoch = -1
+                        self._flush(&bt, keep)
+                    elif (bt.nrep >= BATCH - 1 or self.rend - self.rpos < REQUEST_SIZE or
+                          now_ns() - bt.first_ns >= BATCH_NS):
+                        self._flush(&bt, keep)
+                    continue
                 self._begin_request()
                 data = self._handle(flags, cmd, handle, offset, length, payload, bt.hdr + bt.nrep * HDR_MAX, &hlen)
                 payload = None
@@ -452,6 +465,67 @@ cdef class ServerConn:
             if bt.niov:
                 self._flush(&bt, keep)
             self.threads -= 1
+
+    cdef bint _next_is_write(self):
+        """Is the next buffered request a WRITE whose payload is buffered too?"""
+        cdef char *p = self.rbuf + self.rpos
+        cdef size_t have = self.rend - self.rpos
+        if have < REQUEST_SIZE or get32(p) != REQUEST_MAGIC or get16(p + 6) != CMD_WRITE:
+            return False
+        return get32(p + 24) <= have - REQUEST_SIZE
+
+    cdef int _write_batch(self, batch_t *bt, uint16_t flags, uint64_t handle, uint64_t offset, uint32_t length,
+                          object payload) except -1:
+        """Execute the WRITE just read together with the valid WRITEs buffered behind it (up to the
+        reply batch's room), through ``blk.pwritev_batch``; their replies go to ``bt``."""
+        cdef list handles = [handle]
+        cdef list reqs = [(offset, payload, (REQ_FUA if flags & FLAG_FUA else 0) | self.write_flags)]
+        cdef list errs = [c_validate(CMD_WRITE, flags, offset, length, self.size, self.tflags, self.structured,
+                                     self.meta_id)]
+        cdef char *p
+        cdef uint32_t n, err
+        cdef Py_ssize_t i
+        while bt.nrep + len(handles) < BATCH and self._next_is_write():
+            p = self.rbuf + self.rpos
+            flags = get16(p + 4)
+            handle = get64(p + 8)
+            offset = get64(p + 16)
+            n = get32(p + 24)
+            err = c_validate(CMD_WRITE, flags, offset, n, self.size, self.tflags, self.structured, self.meta_id)
+            self.rpos += REQUEST_SIZE
+            self.requests += 1
+            handles.append(handle)
+            errs.append(err)
+            reqs.append((offset, PyBytes_FromStringAndSize(self.rbuf + self.rpos, n),
+                         (REQ_FUA if flags & FLAG_FUA else 0) | self.write_flags))
+            self.rpos += n
+        todo = [reqs[i] for i in range(len(reqs)) if not errs[i]]
+        if todo:
+            try:
+                res = self.blk.pwritev_batch(todo)
+            except Exception:
+                _log.exception("NBD batch of %d writes on export %r failed", len(todo),
+                               getattr(self.export, "name", None))
+                res = [OSError(NBD_EIO, "batch failed")] * len(todo)
+            k = 0
+            for i in range(len(reqs)):
+                if not errs[i]:
+                    e = res[k]
+                    k += 1
+                    if e is not None:
+                        errs[i] = (errno_to_nbd(e.errno) if isinstance(e, OSError) else 0) or NBD_EIO
+        for i in range(len(handles)):
+            p = bt.hdr + bt.nrep * HDR_MAX
+            put32(p, SIMPLE_REPLY_MAGIC)
+            put32(p + 4, <uint32_t>errs[i])
+            put64(p + 8, <uint64_t>handles[i])
+            bt.iov[bt.niov].iov_base = p
+            bt.iov[bt.niov].iov_len = 16
+            bt.niov += 1
+            bt.nrep += 1
+            if bt.nrep == 1:
+                bt.first_ns = now_ns()
+        return 0
 
     def yield_role(self):
         """The request this thread runs is about to wait on something slow (:mod:`pyrep.blocking`): let a

@@ -228,6 +228,20 @@ class _Conn:
         else:
             _sendmsg_all(self.sock, [head] + req.payload)
 
+    def send_many(self, reqs):
+        """Send several requests as one message (the caller holds the send lock): one system call
+        and, for the server, one wake-up for all of them."""
+        if self.tls:
+            for req in reqs:
+                self.send(req)
+            return
+        bufs = []
+        for req in reqs:
+            bufs.append(pack_request(req.cmd, req.cookie, req.offset, req.length, req.flags))
+            if req.payload is not None:
+                bufs.extend(req.payload)
+        _sendmsg_all(self.sock, bufs)
+
     def send_nowait(self, data):
         """Send what the socket takes now, without blocking (OSError when it takes nothing)."""
         if self.tls:
@@ -739,13 +753,7 @@ class NbdClient:
         req = _Request(cmd, flags, offset, length, payload, dest)
         if cmd in _CHANGES_DATA:
             self._data_changed()
-        with self._cond:
-            state = self._state
-            if state == "failed" or state == "closed" or state == "new":
-                why = "closed" if state == "closed" else "not connected (server gone)"
-                raise BlockError(errno.EIO, f"{self._where()}: {proto.CMD_NAMES[cmd]} refused: {why}")
-            req.cookie = next(self._cookies)
-            self._inflight[req.cookie] = req
+        self._register((req,), proto.CMD_NAMES[cmd])
         with self._send_lock:
             conn = self._conn
             if conn is not None and req.conn is not conn and not conn.broken:
@@ -755,6 +763,71 @@ class NbdClient:
                 except OSError:
                     conn.shutdown()     # the reader sees it and _lost decides: resend or fail
         return req
+
+    def _submit_many(self, reqs):
+        """Register and send the write-type ``_Request`` objects ``reqs`` in one message (see :meth:`_submit`)."""
+        self._data_changed()
+        self._register(reqs, f"{len(reqs)} writes")
+        with self._send_lock:
+            conn = self._conn
+            if conn is not None and not conn.broken:
+                # a reconnect between registering and now may have sent some already (_install)
+                todo = [req for req in reqs if req.conn is not conn]
+                for req in todo:
+                    req.conn = conn
+                try:
+                    conn.send_many(todo)
+                except OSError:
+                    conn.shutdown()
+        return reqs
+
+    def _register(self, reqs, what):
+        """Give each request a cookie and put it in flight; EIO when the client cannot send."""
+        with self._cond:
+            state = self._state
+            if state == "failed" or state == "closed" or state == "new":
+                why = "closed" if state == "closed" else "not connected (server gone)"
+                raise BlockError(errno.EIO, f"{self._where()}: {what} refused: {why}")
+            for req in reqs:
+                req.cookie = next(self._cookies)
+                self._inflight[req.cookie] = req
+
+    def write_batch(self, reqs):
+        """Write ``[(offset, length, iov, fua), ...]`` (independent writes, as if in flight together):
+        all sent in one message, then all replies awaited. Returns None or the ``BlockError`` of each.
+        A request longer than the server's maximum payload, or a FUA one the server cannot flag, goes
+        through :meth:`write` alone."""
+        info = self.info
+        limit = info.max_block
+        fua_flag = info.has(proto.TFLAG_SEND_FUA)
+        out = [None] * len(reqs)
+        batch, where, alone = [], [], []
+        for i, (offset, length, iov, fua) in enumerate(reqs):
+            if length > limit or (fua and not fua_flag):
+                alone.append(i)
+            else:
+                batch.append(_Request(proto.CMD_WRITE, proto.CMD_FLAG_FUA if fua else 0, offset, length,
+                                      payload=iov.buffers()))
+                where.append(i)
+        if batch:
+            try:
+                self._submit_many(batch)
+            except BlockError as e:
+                for i in where:
+                    out[i] = e
+            else:
+                for i, req in zip(where, batch):
+                    try:
+                        self._wait(req)
+                    except BlockError as e:
+                        out[i] = e
+        for i in alone:
+            offset, length, iov, fua = reqs[i]
+            try:
+                self.write(offset, length, iov, fua)
+            except BlockError as e:
+                out[i] = e
+        return out
 
     def _wait(self, req):
         """Until ``req`` completes: read replies while holding the reader role, sleep otherwise."""

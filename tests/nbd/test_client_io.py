@@ -204,3 +204,33 @@ def test_a_server_without_fixed_newstyle_is_refused(tmp_path):
     with pytest.raises(pyrep.BlockError) as e:
         pyrep.open_backend(peer.opts())
     assert "fixed newstyle" in str(e.value)
+
+
+def test_a_batch_of_writes_is_in_flight_at_once_and_each_keeps_its_reply(tmp_path):
+    """``write_batch`` (what a replication primary forwards a burst with): every write is sent before
+    the first reply comes (nbdkit holds each write a while and logs it), one fails alone."""
+    log = tmp_path / "nbdkit.log"
+    peer = nbd_peers.nbdkit(tmp_path, "memory", "8M", f"logfile={log}", "delay-write=200ms",
+                            filters=("log", "delay"))
+    blk = pyrep.open_backend(peer.opts())
+    client = blk.node.driver.client
+    reqs = [(i * MiB, 4096, pyrep.IOVector(bytes([i + 1]) * 4096), i == 3) for i in range(6)]
+    reqs.insert(2, (8 * MiB, 4096, pyrep.IOVector(b"x" * 4096), False))      # beyond the end
+    out = client.write_batch(reqs)
+    assert [e is None for e in out] == [True, True, False, True, True, True, True]
+    assert out[2].errno == errno.ENOSPC and "WRITE of 4096 bytes at 8388608" in str(out[2])
+    for i in range(6):
+        assert blk.pread(i * MiB, 4096) == bytes([i + 1]) * 4096
+    blk.close()
+    peer.stop()
+    depth = most = 0
+    fua = []
+    for ln in log.read_text().splitlines():
+        m = re.search(r"(\.\.\.)?Write .*offset=(0x[0-9a-f]+).*fua=(\d)", ln)
+        if m:
+            depth += -1 if m.group(1) else 1
+            most = max(most, depth)
+            if not m.group(1):
+                fua.append((int(m.group(2), 16), m.group(3)))
+    assert most == 6                                 # the six valid writes were all in flight together
+    assert sorted(fua) == [(i * MiB, "1" if i == 3 else "0") for i in range(6)]

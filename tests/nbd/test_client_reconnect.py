@@ -99,6 +99,41 @@ def test_server_back_within_reconnect_delay_resends_what_was_in_flight(tmp_path)
     assert data[MiB:MiB + 65536] == b"\xa1" * 65536 and data[2 * MiB:2 * MiB + 4096] == b"\xb2" * 4096
 
 
+def test_a_batch_in_flight_and_one_sent_while_away_are_resent_once(tmp_path):
+    """``write_batch``: a batch held by the dying server and one issued while it is away both reach the
+    restarted server (each request once: a duplicate would be a reply for an unknown cookie)."""
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(4 * MiB))
+    log = tmp_path / "nbdkit.log"
+    peer = nbd_peers.nbdkit(tmp_path, "file", str(img), f"logfile={log}", "delay-write=60",
+                            filters=("log", "delay"))
+    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 60}))
+    client = blk.node.driver.client
+
+    def batch(base, fill):
+        return lambda: client.write_batch([(base + i * 65536, 4096, pyrep.IOVector(bytes([fill + i]) * 4096), False)
+                                           for i in range(4)])
+    t1, out1 = _call_in_thread(batch(0, 0x10))
+    wait_for(lambda: log.read_text().count("Write id=") == 4, "the batch to reach the server")
+    peer.kill()
+    wait_for(lambda: client.state == "reconnecting", "the client to notice")
+    t2, out2 = _call_in_thread(batch(MiB, 0x20))
+    wait_for(lambda: len(client._inflight) == 8, "both batches waiting")
+    again = nbd_peers.nbdkit(tmp_path, "file", str(img), name="nbdkit")
+    for th in (t1, t2):
+        th.join(_JOIN)
+        assert not th.is_alive()
+    assert out1.get("value") == [None] * 4 and out2.get("value") == [None] * 4, (out1, out2)
+    assert client.reconnects == 1 and client.state == "connected"
+    blk.flush()
+    blk.close()
+    again.stop()
+    data = img.read_bytes()
+    for base, fill in ((0, 0x10), (MiB, 0x20)):
+        for i in range(4):
+            assert data[base + i * 65536:base + i * 65536 + 4096] == bytes([fill + i]) * 4096
+
+
 def test_16_threads_carry_on_across_a_server_restart(tmp_path):
     """qemu-nbd is killed while 16 threads write and read against a model; restarted, every thread
     finishes without an error and the disk holds exactly the model."""

@@ -87,6 +87,24 @@ def _batch(rng, count, size=SIZE):
     return out
 
 
+def _burst(rng, count=16, size=SIZE):
+    """``count`` writes in disjoint slots (up to 64 KiB each), to be in flight together."""
+    slot = size // count
+    out = []
+    for i in range(count):
+        length = rng.randrange(1, 129) * 512
+        out.append((i * slot + rng.randrange(0, (slot - length) // 512 + 1) * 512, length, rng.randrange(1, 256)))
+    return out
+
+
+def _apply_together(uri, model_write, writes):
+    """The writes submitted at once (qemu-io aio_write), then awaited: a server sees them queued
+    together (a pyrep primary forwards such a burst as one batch). They must not overlap."""
+    _qemu_io(uri, [f"aio_write -P {fill} {off} {length}" for off, length, fill in writes] + ["aio_flush"])
+    for off, length, fill in writes:
+        model_write(off, bytes([fill]) * length)
+
+
 def _apply(uri, model_write, writes):
     _qemu_io(uri, [f"write -P {fill} {off} {length}" for off, length, fill in writes])
     for off, length, fill in writes:
@@ -146,6 +164,7 @@ def test_random_workload_checkpoints_failover(pkind, skind, pair_dir, sides):
     model = Model(SIZE)
     for _ in range(3):
         _apply(guest, model.write_primary, _batch(rng, 25))
+        _apply_together(guest, model.write_primary, _burst(rng))
         _apply(top, model.write_secondary, _batch(rng, 8))
         for side in (pri, sec):
             assert side("query-xen-replication-status")["error"] is False
@@ -153,6 +172,7 @@ def test_random_workload_checkpoints_failover(pkind, skind, pair_dir, sides):
         model.do_checkpoint()
     # between two checkpoints: the primary's writes reach the secondary disk, the secondary writes its own
     _apply(guest, model.write_primary, _batch(rng, 25))
+    _apply_together(guest, model.write_primary, _burst(rng))
     _apply(top, model.write_secondary, _batch(rng, 8))
     # the secondary's view before failover is already "last checkpoint + own writes"
     assert _read_all(top, "raw", str(d / "view0.raw")) == model.secondary_view()

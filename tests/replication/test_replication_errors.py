@@ -73,6 +73,22 @@ def test_2_forwarding_error(tmp_path):
     assert stage("p_rep") == "done"
 
 
+def test_2_forwarding_error_in_a_batch_fails_no_guest_write(tmp_path):
+    # a burst of guest writes arrives as one batch (the NBD server's pwritev_batch): forwarded together,
+    # and a write whose forwarding failed is recorded like a single one
+    p, s = both(tmp_path, link=True)
+    pyrep.inject_error("link", op="write", errno="EIO", offset=CL, length=CL)
+    before = replication.stats()["p_rep"]["bytes_forwarded"]
+    out = p.blk.pwritev_batch([(0, b"\x61" * CL, 0), (CL, b"\x62" * CL, 0), (2 * CL, b"\x63" * CL, 0)])
+    assert out == [None, None, None]                     # the primary's writes all succeed
+    assert [p.local.pread(i * CL, 1) for i in range(3)] == [b"\x61", b"\x62", b"\x63"]
+    assert [s.local.pread(i * CL, 1) for i in range(3)] == [b"\x61", b"\x11", b"\x63"]
+    with pytest.raises(pyrep.ReplicationError, match=f"p_rep.*forwarding a write at {CL}"):
+        replication.get_error_all()
+    st = replication.stats()["p_rep"]
+    assert st["forward_errors"] == 1 and st["bytes_forwarded"] - before == 2 * CL
+
+
 def test_3_backup_error(tmp_path):
     # a copy-before-write that fails fails the write that caused it (QEMU 7's on-cbw-error=break-guest-write):
     # the secondary's view never changes without its copy

@@ -342,3 +342,28 @@ def test_an_io_error_in_a_child_still_counts_as_a_failed_vote():
     pyrep.inject_error("a", op="write", errno="EIO")
     q.pwrite(0, b"v" * 4096)                            # two of three succeed: the threshold holds
     assert [e["node"] for e in child_errors("q")] == ["a"]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_batch_of_writes_is_voted_request_by_request(parallel):
+    # the server hands buffered writes over as one batch (BlockBackend.pwritev_batch): each write is
+    # still voted on alone, and a child's failure is reported for the write it failed
+    q = quorum([dbg("a"), dbg("b"), mem("c")], 2, parallel=parallel)
+    pyrep.inject_error("a", op="write", errno="ENOSPC", offset=8192, length=4096)
+    pyrep.inject_error("b", op="write", errno="EIO", offset=16384, length=4096)
+    pyrep.inject_error("b", op="write", errno="EIO", offset=8192, length=4096)
+    out = q.pwritev_batch([(0, b"0" * 4096, 0), (8192, b"8" * 4096, 0), (16384, b"6" * 4096, 0)])
+    assert out[0] is None and out[2] is None            # 3 of 3, then 2 of 3 (b failed)
+    assert isinstance(out[1], pyrep.BlockError) and "1 of 3" in str(out[1])
+    assert out[1].errno == errno.ENOSPC                 # the first failure's errno
+    assert q.pread(0, 1) == b"0" and pyrep.lookup("a").pread(16384, 1) == b"6"
+    assert pyrep.lookup("c").pread(8192, 1) == b"8"     # written where it could be (as pwritev does)
+    assert sorted((e["node"], e["offset"]) for e in child_errors("q")) == [("a", 8192), ("b", 8192), ("b", 16384)]
+
+
+def test_a_bug_in_a_child_fails_the_whole_batch(buggy_driver):
+    buggy = {"driver": "buggy-filter", "node-name": "bug", "file": mem("bug-m")}
+    q = quorum([mem("a"), buggy], 1)
+    with pytest.raises(TypeError, match="bug in the write path"):
+        q.pwritev_batch([(0, b"w" * 4096, 0), (4096, b"w" * 4096, 0)])
+    assert child_errors("q") == []
