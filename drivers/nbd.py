@@ -168,6 +168,9 @@ class NbdDriver(BlockDriver):
         # guest writes with one wake-up of the secondary instead of one per write
         return self.client.write_batch([(off, n, iov, bool(flags & REQ_FUA)) for off, n, iov, flags in reqs])
 
+    def pwritev_batch_start(self, reqs):
+        return self.client.write_batch_start([(off, n, iov, bool(flags & REQ_FUA)) for off, n, iov, flags in reqs])
+
     def pwrite_zeroes(self, offset, length, flags=0):
         self.client.write_zeroes(offset, length, may_unmap=bool(flags & REQ_MAY_UNMAP),
                                  fast=bool(flags & REQ_NO_FALLBACK), fua=bool(flags & REQ_FUA))

@@ -264,10 +264,14 @@ class QuorumDriver(BlockDriver):
         self._vote_writes("write", offset, length, lambda c: c.pwritev(offset, length, iov, flags))
 
     def pwritev_batch(self, reqs):
-        # every child gets the whole batch (an NBD child sends it in one message), then each request is
-        # voted on as pwritev votes
+        # every child gets the whole batch, then each request is voted on as pwritev votes. Children
+        # that send theirs and wait later (a replication child over NBD) are started first, so the
+        # secondary writes while the local disk does
         children = list(self._children)
-        per_child = self._run_all(children, lambda c: c.node.pwritev_batch(reqs))
+        if self.parallel:
+            per_child = self._run_all(children, lambda c: c.node.pwritev_batch(reqs))
+        else:
+            per_child = self._batch_children(children, reqs)
         out = []
         for i, (offset, length, _, _) in enumerate(reqs):
             results = [(c, None, exc if exc is not None else res[i]) for c, res, exc in per_child]
@@ -276,6 +280,23 @@ class QuorumDriver(BlockDriver):
             else:
                 out.append(self._verdict("write", offset, length, results))
         return out
+
+    def _batch_children(self, children, reqs):
+        """``[(child, errors, None)]`` in children order: the starting ones first, the others meanwhile."""
+        started = {}
+        for c in children:
+            if c.node.batch_starts():
+                started[id(c)] = c.node.pwritev_batch_start(reqs)
+        done = {}
+        try:
+            for c in children:
+                if id(c) not in started:
+                    done[id(c)] = c.node.pwritev_batch(reqs)
+        finally:
+            # even after a bug in another child: what was started is waited for, not left in flight
+            for key, finish in started.items():
+                done[key] = finish()
+        return [(c, done[id(c)], None) for c in children]
 
     def pwrite_zeroes(self, offset, length, flags=0):
         self._vote_writes("zero", offset, length, lambda c: c.pwrite_zeroes(offset, length, flags))

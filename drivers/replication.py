@@ -173,19 +173,26 @@ class ReplicationDriver(BlockDriver):
         return self.node.children["file"].pwritev(offset, length, iov, flags)
 
     def pwritev_batch(self, reqs):
+        return self.pwritev_batch_start(reqs)()
+
+    def pwritev_batch_start(self, reqs):
         if self.mode != "primary" or self.stage != RUNNING:
-            return pwritev_each(self.pwritev, reqs)
+            return pwritev_each(self.pwritev, reqs).copy
         # forwarded together (one message to the secondary over NBD); as for one write, a forwarding
         # error is recorded for get_error and never fails the guest's write
-        fwd = self._fwd
-        for (offset, length, _, _), err in zip(reqs, self.file.node.pwritev_batch(reqs)):
-            if err is None:
-                fwd.count(length)
-            elif isinstance(err, BlockError):
-                self._forward_failed("write", offset, length, err)
-            else:
-                raise err
-        return [None] * len(reqs)
+        done = self.file.node.pwritev_batch_start(reqs)
+
+        def finish():
+            fwd = self._fwd
+            for (offset, length, _, _), err in zip(reqs, done()):
+                if err is None:
+                    fwd.count(length)
+                elif isinstance(err, BlockError):
+                    self._forward_failed("write", offset, length, err)
+                else:
+                    raise err
+            return [None] * len(reqs)
+        return finish
 
     def pwrite_zeroes(self, offset, length, flags=0):
         stage = self.stage

@@ -113,6 +113,14 @@ class BlockDriver:
         range, and the node is on its fast path (no tracking, notifier or alignment in the way)."""
         return pwritev_each(self.pwritev, reqs)
 
+    def pwritev_batch_start(self, reqs):
+        """``pwritev_batch`` in two halves: start the writes and return at once with a callable that
+        waits for them and returns the list of errors (the node layer calls it exactly once). Optional,
+        for drivers whose writes complete later (an NBD client: sent now, replies read by the callable);
+        a caller with several targets (quorum) starts these first and writes the others meanwhile.
+        Same guarantees as ``pwritev_batch``."""
+        return self.pwritev_batch(reqs).copy
+
     def pwrite_zeroes(self, offset, length, flags=0):
         """Make ``[offset, offset+length)`` read as zeroes (``REQ_MAY_UNMAP``: may deallocate).
 

@@ -29,6 +29,8 @@ cdef class NodeIO:
     cdef object _drv_preadv
     cdef object _drv_pwritev
     cdef object _drv_pwritev_batch  # the driver's own pwritev_batch, or None
+    cdef object _drv_pwritev_batch_start    # ... and pwritev_batch_start
+    cdef bint c_batch_fast(self, list reqs)
     # When the only write notifier is a skip-declaring one (a backup's copied clusters), a
     # write wholly inside set granules goes straight to the driver: the notifier would do nothing.
     cdef Bitmap _notifier_skip

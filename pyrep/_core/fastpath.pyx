@@ -107,6 +107,8 @@ cdef class NodeIO:
         self._drv_preadv = driver.preadv
         self._drv_pwritev = driver.pwritev
         self._drv_pwritev_batch = driver.pwritev_batch if driver.implements("pwritev_batch") else None
+        self._drv_pwritev_batch_start = (driver.pwritev_batch_start if driver.implements("pwritev_batch_start")
+                                         else None)
 
     cdef object c_track_try(self, long long start, long long end, bint serialising):
         cdef tuple r
@@ -201,6 +203,16 @@ cdef class NodeIO:
         return self._pwritev_slow(offset, length, iov, flags)
 
 
+    cdef bint c_batch_fast(self, list reqs):
+        """May ``reqs`` go to the driver's batch ops as they are (fast path, nothing serialising)?"""
+        cdef tuple r
+        if self._wslow:
+            return False
+        for r in reqs:
+            if <long long>r[1] <= 0 or <long long>r[0] < 0 or (<int>r[3]) & REQ_SERIALISING:
+                return False
+        return True
+
     def pwritev_batch(self, list reqs):
         """Write independent requests ``[(offset, length, iov, flags), ...]``, as if they had been
         submitted at once (as concurrent requests, their order among themselves is not guaranteed);
@@ -209,14 +221,24 @@ cdef class NodeIO:
         A driver with its own ``pwritev_batch`` (one that can overlap the requests: an NBD client
         sends them in one message) gets the whole list while the node is on its fast path; otherwise,
         and for a serialising request, each request goes through :meth:`pwritev`."""
-        cdef tuple r
-        if not self._wslow and self._drv_pwritev_batch is not None:
-            for r in reqs:
-                if <long long>r[1] <= 0 or <long long>r[0] < 0 or (<int>r[3]) & REQ_SERIALISING:
-                    break
-            else:
-                return self._drv_pwritev_batch(reqs)
+        if self._drv_pwritev_batch is not None and self.c_batch_fast(reqs):
+            return self._drv_pwritev_batch(reqs)
         return pwritev_each(self.pwritev, reqs)
+
+    def batch_starts(self):
+        """Does :meth:`pwritev_batch_start` return before the writes are done (the driver sends them
+        and waits later: an NBD client)? A caller with several targets starts those first."""
+        return self._drv_pwritev_batch_start is not None and not self._wslow
+
+    def pwritev_batch_start(self, list reqs):
+        """:meth:`pwritev_batch` in two halves: start the writes, and return a callable that waits for
+        them and returns the list of errors (call it exactly once). Where the driver cannot start a
+        batch and return (see :meth:`batch_starts`), the writes are done here and the callable only
+        hands their errors over."""
+        if self._drv_pwritev_batch_start is not None and self.c_batch_fast(reqs):
+            return self._drv_pwritev_batch_start(reqs)
+        out = self.pwritev_batch(reqs)
+        return out.copy
 
 
 cpdef list pwritev_each(write, list reqs):

@@ -797,6 +797,12 @@ class NbdClient:
         all sent in one message, then all replies awaited. Returns None or the ``BlockError`` of each.
         A request longer than the server's maximum payload, or a FUA one the server cannot flag, goes
         through :meth:`write` alone."""
+        return self.write_batch_start(reqs)()
+
+    def write_batch_start(self, reqs):
+        """:meth:`write_batch` in two halves: send the batch now, and return a callable that waits for
+        the replies and returns the list of errors (call it once). The requests that go alone (see
+        :meth:`write_batch`) are written by the callable."""
         info = self.info
         limit = info.max_block
         fua_flag = info.has(proto.TFLAG_SEND_FUA)
@@ -809,25 +815,30 @@ class NbdClient:
                 batch.append(_Request(proto.CMD_WRITE, proto.CMD_FLAG_FUA if fua else 0, offset, length,
                                       payload=iov.buffers()))
                 where.append(i)
+        sent = False
         if batch:
             try:
                 self._submit_many(batch)
+                sent = True
             except BlockError as e:
                 for i in where:
                     out[i] = e
-            else:
+
+        def finish():
+            if sent:
                 for i, req in zip(where, batch):
                     try:
                         self._wait(req)
                     except BlockError as e:
                         out[i] = e
-        for i in alone:
-            offset, length, iov, fua = reqs[i]
-            try:
-                self.write(offset, length, iov, fua)
-            except BlockError as e:
-                out[i] = e
-        return out
+            for i in alone:
+                offset, length, iov, fua = reqs[i]
+                try:
+                    self.write(offset, length, iov, fua)
+                except BlockError as e:
+                    out[i] = e
+            return out
+        return finish
 
     def _wait(self, req):
         """Until ``req`` completes: read replies while holding the reader role, sleep otherwise."""

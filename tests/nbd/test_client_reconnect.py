@@ -114,7 +114,7 @@ def test_a_batch_in_flight_and_one_sent_while_away_are_resent_once(tmp_path):
         return lambda: client.write_batch([(base + i * 65536, 4096, pyrep.IOVector(bytes([fill + i]) * 4096), False)
                                            for i in range(4)])
     t1, out1 = _call_in_thread(batch(0, 0x10))
-    wait_for(lambda: log.read_text().count("Write id=") == 4, "the batch to reach the server")
+    wait_for(lambda: log.read_text().count(" Write id=") == 4, "the batch to reach the server")
     peer.kill()
     wait_for(lambda: client.state == "reconnecting", "the client to notice")
     t2, out2 = _call_in_thread(batch(MiB, 0x20))

@@ -367,3 +367,27 @@ def test_a_bug_in_a_child_fails_the_whole_batch(buggy_driver):
     with pytest.raises(TypeError, match="bug in the write path"):
         q.pwritev_batch([(0, b"w" * 4096, 0), (4096, b"w" * 4096, 0)])
     assert child_errors("q") == []
+
+
+def test_a_batch_reaches_a_network_child_before_the_local_one_is_written(tmp_path):
+    # the replication primary's shape: local disk + a child over NBD. The NBD child's batch is sent
+    # first (pwritev_batch_start), so the secondary writes while the local disk does
+    from helpers import nbd_peers
+    from helpers.threads import spawn
+    log = tmp_path / "nbdkit.log"
+    peer = nbd_peers.nbdkit(tmp_path, "memory", "1M", f"logfile={log}", filters=("log",))
+    q = quorum([dbg("l"), peer.opts()], 2)
+    rule = pyrep.inject_error("l", op="write", errno=None, hold=True)   # the local disk holds every write
+    out = {}
+    t = spawn(lambda: out.update(r=q.pwritev_batch([(i * 8192, bytes([i + 1]) * 4096, 0) for i in range(3)])))
+    try:
+        nbd_peers.wait_for(lambda: log.exists() and log.read_text().count(" Write id=") == 3,
+                           "the NBD child's writes to reach the server while the local disk is held")
+    finally:
+        rule.release()
+        t.join(60)
+    assert not t.is_alive() and out["r"] == [None, None, None]
+    for i in range(3):
+        assert q.pread(i * 8192, 4096) == bytes([i + 1]) * 4096
+    q.close()
+    peer.stop()
