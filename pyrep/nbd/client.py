@@ -70,6 +70,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.5
 _RECV_BUF = 256 * 1024
 _RECV_SLACK = 4096
 _SENDMSG_MAX = 512
+_SIMPLE_REPLY = proto.SIMPLE_REPLY
 _CLOSE_JOIN = 5.0                   # seconds close() waits for the reconnect thread's attempt
 _DISC_WAIT = 1.0                    # seconds close() waits for the send lock to say goodbye
 
@@ -1035,6 +1036,7 @@ class NbdClient:
                         raise ProtocolError("a simple reply to a read after structured replies were agreed")
                     self._read_data(rx, req, 0, req.length)
                 self._complete(req, proto.nbd_to_errno(err))
+                self._more_simple(rx, inflight)
                 return
             _, flags, rtype, cookie, plen = head
             if req is None:
@@ -1057,6 +1059,18 @@ class NbdClient:
         except BaseException as e:      # noqa: BLE001 - a bug here must not leave callers waiting
             self._lost(conn, e)
             raise
+
+    def _more_simple(self, rx, inflight):
+        """Apply the further simple replies already buffered for requests without data (a batch's
+        writes), without a round through ``_wait`` for each; stop at anything else."""
+        buf, unpack, magic, read = rx.buf, _SIMPLE_REPLY.unpack_from, proto.SIMPLE_REPLY_MAGIC, proto.CMD_READ
+        while rx.end - rx.start >= 16:
+            m, err, cookie = unpack(buf, rx.start)
+            req = inflight.get(cookie)
+            if m != magic or req is None or req.cmd == read:
+                return                  # the general path deals with it (and with errors in it)
+            rx.start += 16
+            self._complete(req, proto.nbd_to_errno(err) if err else 0)
 
     def _complete(self, req, err):
         """Hand ``req`` back to its caller; ``err`` is a local errno (0: success)."""

@@ -121,3 +121,28 @@ def test_a_write_whose_payload_is_not_all_there_is_not_waited_for(server, export
     c.request(P.CMD_READ, 4, 8192, 4096)
     assert c.reply(4096) == (4, 0, b"\x03" * 4096)
     c.close()
+
+
+def test_the_clients_batch_against_our_server_keeps_each_reply(server, tmp_path):
+    """``NbdClient.write_batch`` to pyrep's server: the server answers the batch in one message and the
+    client applies the buffered replies together; an error among them lands on its own request."""
+    path = tmp_path / "c.raw"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    pyrep.blockdev_add({"driver": "raw", "node-name": "c", "file": {"driver": "file", "filename": str(path)}})
+    pyrep.export_add("c", writable=True)
+    blk = pyrep.open_backend({"driver": "nbd", "server": {"type": "unix", "path": server.sock_path}, "export": "c"})
+    try:
+        client = blk.node.driver.client
+        reqs = [(i * 8192, 4096, pyrep.IOVector(bytes([i + 1]) * 4096), False) for i in range(8)]
+        reqs[5] = (SIZE, 4096, pyrep.IOVector(b"x" * 4096), False)           # beyond the end
+        for _ in range(3):
+            out = client.write_batch(reqs)
+            assert [e is None for e in out] == [i != 5 for i in range(8)]
+            assert out[5].errno == errno.ENOSPC
+        for i in range(8):
+            if i != 5:
+                assert blk.pread(i * 8192, 4096) == bytes([i + 1]) * 4096
+    finally:
+        blk.close()
+        pyrep.export_del("c", timeout=60)
