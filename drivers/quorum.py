@@ -272,6 +272,8 @@ class QuorumDriver(BlockDriver):
             per_child = self._run_all(children, lambda c: c.node.pwritev_batch(reqs))
         else:
             per_child = self._batch_children(children, reqs)
+        if all(exc is None and not any(res) for _, res, exc in per_child):
+            return [None] * len(reqs)          # the common case: nothing failed anywhere
         out = []
         for i, (offset, length, _, _) in enumerate(reqs):
             results = [(c, None, exc if exc is not None else res[i]) for c, res, exc in per_child]

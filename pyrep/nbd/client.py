@@ -71,6 +71,7 @@ _RECV_BUF = 256 * 1024
 _RECV_SLACK = 4096
 _SENDMSG_MAX = 512
 _SIMPLE_REPLY = proto.SIMPLE_REPLY
+_REQUEST_SIZE = proto.REQUEST.size
 _CLOSE_JOIN = 5.0                   # seconds close() waits for the reconnect thread's attempt
 _DISC_WAIT = 1.0                    # seconds close() waits for the send lock to say goodbye
 
@@ -227,7 +228,7 @@ class _Conn:
             for b in req.payload:
                 self.io.sendall(b)
         else:
-            _sendmsg_all(self.sock, [head] + req.payload)
+            _sendmsg_all(self.sock, [head] + req.payload, _REQUEST_SIZE + req.length)
 
     def send_many(self, reqs):
         """Send several requests as one message (the caller holds the send lock): one system call
@@ -237,11 +238,14 @@ class _Conn:
                 self.send(req)
             return
         bufs = []
+        total = 0
         for req in reqs:
             bufs.append(pack_request(req.cmd, req.cookie, req.offset, req.length, req.flags))
+            total += _REQUEST_SIZE
             if req.payload is not None:
                 bufs.extend(req.payload)
-        _sendmsg_all(self.sock, bufs)
+                total += req.length
+        _sendmsg_all(self.sock, bufs, total)
 
     def send_nowait(self, data):
         """Send what the socket takes now, without blocking (OSError when it takes nothing)."""
@@ -340,11 +344,17 @@ class _TlsChannel:
         return bytes(buf[:k])
 
 
-def _sendmsg_all(sock, bufs):
-    """sendmsg until every byte of ``bufs`` is out (a stream socket may take part of them)."""
+def _sendmsg_all(sock, bufs, total=-1):
+    """sendmsg until every byte of ``bufs`` is out (a stream socket may take part of them). With
+    ``total`` (their byte count) the common case, all taken at once, needs no views of the buffers."""
+    sent = 0
+    if 0 <= total and len(bufs) <= _SENDMSG_MAX:
+        sent = sock.sendmsg(bufs)
+        if sent == total:
+            return
     views = [memoryview(b).cast("B") for b in bufs]
+    n = sent
     while views:
-        n = sock.sendmsg(views[:_SENDMSG_MAX])     # the kernel takes at most IOV_MAX (1024) pieces
         while n:
             first = views[0]
             if n >= len(first):
@@ -355,6 +365,8 @@ def _sendmsg_all(sock, bufs):
                 n = 0
         while views and not len(views[0]):
             views.pop(0)
+        if views:
+            n = sock.sendmsg(views[:_SENDMSG_MAX])     # the kernel takes at most IOV_MAX (1024) pieces
 
 
 class _Receiver:
