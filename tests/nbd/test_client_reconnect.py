@@ -69,16 +69,22 @@ def test_server_gone_for_longer_than_reconnect_delay(tmp_path):
         blk.pread(0, 1)
 
 
-def test_server_back_within_reconnect_delay_resends_what_was_in_flight(tmp_path):
-    """A write held by the server when it dies is sent again to the restarted server, and writes issued
-    while it was away wait and go through: all of them are on disk afterwards."""
+def _holding_writes(tmp_path):
+    """An nbdkit export of a 4 MiB file that holds every write for a minute, opened with a
+    reconnect-delay of 60 s: (image path, nbdkit log path, peer, backend, client)."""
     img = tmp_path / "d.raw"
     img.write_bytes(bytes(4 * MiB))
     log = tmp_path / "nbdkit.log"
     peer = nbd_peers.nbdkit(tmp_path, "file", str(img), f"logfile={log}", "delay-write=60",
                             filters=("log", "delay"))
     blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 60}))
-    client = blk.node.driver.client
+    return img, log, peer, blk, blk.node.driver.client
+
+
+def test_server_back_within_reconnect_delay_resends_what_was_in_flight(tmp_path):
+    """A write held by the server when it dies is sent again to the restarted server, and writes issued
+    while it was away wait and go through: all of them are on disk afterwards."""
+    img, log, peer, blk, client = _holding_writes(tmp_path)
     t1, out1 = _call_in_thread(lambda: blk.pwrite(MiB, b"\xa1" * 65536))
     wait_for(log_has(log, "Write id="), "the write to reach the server")
     peer.kill()
@@ -102,13 +108,7 @@ def test_server_back_within_reconnect_delay_resends_what_was_in_flight(tmp_path)
 def test_a_batch_in_flight_and_one_sent_while_away_are_resent_once(tmp_path):
     """``write_batch``: a batch held by the dying server and one issued while it is away both reach the
     restarted server (each request once: a duplicate would be a reply for an unknown cookie)."""
-    img = tmp_path / "d.raw"
-    img.write_bytes(bytes(4 * MiB))
-    log = tmp_path / "nbdkit.log"
-    peer = nbd_peers.nbdkit(tmp_path, "file", str(img), f"logfile={log}", "delay-write=60",
-                            filters=("log", "delay"))
-    blk = pyrep.open_backend(peer.opts(**{"reconnect-delay": 60}))
-    client = blk.node.driver.client
+    img, log, peer, blk, client = _holding_writes(tmp_path)
 
     def batch(base, fill):
         return lambda: client.write_batch([(base + i * 65536, 4096, pyrep.IOVector(bytes([fill + i]) * 4096), False)
