@@ -19,6 +19,7 @@ import subprocess
 
 import pytest
 
+from helpers.threads import spawn
 from pyrep.tools import colo
 
 SIZE = 16 << 20
@@ -228,3 +229,33 @@ def test_secondary_fails_over_without_a_primary_after_link_loss(pkind, pair_dir,
     colo.failover(sec, str(d / "act.qcow2"))
     assert sec("query-xen-replication-status")["stage"] == "done"
     assert _read_all(top, "raw", str(d / "view.raw")) == model.secondary_view()
+
+
+def test_secondary_killed_while_a_forwarded_burst_waits_for_it(pair_dir, sides):
+    """A burst of writes submitted together (forwarded as one batch) while the secondary is frozen, then
+    the secondary SIGKILLed: every guest write succeeds through the quorum, nothing hangs, the primary
+    records the failed forwarding, and its disk holds the burst."""
+    import signal
+    import time
+    d = pair_dir
+    pri, sec = _build("pyrep", "pyrep", d, sides)
+    guest = f"nbd+unix:///disk?socket={d / 'p.nbd'}"
+    model = Model(SIZE)
+    rng = random.Random(3)
+    _apply_together(guest, model.write_primary, _burst(rng))       # replicated normally
+    sec.proc.send_signal(signal.SIGSTOP)
+    try:
+        writes = _burst(rng)
+        done = {}
+        t = spawn(lambda: done.update(ok=_apply_together(guest, model.write_primary, writes) or True))
+        time.sleep(0.5)             # lets the burst reach the frozen secondary's socket; not an assertion
+        assert t.is_alive()         # the guest's writes wait for the secondary's replies
+    finally:
+        sec.proc.send_signal(signal.SIGKILL)
+    t.join(120)
+    assert not t.is_alive() and done.get("ok"), done
+    status = pri("query-xen-replication-status")
+    assert status["error"] is True and "forwarding" in status["desc"], status
+    _apply_together(guest, model.write_primary, _burst(rng))       # and the guest carries on
+    assert pri.stop() == 0
+    assert _read_all(str(d / "pri.qcow2"), "qcow2", str(d / "pri.raw")) == bytes(model.primary)
