@@ -163,12 +163,9 @@ class NbdDriver(BlockDriver):
     def pwritev(self, offset, length, iov, flags=0):
         self.client.write(offset, length, iov, fua=bool(flags & REQ_FUA))
 
-    def pwritev_batch(self, reqs):
+    def pwritev_batch_start(self, reqs):
         # one message for all of them, then every reply: a replication primary forwards a burst of
         # guest writes with one wake-up of the secondary instead of one per write
-        return self.client.write_batch([(off, n, iov, bool(flags & REQ_FUA)) for off, n, iov, flags in reqs])
-
-    def pwritev_batch_start(self, reqs):
         return self.client.write_batch_start([(off, n, iov, bool(flags & REQ_FUA)) for off, n, iov, flags in reqs])
 
     def pwrite_zeroes(self, offset, length, flags=0):

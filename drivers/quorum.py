@@ -274,14 +274,9 @@ class QuorumDriver(BlockDriver):
             per_child = self._batch_children(children, reqs)
         if all(exc is None and not any(res) for _, res, exc in per_child):
             return [None] * len(reqs)          # the common case: nothing failed anywhere
-        out = []
-        for i, (offset, length, _, _) in enumerate(reqs):
-            results = [(c, None, exc if exc is not None else res[i]) for c, res, exc in per_child]
-            if all(r[2] is None for r in results):
-                out.append(None)
-            else:
-                out.append(self._verdict("write", offset, length, results))
-        return out
+        return [self._verdict("write", offset, length,
+                              [(c, None, exc if exc is not None else res[i]) for c, res, exc in per_child])
+                for i, (offset, length, _, _) in enumerate(reqs)]
 
     def _batch_children(self, children, reqs):
         """``[(child, errors, None)]`` in children order: the starting ones first, the others meanwhile."""

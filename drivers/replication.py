@@ -172,9 +172,6 @@ class ReplicationDriver(BlockDriver):
                                      lambda n, off, ln, done: n.pwritev(off, ln, iov.slice(done, ln), flags))
         return self.node.children["file"].pwritev(offset, length, iov, flags)
 
-    def pwritev_batch(self, reqs):
-        return self.pwritev_batch_start(reqs)()
-
     def pwritev_batch_start(self, reqs):
         if self.mode != "primary" or self.stage != RUNNING:
             return pwritev_each(self.pwritev, reqs).copy

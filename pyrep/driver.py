@@ -108,9 +108,12 @@ class BlockDriver:
         list with None or the ``OSError``/``BlockError`` of each (a failed request does not stop the
         others). Optional: a driver implements it when it can overlap the requests (an NBD client sends
         them in one message and waits for all the replies together); this fallback writes them one by
-        one. The caller guarantees: the requests were in flight together (their order among themselves
-        is free, as for concurrent requests), none is serialising, lengths are positive, offsets in
-        range, and the node is on its fast path (no tracking, notifier or alignment in the way)."""
+        one, or, for a driver that has only ``pwritev_batch_start``, starts them and waits. The caller
+        guarantees: the requests were in flight together (their order among themselves is free, as for
+        concurrent requests), none is serialising, lengths are positive, offsets in range, and the node
+        is on its fast path (no tracking, notifier or alignment in the way)."""
+        if self.implements("pwritev_batch_start"):
+            return self.pwritev_batch_start(reqs)()
         return pwritev_each(self.pwritev, reqs)
 
     def pwritev_batch_start(self, reqs):

@@ -106,9 +106,11 @@ cdef class NodeIO:
         (replication changes its read/write with its stage)."""
         self._drv_preadv = driver.preadv
         self._drv_pwritev = driver.pwritev
-        self._drv_pwritev_batch = driver.pwritev_batch if driver.implements("pwritev_batch") else None
         self._drv_pwritev_batch_start = (driver.pwritev_batch_start if driver.implements("pwritev_batch_start")
                                          else None)
+        # a driver with only the two halves batches too (BlockDriver.pwritev_batch joins them)
+        self._drv_pwritev_batch = (driver.pwritev_batch if driver.implements("pwritev_batch") or
+                                   self._drv_pwritev_batch_start is not None else None)
 
     cdef object c_track_try(self, long long start, long long end, bint serialising):
         cdef tuple r

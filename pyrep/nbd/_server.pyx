@@ -114,6 +114,21 @@ ctypedef struct batch_t:
 _log = logging.getLogger("pyrep.nbd.server")
 
 
+cdef inline void _queue_reply(batch_t *bt, size_t hlen, char *data, size_t dlen) noexcept:
+    """Add the reply whose header was written at ``bt.hdr + bt.nrep * HDR_MAX`` (``hlen`` bytes), and
+    ``dlen`` bytes of ``data`` after it (kept alive by the caller until the batch is sent)."""
+    bt.iov[bt.niov].iov_base = bt.hdr + bt.nrep * HDR_MAX
+    bt.iov[bt.niov].iov_len = hlen
+    bt.niov += 1
+    if dlen:
+        bt.iov[bt.niov].iov_base = data
+        bt.iov[bt.niov].iov_len = dlen
+        bt.niov += 1
+    bt.nrep += 1
+    if bt.nrep == 1:
+        bt.first_ns = now_ns()
+
+
 cdef class ServerConn:
     """The transmission phase of one connection (see the module docstring).
 
@@ -427,37 +442,24 @@ cdef class ServerConn:
                 elif cmd == CMD_DISC:
                     self._close_role(epoch)
                     return
+                self._begin_request()
                 if cmd == CMD_WRITE and bt.nrep + 1 < BATCH and self._next_is_write():
                     # writes that came with this one, fully buffered: one backend call for all of them
                     # (a replication primary forwards them to its secondary in one message)
-                    self._begin_request()
                     self._write_batch(&bt, flags, handle, offset, length, payload)
-                    payload = None
-                    if not self._end_request(epoch):
-                        epoch = -1
-                        self._flush(&bt, keep)
-                    elif (bt.nrep >= BATCH - 1 or self.rend - self.rpos < REQUEST_SIZE or
-                          now_ns() - bt.first_ns >= BATCH_NS):
-                        self._flush(&bt, keep)
-                    continue
-                self._begin_request()
-                data = self._handle(flags, cmd, handle, offset, length, payload, bt.hdr + bt.nrep * HDR_MAX, &hlen)
+                else:
+                    data = self._handle(flags, cmd, handle, offset, length, payload, bt.hdr + bt.nrep * HDR_MAX,
+                                        &hlen)
+                    if data is not None and PyBytes_GET_SIZE(data):
+                        keep.append(data)
+                        _queue_reply(&bt, hlen, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+                    else:
+                        _queue_reply(&bt, hlen, NULL, 0)
                 payload = None
-                bt.iov[bt.niov].iov_base = bt.hdr + bt.nrep * HDR_MAX
-                bt.iov[bt.niov].iov_len = hlen
-                bt.niov += 1
-                if data is not None and PyBytes_GET_SIZE(data):
-                    bt.iov[bt.niov].iov_base = PyBytes_AS_STRING(data)
-                    bt.iov[bt.niov].iov_len = PyBytes_GET_SIZE(data)
-                    bt.niov += 1
-                    keep.append(data)
-                bt.nrep += 1
-                if bt.nrep == 1:
-                    bt.first_ns = now_ns()
                 if not self._end_request(epoch):
                     epoch = -1          # another thread read on while we were busy: wait to be needed
                     self._flush(&bt, keep)
-                elif (bt.nrep == BATCH or self.rend - self.rpos < REQUEST_SIZE or
+                elif (bt.nrep >= BATCH or self.rend - self.rpos < REQUEST_SIZE or
                       now_ns() - bt.first_ns >= BATCH_NS):
                     self._flush(&bt, keep)
         finally:
@@ -519,12 +521,7 @@ cdef class ServerConn:
             put32(p, SIMPLE_REPLY_MAGIC)
             put32(p + 4, <uint32_t>errs[i])
             put64(p + 8, <uint64_t>handles[i])
-            bt.iov[bt.niov].iov_base = p
-            bt.iov[bt.niov].iov_len = 16
-            bt.niov += 1
-            bt.nrep += 1
-            if bt.nrep == 1:
-                bt.first_ns = now_ns()
+            _queue_reply(bt, 16, NULL, 0)
         return 0
 
     def yield_role(self):
